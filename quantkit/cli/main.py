@@ -1,0 +1,51 @@
+"""The ``quantkit`` click group. User errors print one line and exit 2; Ctrl-C exits 130."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class QuantkitGroup(click.Group):
+    """Turns QuantkitError into one line on stderr and exit code 2, with no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QuantkitError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: no partial output was written.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@click.group(cls=QuantkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quantkit")
+def cli() -> None:
+    """INT8 quantization and calibration for LLM inference, with measured accuracy and speed.
+
+    Typical flow: export -> calibrate -> build -> eval -> report (or 'run' for a whole recipe).
+    """
+
+
+def _register() -> None:
+    from quantkit.cli import demo, export
+
+    for module in (export, demo):
+        cli.add_command(module.command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="quantkit")

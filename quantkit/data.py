@@ -1,0 +1,303 @@
+"""Text sources -> TokenBlocks: fixed-length token batches, re-iterable and deterministic.
+
+Sources are a Hugging Face dataset read with ``streaming=True`` (default ``wikitext``, config
+``wikitext-2-raw-v1``), local ``.txt`` / ``.raw`` / ``.jsonl`` / ``.parquet`` files or folders of
+them, or the project's bundled ``sample``. Texts are streamed, tokenized in chunks, concatenated
+and cut into blocks; ``num_samples`` blocks are chosen by seeded reservoir sampling, so memory
+holds the chosen blocks only, never the whole dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+
+LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".parquet")
+HUB_DEFAULT_CONFIGS = {"wikitext": "wikitext-2-raw-v1"}
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "calib_data" / "sample"
+SAMPLE_FILES = {"train": "calibration.txt", "calibration": "calibration.txt",
+                "test": "evaluation.txt", "validation": "evaluation.txt",
+                "evaluation": "evaluation.txt"}
+CHUNK_CHARS = 1 << 16  # local text is tokenized in chunks of about this many characters
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where text comes from. ``kind`` is ``hub`` or ``local``."""
+
+    kind: str
+    name: str  # dataset id, or the resolved path of a file/folder
+    config: str | None = None
+    split: str | None = None
+    column: str = "text"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "config": self.config,
+                "split": self.split, "column": self.column}
+
+
+def resolve_text_source(
+    dataset: str, config: str | None = None, split: str = "train", column: str = "text"
+) -> TextSource:
+    """Interpret ``--dataset``: ``sample``, a local file or folder, or a Hub dataset id."""
+    if dataset == "sample":
+        try:
+            path = SAMPLE_DIR / SAMPLE_FILES[split]
+        except KeyError:
+            raise QuantkitError(
+                f"the bundled sample has no split '{split}'",
+                f"use one of: {', '.join(sorted(SAMPLE_FILES))}",
+            ) from None
+        return TextSource("local", str(path), split=split, column=column)
+    path = Path(dataset).expanduser()
+    if path.exists():
+        files = local_files(path)
+        if not files:
+            raise QuantkitError(
+                f"{path} holds no text files", f"supported: {', '.join(LOCAL_SUFFIXES)}"
+            )
+        return TextSource("local", str(path.resolve()), split=split, column=column)
+    if dataset.startswith((".", "/", "~")) or dataset.endswith(LOCAL_SUFFIXES):
+        raise QuantkitError(f"dataset file {path} not found")
+    return TextSource("hub", dataset, config or HUB_DEFAULT_CONFIGS.get(dataset), split, column)
+
+
+def local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise QuantkitError(
+                f"unsupported text file {path}", f"supported: {', '.join(LOCAL_SUFFIXES)}"
+            )
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
+
+
+def iter_texts(source: TextSource) -> Iterator[str]:
+    """Stream the source's text as pieces (documents or chunks of a file), in a fixed order."""
+    if source.kind == "hub":
+        yield from _iter_hub(source)
+        return
+    for path in local_files(Path(source.name)):
+        if path.suffix in (".txt", ".raw"):
+            yield from _iter_plain(path)
+        elif path.suffix == ".jsonl":
+            yield from _iter_jsonl(path, source.column)
+        else:
+            yield from _iter_parquet(path, source.column)
+
+
+def _iter_plain(path: Path) -> Iterator[str]:
+    buf: list[str] = []
+    size = 0
+    with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
+        for line in fh:
+            buf.append(line)
+            size += len(line)
+            if size >= CHUNK_CHARS:
+                yield "".join(buf)
+                buf, size = [], 0
+    if buf:
+        yield "".join(buf)
+
+
+def _iter_jsonl(path: Path, column: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise QuantkitError(f"{path}:{lineno} is not valid JSON: {exc}") from None
+            if column not in record:
+                raise QuantkitError(
+                    f"{path}:{lineno} has no column '{column}'",
+                    f"columns there: {', '.join(record)}; pass --text-column",
+                )
+            yield str(record[column]) + "\n"
+
+
+def _iter_parquet(path: Path, column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if column not in names:
+        raise QuantkitError(
+            f"{path} has no column '{column}'", f"columns: {', '.join(names)}; pass --text-column"
+        )
+    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield str(value) + "\n"
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connection test, so an offline machine fails in seconds instead of retrying."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_error(source: TextSource) -> QuantkitError:
+    return QuantkitError(
+        f"cannot reach the Hugging Face Hub to read dataset '{source.name}'",
+        "pass a local file or folder instead, e.g. --dataset "
+        "../shared/data/wikitext-2-raw/wiki.test.raw, or --dataset sample (bundled)",
+    )
+
+
+def _iter_hub(source: TextSource) -> Iterator[str]:
+    if not hub_reachable():
+        raise _hub_error(source)
+    import datasets
+
+    try:
+        configs = datasets.get_dataset_config_names(source.name)
+    except Exception as exc:  # the Hub client raises many types for "no such dataset"
+        raise QuantkitError(f"unknown dataset '{source.name}': {exc}") from None
+    if source.config not in configs and not (source.config is None and len(configs) <= 1):
+        raise QuantkitError(
+            f"dataset '{source.name}' has no config '{source.config}'",
+            f"configs: {', '.join(configs)}",
+        )
+    splits = datasets.get_dataset_split_names(source.name, source.config)
+    if source.split not in splits:
+        raise QuantkitError(
+            f"dataset '{source.name}' ({source.config}) has no split '{source.split}'",
+            f"splits: {', '.join(splits)}",
+        )
+    ds = datasets.load_dataset(source.name, source.config, split=source.split, streaming=True)
+    columns = list(ds.features or {})
+    if columns and source.column not in columns:
+        raise QuantkitError(
+            f"dataset '{source.name}' has no column '{source.column}'",
+            f"columns: {', '.join(columns)}; pass --text-column",
+        )
+    for record in ds:
+        text = record[source.column]
+        if text:
+            yield str(text)
+
+
+def iter_token_chunks(source: TextSource, tokenizer: Any) -> Iterator[list[int]]:
+    """Token ids of the source, piece by piece, without special tokens."""
+    for text in iter_texts(source):
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if ids:
+            yield list(ids)
+
+
+@dataclass
+class TokenBlocks:
+    """``num_samples`` blocks of ``seq_len`` tokens, batched to ``batch_size``.
+
+    The blocks are chosen once (seeded reservoir sampling over the stream of all blocks) and kept,
+    so iterating twice yields identical batches. Each batch is ``{"input_ids", "attention_mask"}``
+    of int64 arrays shaped [batch, seq_len]; the last batch may be smaller.
+    """
+
+    source: TextSource
+    tokenizer: Any = field(repr=False)
+    seq_len: int = 512
+    num_samples: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    _blocks: np.ndarray | None = field(default=None, init=False, repr=False)
+    total_tokens: int = field(default=0, init=False)
+    total_blocks: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise QuantkitError(f"{name.replace('_', '-')} must be at least 1")
+
+    @property
+    def blocks(self) -> np.ndarray:
+        if self._blocks is None:
+            self._blocks = self._select_blocks()
+        return self._blocks
+
+    def _select_blocks(self) -> np.ndarray:
+        rng = random.Random(self.seed)
+        reservoir: list[np.ndarray] = []
+        pending: list[int] = []
+        seen = 0
+        for ids in iter_token_chunks(self.source, self.tokenizer):
+            self.total_tokens += len(ids)
+            pending.extend(ids)
+            while len(pending) >= self.seq_len:
+                block = np.asarray(pending[: self.seq_len], dtype=np.int64)
+                del pending[: self.seq_len]
+                if seen < self.num_samples:
+                    reservoir.append(block)
+                else:
+                    j = rng.randint(0, seen)
+                    if j < self.num_samples:
+                        reservoir[j] = block
+                seen += 1
+        self.total_blocks = seen
+        if seen == 0:
+            raise QuantkitError(
+                f"the text is shorter than one block: {self.total_tokens} tokens, "
+                f"seq-len is {self.seq_len}",
+                "use more text or a smaller --seq-len",
+            )
+        if seen < self.num_samples:
+            raise QuantkitError(
+                f"the text has {self.total_tokens} tokens, {seen} blocks of {self.seq_len}; "
+                f"{self.num_samples} were asked for",
+                f"lower --num-samples to {seen} or less, lower --seq-len, or use more text",
+            )
+        return np.stack(reservoir)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        blocks = self.blocks
+        for start in range(0, len(blocks), self.batch_size):
+            ids = blocks[start : start + self.batch_size]
+            yield {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_samples * self.seq_len
+
+    def describe(self) -> dict[str, Any]:
+        """What the blocks are, for sidecars and summaries (forces the selection)."""
+        blocks = self.blocks
+        return {
+            "source": self.source.describe(),
+            "seq_len": self.seq_len,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "num_batches": len(self),
+            "num_tokens": self.num_tokens,
+            "source_tokens": self.total_tokens,
+            "source_blocks": self.total_blocks,
+            "blocks_sha256": _array_hash(blocks),
+        }
+
+
+def _array_hash(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
