@@ -21,6 +21,7 @@ from quantkit.artifacts import atomic_output_dir, make_manifest, read_manifest, 
 from quantkit.errors import QuantkitError
 
 ONNX_NAME = "model.onnx"
+TOKENIZER_DIR = "tokenizer"
 EXPORT_KIND = "onnx-export"
 DEFAULT_OPSET = 18
 CHECK_TOLERANCE = 1e-4
@@ -78,7 +79,10 @@ def export_model(
             vocab_size=int(loaded.model.config.vocab_size),
             max_positions=_max_positions(loaded.model.config),
             check=check,
+            tokenizer=TOKENIZER_DIR if loaded.tokenizer is not None else None,
         )
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         write_manifest(tmp, manifest)
     return ExportResult(out, out / ONNX_NAME, read_manifest(out, EXPORT_KIND))
 

@@ -175,3 +175,23 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
     source["architecture"] = (hf_model.config.architectures or [type(hf_model).__name__])[0]
     source["num_parameters"] = sum(p.numel() for p in hf_model.parameters())
     return LoadedModel(model=hf_model, tokenizer=tokenizer, spec=spec, source=source)
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """Load a tokenizer saved beside an export or engine (``tokenizer/``), offline."""
+    directory = Path(directory)
+    if not (directory / "tokenizer_config.json").is_file():
+        raise QuantkitError(
+            f"no tokenizer in {directory}",
+            "export the model with 'quantkit export' so its tokenizer is saved beside it",
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the vocabulary, to refuse comparing engines that tokenize differently."""
+    vocab = tokenizer.get_vocab()
+    text = "\n".join(f"{tok}\t{idx}" for tok, idx in sorted(vocab.items(), key=lambda kv: kv[1]))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

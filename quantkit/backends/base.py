@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -100,10 +100,23 @@ class Runner(abc.ABC):
         return self._active
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; inputs and outputs are host numpy arrays."""
+    def run(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one batch; inputs and outputs are host numpy arrays.
+
+        ``outputs`` picks the outputs to fetch (all by default), e.g. only ``nll`` so full logits
+        never leave the engine.
+        """
         self._check_ready(feeds)
-        return self._run_impl(feeds)
+        if outputs is not None:
+            unknown = [name for name in outputs if name not in self.output_names]
+            if unknown:
+                raise QuantkitError(
+                    f"engine {self.engine.path} has no output {', '.join(unknown)}",
+                    f"its outputs: {', '.join(self.output_names)}",
+                )
+        return self._run_impl(feeds, list(outputs) if outputs is not None else None)
 
     def benchmark(
         self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int
@@ -115,11 +128,11 @@ class Runner(abc.ABC):
         """
         self._check_ready(feeds)
         for _ in range(warmup):
-            self._run_impl(feeds)
+            self._run_impl(feeds, None)
         times = []
         for _ in range(iterations):
             start = time.perf_counter()
-            self._run_impl(feeds)
+            self._run_impl(feeds, None)
             times.append(time.perf_counter() - start)
         return times
 
@@ -149,7 +162,9 @@ class Runner(abc.ABC):
     def _deactivate_impl(self) -> None: ...
 
     @abc.abstractmethod
-    def _run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def _run_impl(
+        self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None
+    ) -> dict[str, np.ndarray]: ...
 
 
 class Backend(abc.ABC):
