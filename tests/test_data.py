@@ -143,3 +143,30 @@ def test_unknown_sample_split():
 def test_sizes_must_be_positive(tiny_tokenizer, field):
     with pytest.raises(QuantkitError, match="must be at least 1"):
         TokenBlocks(resolve_text_source("sample"), tiny_tokenizer, **{field: 0})
+
+
+def test_percentage_slices_are_disjoint_and_cover(tiny_tokenizer, tmp_path):
+    from quantkit.data import iter_texts, parse_split
+
+    assert parse_split("train[:50%]") == ("train", (0.0, 50.0))
+    assert parse_split("test[50%:]") == ("test", (50.0, 100.0))
+    assert parse_split("test") == ("test", (0.0, 100.0))
+    path = tmp_path / "lines.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(10)))
+    first = "".join(iter_texts(resolve_text_source(str(path), split="train[:30%]")))
+    rest = "".join(iter_texts(resolve_text_source(str(path), split="test[30%:]")))
+    assert first == "line 0\nline 1\nline 2\n"
+    assert first + rest == path.read_text()
+
+
+@pytest.mark.parametrize("split", ["train[50%:10%]", "train[:150%]", "train[a:b]"])
+def test_bad_slices(split, tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_text("x\n")
+    with pytest.raises(QuantkitError, match="slice|split"):
+        resolve_text_source(str(path), split=split)
+
+
+def test_hub_slices_are_refused():
+    with pytest.raises(QuantkitError, match="apply to local text only"):
+        resolve_text_source("wikitext", split="train[:10%]")
