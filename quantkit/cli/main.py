@@ -39,8 +39,9 @@ def cli() -> None:
 
 def _register() -> None:
     from quantkit.cli import demo, export
+    from quantkit.cli import eval as eval_command
 
-    for module in (export, demo):
+    for module in (export, demo, eval_command):
         cli.add_command(module.command)
 
 
