@@ -1,4 +1,4 @@
-"""``build_report``: results files (+ a calibration directory) -> report.md, report.html, report.json.
+"""``build_report``: results files (+ a calibration directory) -> report.md / .html / .json.
 
 The numbers are computed once (``report_data``), the document is built once from them
 (``report_blocks``), and the three files are rendered from those. The output directory is assembled
@@ -15,16 +15,29 @@ from pathlib import Path
 from typing import Any
 
 from quantkit import __version__
-from quantkit.artifacts import atomic_output_dir, atomic_write_bytes, atomic_write_json, \
-    atomic_write_text, read_manifest
+from quantkit.artifacts import (
+    atomic_output_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_manifest,
+)
 from quantkit.environment import git_commit
 from quantkit.errors import QuantkitError
 from quantkit.report import fmt
 from quantkit.report.calibration import read_table, summarise
-from quantkit.report.document import Block, Bullets, Code, Heading, Image, Para, Table, \
-    to_html, to_markdown
-from quantkit.report.inputs import ResultsFile, check_comparable, read_results, \
-    resolve_engine_dir
+from quantkit.report.document import (
+    Block,
+    Bullets,
+    Code,
+    Heading,
+    Image,
+    Para,
+    Table,
+    to_html,
+    to_markdown,
+)
+from quantkit.report.inputs import ResultsFile, check_comparable, read_results, resolve_engine_dir
 from quantkit.report.layers import precision_map
 from quantkit.report.tables import build_tables
 
@@ -41,9 +54,9 @@ DEFINITIONS = {
              "on the same machine with the same backend",
     "speedup": "p50(ref) / p50 at the same batch × seq shape, only against a reference measured "
                "on the same machine, backend and device (otherwise —)",
-    "reference_shape": "the summary table and the Pareto plot use the batch × seq shape measured by "
-                       "the most engines (ties: more tokens, then larger batch); every shape is in "
-                       "the latency table",
+    "reference_shape": "the summary table and the Pareto plot use the batch × seq shape "
+                       "measured by the most engines (ties: more tokens, then larger batch); "
+                       "every shape is in the latency table",
     "pareto": "an engine is on the Pareto front when no other engine has both lower or equal p50 "
               "latency and lower or equal Δppl % against FP32, one of them strictly lower",
 }
@@ -67,7 +80,7 @@ def build_report(
     force: bool = False,
     command: str | None = None,
 ) -> ReportOutput:
-    """Write ``report.md``, ``report.html``, ``report.json`` (and the PNGs report.md shows) to ``out``.
+    """Write report.md, report.html, report.json and the PNGs that report.md shows into ``out``.
 
     ``results`` are ``quantkit.results/1`` files; several are merged when their perplexities are
     comparable. ``calibration`` is a directory written by ``quantkit calibrate``; its histogram of
@@ -193,7 +206,7 @@ def _histogram(calib: Mapping[str, Any], tensor: str | None,
     """Which tensor's histogram is drawn; the histograms themselves come from the stats file."""
     from quantkit.report.calibration import load_histogram
 
-    amax = calib["table"]["amax"]
+    amax = calib["table"].amax
     if tensor is None:
         tensor = max(amax, key=lambda t: (amax[t], t))
     elif tensor not in amax:
@@ -205,9 +218,10 @@ def _histogram(calib: Mapping[str, Any], tensor: str | None,
     from quantkit.report import plots
 
     images[HISTOGRAM_PNG] = plots.histogram_png(hist, tensor, float(amax[tensor]),
-                                                str(calib["table"]["method"]))
+                                                calib["table"].method)
     return {"tensor": tensor, "amax": float(amax[tensor]), "image": HISTOGRAM_PNG, "note": None,
-            "bins": len(hist["counts"]), "max": hist.get("max")}
+            "stats_file": hist["source"], "bins": len(hist["counts"]),
+            "largest_abs_seen": hist["amax"], "values": hist["total"]}
 
 
 def _slug(text: str) -> str:
@@ -257,9 +271,15 @@ def _engine_section(engines: Sequence[Mapping[str, Any]], shape: str) -> list[Bl
             fmt.speedup(at.get("speedup_vs_fp32")), fmt.speedup(at.get("speedup_vs_fp16")),
             fmt.size(e["size_bytes"]), "yes" if e["pareto"] else "",
         ])
-    refs = sorted({f"{p.upper()} reference of {e['label']}: {e['reference'][p]}"
-                   for e in engines for p in ("fp32", "fp16")
-                   if e["reference"][p] is not None and e["reference"][p] != e["label"]})
+    refs = []
+    for p in ("fp32", "fp16"):
+        users: dict[str, list[str]] = {}
+        for e in engines:
+            ref = e["reference"][p]
+            if ref is not None and ref != e["label"]:
+                users.setdefault(ref, []).append(e["label"])
+        refs += [f"{p.upper()} reference {ref} for: {', '.join(labels)}"
+                 for ref, labels in users.items()]
     return [
         Heading(2, "Engines", anchor="engines"),
         Para(f"Latency, tokens/s and speedups at the reference shape: {shape}. "
@@ -339,9 +359,12 @@ def _maps_section(maps: Sequence[Mapping[str, Any]], images: Mapping[str, bytes]
                 ["column", "node path within the block", "op"],
                 [[c["name"], c["path"], c["op_type"]] for c in pmap["columns"]]))
         if pmap["other_ops"]:
-            rows = [[op, ", ".join(f"{n} {p}" for p, n in sorted(by.items()))]
-                    for op, by in pmap["other_ops"].items()]
-            blocks.append(Table(["other op", "nodes by precision"], rows))
+            by_precision: dict[str, list[str]] = {}
+            for op, counts_by in pmap["other_ops"].items():
+                for p, n in counts_by.items():
+                    by_precision.setdefault(p, []).append(f"{op} {n}")
+            blocks.append(Table(["other ops in", "op type and node count"],
+                                [[p, ", ".join(ops)] for p, ops in sorted(by_precision.items())]))
     return blocks
 
 
@@ -359,6 +382,12 @@ def _calibration_section(calib: Mapping[str, Any] | None,
         return blocks
     params = ", ".join(f"{k}={v}" for k, v in calib["params"].items()) or "none"
     skipped = calib["skipped"]
+    skipped_text = str(len(skipped))
+    if skipped:
+        reasons: dict[str, int] = {}
+        for reason in skipped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        skipped_text += " (" + "; ".join(f"{n}: {r}" for r, n in sorted(reasons.items())) + ")"
     blocks.append(Table(["", ""], [
         ["directory", calib["directory"]],
         ["method", calib["method"]],
@@ -366,7 +395,7 @@ def _calibration_section(calib: Mapping[str, Any] | None,
         ["samples", fmt.count(calib["num_samples"])],
         ["tokens", fmt.count(calib["num_tokens"])],
         ["tensors with amax", fmt.count(calib["num_tensors"])],
-        ["skipped tensors", str(len(skipped)) if isinstance(skipped, list) else str(skipped)],
+        ["skipped tensors", skipped_text],
     ]))
     blocks.append(Heading(3, f"The {len(calib['largest_amax'])} largest amax values"))
     blocks.append(Table(["tensor", "amax"],
@@ -386,7 +415,11 @@ def _calibration_section(calib: Mapping[str, Any] | None,
 
 def _dataset_section(dataset: Mapping[str, Any]) -> list[Block]:
     source = dataset.get("source") or {}
-    source_text = " ".join(str(v) for k, v in source.items() if v and k != "kind") or fmt.DASH
+    source_text = str(source.get("name", fmt.DASH))
+    if source.get("config"):
+        source_text += f" ({source['config']})"
+    if source.get("kind"):
+        source_text = f"{source['kind']}: {source_text}"
     rows = [["text", source_text]]
     for key in ("split", "num_tokens", "max_length", "stride", "num_windows", "num_scored_tokens",
                 "text_sha256", "tokens_sha256"):
@@ -416,7 +449,8 @@ def _environment_section(sources: Sequence[Mapping[str, Any]],
         rows += [[name, str(version)] for name, version in libs.items() if version]
         settings = source.get("settings") or {}
         if settings:
-            rows.append(["eval settings", ", ".join(f"{k}={v}" for k, v in settings.items())])
+            rows.append(["eval settings", ", ".join(f"{k}={_setting(v)}"
+                                                    for k, v in settings.items())])
         rows.append(["results sha256", source["sha256"]])
         blocks.append(Table(["", ""], rows))
         blocks.append(Para("Commands that produced these results:"))
@@ -425,6 +459,14 @@ def _environment_section(sources: Sequence[Mapping[str, Any]],
         blocks.append(Para("This report:"))
         blocks.append(Code(str(generator["command"])))
     return blocks
+
+
+def _setting(value: Any) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
 
 def _gpu_text(gpu: Any) -> str:

@@ -56,11 +56,14 @@ class Code:
 
 Block = Heading | Para | Bullets | Table | Image | Code
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#])")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
+_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
 
 def md_escape(text: str) -> str:
-    return _MD_SPECIAL.sub(r"\\\1", text)
+    """Escape what Markdown would read as markup. An underscore inside a word (``q_proj``) cannot
+    start emphasis, so it stays as it is and names remain readable in the raw file."""
+    return _MD_UNDERSCORE.sub(r"\\_", _MD_SPECIAL.sub(r"\\\1", text))
 
 
 def to_markdown(blocks: Sequence[Block]) -> str:
@@ -90,8 +93,8 @@ def to_markdown(blocks: Sequence[Block]) -> str:
 def _md_table(table: Table) -> str:
     def row(cells: Sequence[str], strong: bool = False) -> str:
         escaped = [md_escape(c) for c in cells]
-        if strong:
-            escaped = [f"**{c}**" if c else c for c in escaped]
+        if strong and escaped and escaped[0]:
+            escaped[0] = f"**{escaped[0]}**"
         return "| " + " | ".join(escaped) + " |"
 
     rule = "| " + " | ".join(
@@ -118,7 +121,7 @@ p.muted { color: #5f6368; }
 table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13px; }
 th, td { border: 1px solid #d6d6d6; padding: 4px 8px; vertical-align: top; }
 th { background: #f3f4f6; text-align: left; }
-td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; }
+td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.hl td { background: #eef6ee; font-weight: 600; }
 .scroll { overflow-x: auto; }
 figure { margin: 10px 0 18px; }

@@ -12,19 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantkit.artifacts import read_json, sha256_file
+from quantkit.artifacts import sha256_file
 from quantkit.errors import QuantkitError
-
-RESULTS_SCHEMA = "quantkit.results/1"
 
 # Dataset fields that must agree for perplexities to be comparable.
 COMPARABLE_DATASET_FIELDS = ("text_sha256", "max_length", "stride")
-
-_REQUIRED_TOP = ("environment", "dataset", "commands", "engines")
-_REQUIRED_ENGINE = ("name", "backend", "precision", "perplexity", "latency")
-_REQUIRED_LATENCY = ("batch", "seq", "p50_ms", "p99_ms", "tokens_per_s")
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
-
 
 @dataclass(frozen=True)
 class ResultsFile:
@@ -52,69 +44,38 @@ class ResultsFile:
 
 
 def read_results(path: Path) -> ResultsFile:
-    """Read and check one results file; every problem is a QuantkitError naming the file."""
+    """Read one results file, checked by ``quantkit.eval.results.load_results`` (the schema's own
+    reader); every problem is a QuantkitError naming the file and the offending key."""
+    from quantkit.eval.results import load_results
+
     path = Path(path)
     if not path.is_file():
         raise QuantkitError(
             f"results file {path} does not exist", "pass a results.json written by 'quantkit eval'"
         )
-    data = read_json(path)
-    check_results(data, str(path))
+    data = load_results(path).to_dict()
     return ResultsFile(path=path, sha256=sha256_file(path), data=data)
 
 
-def check_results(data: Any, where: str) -> None:
-    """Check the parts of ``quantkit.results/1`` that the report reads."""
-    if not isinstance(data, dict):
-        raise QuantkitError(f"{where} is not a quantkit results file (not a JSON object)")
-    schema = data.get("schema")
-    if schema != RESULTS_SCHEMA:
-        raise QuantkitError(
-            f"{where} has schema {schema!r}; this quantkit reads {RESULTS_SCHEMA!r}",
-            "re-run 'quantkit eval' with this version of quantkit",
-        )
-    for key in _REQUIRED_TOP:
-        if key not in data:
-            raise QuantkitError(f"{where} lacks the field '{key}'")
-    if not isinstance(data["engines"], list) or not data["engines"]:
-        raise QuantkitError(f"{where} lists no engines")
-    for field in COMPARABLE_DATASET_FIELDS:
-        if field not in data["dataset"]:
-            raise QuantkitError(f"{where} lacks the field 'dataset.{field}'")
-    for i, engine in enumerate(data["engines"]):
-        label = f"{where}: engines[{i}]"
-        if not isinstance(engine, dict):
-            raise QuantkitError(f"{label} is not an object")
-        for key in _REQUIRED_ENGINE:
-            if key not in engine:
-                raise QuantkitError(f"{label} lacks the field '{key}'")
-        if engine["precision"] not in PRECISIONS:
-            raise QuantkitError(
-                f"{label} ({engine['name']}) has precision {engine['precision']!r}",
-                f"expected one of: {', '.join(PRECISIONS)}",
-            )
-        if not _is_number(engine["perplexity"]):
-            raise QuantkitError(f"{label} ({engine['name']}) has no numeric perplexity")
-        for j, row in enumerate(engine["latency"]):
-            for key in _REQUIRED_LATENCY:
-                if key not in row:
-                    raise QuantkitError(f"{label}.latency[{j}] lacks the field '{key}'")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_comparable(files: Sequence[ResultsFile]) -> None:
-    """Refuse to merge results whose perplexities were measured on different text or windows."""
+    """Refuse to merge results whose perplexities were measured on different text or windows.
+
+    The text (its hash), ``max_length`` and ``stride`` must agree; where two files used the same
+    tokenizer, the evaluated tokens must agree too (this catches different ``--limit-tokens``).
+    Different tokenizers (different models) are allowed: Δppl is computed within each model.
+    """
     if len(files) < 2:
         return
     first = files[0]
     for other in files[1:]:
+        fields = list(COMPARABLE_DATASET_FIELDS)
+        tokenizer = first.dataset.get("tokenizer_sha256")
+        if tokenizer is not None and tokenizer == other.dataset.get("tokenizer_sha256"):
+            fields.append("tokens_sha256")
         diffs = [
             f"{field}: {first.dataset.get(field)!r} in {first.path} but "
             f"{other.dataset.get(field)!r} in {other.path}"
-            for field in COMPARABLE_DATASET_FIELDS
+            for field in fields
             if first.dataset.get(field) != other.dataset.get(field)
         ]
         if diffs:
@@ -138,7 +99,7 @@ def engine_labels(files: Sequence[ResultsFile]) -> list[list[str]]:
         for name in {str(e["name"]) for e in f.engines}:
             counts[name] = counts.get(name, 0) + 1
     labels: list[list[str]] = []
-    for f, tag in zip(files, tags):
+    for f, tag in zip(files, tags, strict=True):
         names = [str(e["name"]) for e in f.engines]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:

@@ -16,6 +16,8 @@ LINEAR_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"})
 OUTSIDE_BLOCKS = "other"
 _BLOCK = re.compile(r"^[A-Za-z_][\w]*\.(\d+)$")
 _MODULE_ALIASES = {"self_attn": "attn", "attention": "attn", "self_attention": "attn"}
+_SHORT_LINEAR = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out_proj": "out",
+                 "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
 
 def split_node(node: str) -> tuple[int | None, str]:
@@ -29,23 +31,25 @@ def split_node(node: str) -> tuple[int | None, str]:
     return None, "/".join(parts)
 
 
-def _column_name(path: str, op_type: str) -> str:
-    """A short column name: the linear module (``q_proj`` -> ``q``), or ``<module> <op>`` for an op
-    that sits directly in a module (the attention score and context matmuls)."""
+def _column_name(path: str, op_type: str, in_block: bool) -> str:
+    """A short column name: the linear module (``q_proj`` -> ``q``, ``lm_head``), or
+    ``<module> <op>`` for an op that sits directly in a block's sub-module (the attention score and
+    context matmuls: ``attn MatMul``, ``attn MatMul_1``)."""
     parts = path.split("/")
     last, modules = parts[-1], parts[:-1]
-    if last == op_type and modules:
-        leaf = modules[-1]
-        return leaf[:-5] if leaf.endswith("_proj") and len(leaf) > 5 else leaf
-    if modules:
-        return f"{_MODULE_ALIASES.get(modules[-1], modules[-1])} {last}"
-    return last
+    if not modules:
+        return last
+    if in_block and len(modules) == 1:
+        return f"{_MODULE_ALIASES.get(modules[0], modules[0])} {last}"
+    leaf = _SHORT_LINEAR.get(modules[-1], modules[-1])
+    return leaf if last == op_type else f"{leaf} {last}"
 
 
-def _qualified_name(path: str, op_type: str) -> str:
+def _qualified_name(path: str, op_type: str, in_block: bool) -> str:
     parts = path.split("/")
-    if len(parts) >= 3 and parts[-1] == op_type:
-        return f"{_MODULE_ALIASES.get(parts[-3], parts[-3])}.{_column_name(path, op_type)}"
+    if len(parts) >= 3:
+        parent = parts[-3]
+        return f"{_MODULE_ALIASES.get(parent, parent)}.{_column_name(path, op_type, in_block)}"
     return path
 
 
@@ -57,9 +61,8 @@ def precision_map(plan: Mapping[str, Any]) -> dict[str, Any]:
     qualified by their parent module.
     """
     decisions = list(plan.get("decisions", []))
-    cells: dict[tuple[str, str], str] = {}
-    column_paths: dict[str, tuple[str, str]] = {}  # path within the block -> (op_type, row kind)
-    rows: list[str] = []
+    cells: dict[tuple[str, bool, str], str] = {}  # (row, in a block, path) -> precision
+    column_ops: dict[tuple[bool, str], str] = {}  # (in a block, path within it) -> op type
     block_rows: set[int] = set()
     has_outside = False
     linear_counts: dict[str, int] = {}
@@ -72,29 +75,29 @@ def precision_map(plan: Mapping[str, Any]) -> dict[str, Any]:
             continue
         linear_counts[precision] = linear_counts.get(precision, 0) + 1
         block, path = split_node(node)
-        column_paths.setdefault(path, (op, "block" if block is not None else "outside"))
+        in_block = block is not None
+        column_ops.setdefault((in_block, path), op)
         if block is None:
             has_outside = True
             row = OUTSIDE_BLOCKS
         else:
             block_rows.add(block)
             row = str(block)
-        cells[(row, path)] = precision
+        cells[(row, in_block, path)] = precision
     rows = [str(b) for b in sorted(block_rows)] + ([OUTSIDE_BLOCKS] if has_outside else [])
     # Block ops first (in graph order), then ops outside blocks, so lm_head is the last column.
-    paths = [p for p, (_, kind) in column_paths.items() if kind == "block"]
-    paths += [p for p, (_, kind) in column_paths.items() if kind == "outside"]
-    short = {p: _column_name(p, column_paths[p][0]) for p in paths}
-    names = list(short.values())
+    keys = [k for k in column_ops if k[0]] + [k for k in column_ops if not k[0]]
+    short = {k: _column_name(k[1], column_ops[k], k[0]) for k in keys}
+    qualified = {k: _qualified_name(k[1], column_ops[k], k[0]) for k in keys}
+    short_names, qualified_names = list(short.values()), list(qualified.values())
     columns = []
-    for p in paths:
-        name = short[p]
-        if names.count(name) > 1:
-            name = _qualified_name(p, column_paths[p][0])
-            if [_qualified_name(q, column_paths[q][0]) for q in paths].count(name) > 1:
-                name = p
-        columns.append({"name": name, "path": p, "op_type": column_paths[p][0]})
-    grid = [[cells.get((row, c["path"])) for c in columns] for row in rows]
+    for key in keys:
+        name = short[key]
+        if short_names.count(name) > 1:
+            name = qualified[key] if qualified_names.count(qualified[key]) == 1 else key[1]
+        columns.append({"name": name, "path": key[1], "op_type": column_ops[key],
+                        "in_block": key[0]})
+    grid = [[cells.get((row, c["in_block"], c["path"])) for c in columns] for row in rows]
     precisions = sorted(linear_counts)
     return {
         "rows": rows,

@@ -32,7 +32,7 @@ def _png(fig: Any) -> bytes:
 
 def pareto_png(pareto: Mapping[str, Any], engines: Sequence[Mapping[str, Any]],
                shape_label: str) -> bytes:
-    """Δppl % against p50 latency, one labelled point per engine, the Pareto front as a staircase."""
+    """Δppl % against p50 latency, a labelled point per engine, the Pareto front as a staircase."""
     points = pareto["points"]
     precision = {e["label"]: e["precision"] for e in engines}
     fig = _figure(7.5, 4.8)
@@ -68,8 +68,9 @@ def pareto_png(pareto: Mapping[str, Any], engines: Sequence[Mapping[str, Any]],
 def _precision_legend(ax: Any, precisions: Sequence[str], with_front: bool) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker="o", linestyle="none", color=PRECISION_COLOURS.get(p, "#9467bd"),
-                      label=p) for p in precisions if p]
+    handles = [Line2D([], [], marker="o", linestyle="none",
+                      color=PRECISION_COLOURS.get(p, "#9467bd"), label=p)
+               for p in precisions if p]
     if with_front:
         handles.append(Line2D([], [], color="black", linestyle="--", label="Pareto front"))
     ax.legend(handles=handles, loc="best", fontsize=8)
@@ -81,7 +82,7 @@ def _pad_limits(ax: Any, xs: Sequence[float], ys: Sequence[float]) -> None:
         return
     lo, hi = min(xs), max(xs)
     if ax.get_xscale() == "log":
-        ax.set_xlim(lo / 1.3, hi * 1.8)
+        ax.set_xlim(lo / 1.3, hi * 2.6)
     else:
         span = (hi - lo) or max(abs(hi), 1.0)
         ax.set_xlim(lo - 0.08 * span, hi + 0.3 * span)
@@ -107,8 +108,7 @@ def precision_map_png(pmap: Mapping[str, Any], title: str) -> bytes:
             if cell is not None:
                 values[r, c] = index[cell]
     colours = [PRECISION_COLOURS.get(p, "#9467bd") for p in order] or ["#ffffff"]
-    cmap = ListedColormap(colours)
-    cmap.set_bad("#ffffff")
+    cmap = ListedColormap(colours).with_extremes(bad="#ffffff")
     width = min(12.0, 2.2 + 0.62 * len(columns))
     height = min(16.0, 1.5 + 0.24 * len(rows))
     fig = _figure(width, height)
@@ -139,8 +139,8 @@ def histogram_png(hist: Mapping[str, Any], tensor: str, threshold: float, method
     ax.set_yscale("log")
     ax.axvline(threshold, color="#d62728", linewidth=1.6,
                label=f"{method} threshold (amax) = {threshold:.4g}")
-    observed = hist.get("max")
-    if observed is not None and math.isfinite(float(observed)):
+    observed = hist.get("amax")
+    if observed is not None and math.isfinite(float(observed)) and float(observed) > 0:
         ax.axvline(float(observed), color="black", linewidth=1.0, linestyle=":",
                    label=f"largest |x| seen = {float(observed):.4g}")
     ax.set_xlabel("|activation|")

@@ -9,8 +9,9 @@ Definitions (also written into every report):
 * **Speedup** against FP32 (FP16) is ``p50_ref / p50`` at the same (batch, seq) shape, and only
   against a reference measured on the same machine, backend and device: latencies from different
   hardware are not compared.
-* The **reference shape** of the summary table and the Pareto plot is the (batch, seq) shape measured
-  by the most engines; among ties the one with the most tokens (batch × seq), then the larger batch.
+* The **reference shape** of the summary table and the Pareto plot is the (batch, seq) shape
+  measured by the most engines; among ties the one with the most tokens (batch × seq), then the
+  larger batch.
   Every other shape is in the full latency table.
 * The **Pareto front** minimises p50 latency at the reference shape and Δppl % against FP32; engines
   lacking either are left out of the plot, with the reason recorded.
@@ -28,24 +29,28 @@ REFERENCE_PRECISIONS = ("fp32", "fp16")
 
 
 def machine_of(environment: Mapping[str, Any]) -> dict[str, Any]:
-    return {"cpu": environment.get("cpu"), "gpu": environment.get("gpu"),
+    """What identifies the hardware a latency was measured on: CPU model and GPU model(s)."""
+    gpu = environment.get("gpu")
+    if isinstance(gpu, list):
+        gpu = ", ".join(str(g.get("name")) if isinstance(g, Mapping) else str(g) for g in gpu)
+    return {"cpu": environment.get("cpu"), "gpu": gpu or None,
             "platform": environment.get("platform")}
 
 
 def latency_group(entry: Mapping[str, Any]) -> tuple[Any, ...]:
-    """Engines whose latencies may be compared: same machine, backend and runner device."""
+    """Engines whose latencies may be compared: same machine, backend, runner device and threads."""
     machine = entry["machine"]
     runner = entry.get("runner") or {}
-    device = runner.get("device") if isinstance(runner, Mapping) else None
-    return (entry["backend"], machine.get("cpu"), machine.get("gpu"), device)
+    return (entry["backend"], machine.get("cpu"), machine.get("gpu"),
+            str(runner.get("device")), str(runner.get("threads")))
 
 
 def collect_engines(files: Sequence[ResultsFile]) -> list[dict[str, Any]]:
     """Flatten the engines of all files into report rows carrying their source and machine."""
     labels = engine_labels(files)
     rows: list[dict[str, Any]] = []
-    for index, (f, file_labels) in enumerate(zip(files, labels)):
-        for engine, label in zip(f.engines, file_labels):
+    for index, (f, file_labels) in enumerate(zip(files, labels, strict=True)):
+        for engine, label in zip(f.engines, file_labels, strict=True):
             rows.append({
                 "label": label,
                 "name": str(engine["name"]),

@@ -1,13 +1,16 @@
 """Writes the report tests' fixtures. THE NUMBERS ARE INVENTED FOR TESTS, NOT MEASUREMENTS.
 
-Run from the repository root: ``python tests/report/data/make_fixtures.py``. The output is committed;
+Run ``python tests/report/data/make_fixtures.py``; the output is committed, and
 ``tests/report/test_fixtures.py`` checks that it is what this script writes.
 
 What is real: ``smollm2-135m-structure.nodes.json`` is the node list (name, op type, and for MatMul
 the activation inputs) of ``quantkit.export``'s FP32 ONNX of a Llama with SmolLM2-135M's block
 structure (30 blocks, 9 query / 3 key-value heads), shrunk in width; the precision plans below are
 built over those real node names. What is invented: every perplexity, latency, size, amax and
-environment value. INT8 coverage is computed from each plan with SmolLM2-135M's dimensions.
+environment value. INT8 coverage is computed from each plan with SmolLM2-135M's dimensions. The
+calibration directory holds quantkit's own ActivationStats over synthetic activations (random
+numbers, not a model's) and the CalibrationTable that ``quantkit.calib.calibrate`` computes from
+them with the entropy method.
 """
 
 from __future__ import annotations
@@ -211,26 +214,45 @@ def engine_manifest(name: str, precision: str, p: dict[str, Any]) -> dict[str, A
     }
 
 
-def calibration_table() -> dict[str, Any]:
+def calibration_stats() -> Any:
+    """ActivationStats over synthetic activations (Gaussian bulk; heavy outliers at the inputs of
+    down_proj in blocks 1, 2 and 29), histogrammed by quantkit's own StreamingHistogram."""
+    from quantkit.calib.histogram import StreamingHistogram
+    from quantkit.calib.stats import ActivationStats
+
     rng = np.random.default_rng(7)
-    amax: dict[str, float] = {}
+    hists: dict[str, Any] = {}
     for entry in nodes():
         if entry[1] != "MatMul":
             continue
         for tensor in entry[2]:
-            if tensor in amax:
+            if tensor in hists:
                 continue
-            if "/mlp/Mul_output_0" in tensor:  # down_proj inputs: a few outlier blocks
+            scale = 1.0 if "layernorm" in tensor or "/norm/" in tensor else 0.6
+            values = rng.normal(0.0, scale, size=8192)
+            if "/mlp/Mul_output_0" in tensor:
                 layer = int(re.search(r"layers\.(\d+)/", tensor).group(1))
-                base = 310.0 if layer in (1, 2, 29) else 18.0
-            elif "layernorm" in tensor or "/norm/" in tensor:
-                base = 9.0
-            else:
-                base = 4.0
-            amax[tensor] = round(float(base * rng.uniform(0.7, 1.3)), 4)
-    return {"_comment": FIXTURE_NOTE, "method": "entropy",
-            "params": {"num_bins": 2048, "start_bin": 128}, "amax": amax,
-            "num_samples": 512, "num_tokens": 262144, "skipped": []}
+                if layer in (1, 2, 29):
+                    values[:6] = rng.uniform(150.0, 320.0, size=6) * rng.choice([-1, 1], size=6)
+                else:
+                    values[:20] = rng.normal(0.0, 6.0, size=20)
+            hist = StreamingHistogram(num_bins=2048)
+            hist.update(values.astype(np.float32))
+            hists[tensor] = hist
+    return ActivationStats(
+        histograms=hists, num_batches=16, num_samples=128, num_tokens=128 * 64,
+        tensors="matmul-inputs", num_bins=2048, model_hash=MODEL_HASH,
+        data={"note": FIXTURE_NOTE, "source": "synthetic activations"},
+    )
+
+
+def write_calibration(directory: Path) -> None:
+    from quantkit.calib.stats import calibrate
+
+    stats = calibration_stats()
+    directory.mkdir(parents=True, exist_ok=True)
+    stats.save(directory / "stats.npz")
+    calibrate(stats, "entropy").save(directory / "table.json")
 
 
 def dumps(name: str, obj: Any) -> str:
@@ -244,7 +266,6 @@ def fixture_files() -> dict[str, Any]:
         "results-ort-cpu.json": ort_results(),
         "engines/trt-int8/manifest.json": engine_manifest("int8", "int8", plan("int8")),
         "engines/trt-mixed/manifest.json": engine_manifest("mixed", "mixed", plan("mixed")),
-        "calib/table.json": calibration_table(),
     }
 
 
@@ -253,7 +274,11 @@ def main() -> None:
         path = HERE / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dumps(name, obj))
+    write_calibration(HERE / "calib")
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(HERE.parents[2]))  # this checkout's quantkit, not an installed one
     main()
