@@ -20,6 +20,7 @@ from quantkit.artifacts import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_can_write,
     read_manifest,
 )
 from quantkit.environment import git_commit
@@ -38,7 +39,7 @@ from quantkit.report.document import (
     to_markdown,
 )
 from quantkit.report.inputs import ResultsFile, check_comparable, read_results, resolve_engine_dir
-from quantkit.report.layers import precision_map
+from quantkit.report.layers import OUTSIDE_BLOCKS, precision_map
 from quantkit.report.tables import build_tables
 
 REPORT_SCHEMA = "quantkit.report/1"
@@ -89,8 +90,6 @@ def build_report(
     if not results:
         raise QuantkitError("no results files given", "pass at least one results.json")
     out = Path(out)
-    from quantkit.artifacts import check_can_write
-
     check_can_write(out, force)  # fail before any work
     files = [read_results(Path(p)) for p in results]
     check_comparable(files)
@@ -132,8 +131,8 @@ def report_data(
         notes.append("No engine has both a Δppl against FP32 and a latency at the reference "
                      "shape, so there is no Pareto plot.")
     maps = []
-    for entry, file_index in ((e, e["source"]) for e in tables["engines"]):
-        item = _precision_map_entry(entry, files[file_index].path)
+    for entry in tables["engines"]:
+        item = _precision_map_entry(entry, files[entry["source"]].path)
         if item is None:
             continue
         if item.get("map") is not None and item["map"]["uniform"] is None:
@@ -186,7 +185,10 @@ def _precision_map_entry(entry: Mapping[str, Any], results_path: Path) -> dict[s
         manifest = read_manifest(directory, kind="engine")
     except QuantkitError as exc:
         return {"engine": label, "map": None, "note": f"{exc}; no per-layer map"}
-    plan = (manifest.get("inputs") or {}).get("plan")
+    # The plan the backend realised (ONNX Runtime records it when ops fell back to fp32), else
+    # the plan the engine was built from.
+    plan_source = "plan_as_built" if manifest.get("plan_as_built") else "inputs.plan"
+    plan = manifest.get("plan_as_built") or (manifest.get("inputs") or {}).get("plan")
     if not plan or not plan.get("decisions"):
         if precision in ("fp32", "fp16"):
             return None
@@ -198,7 +200,8 @@ def _precision_map_entry(entry: Mapping[str, Any], results_path: Path) -> dict[s
                 "note": "its plan has no linear (MatMul/Gemm) ops; no per-layer map"}
     if pmap["uniform"] is not None and precision in ("fp32", "fp16"):
         return None
-    return {"engine": label, "directory": str(directory), "map": pmap, "note": None}
+    return {"engine": label, "directory": str(directory), "plan": plan_source, "map": pmap,
+            "note": None}
 
 
 def _histogram(calib: Mapping[str, Any], tensor: str | None,
@@ -353,7 +356,7 @@ def _maps_section(maps: Sequence[Mapping[str, Any]], images: Mapping[str, bytes]
         else:
             blocks.append(Image(
                 item["image"], f"Precision map of {item['engine']}", images[item["image"]],
-                caption=f"Rows: transformer blocks ('{_outside()}' = linear ops outside the "
+                caption=f"Rows: transformer blocks ('{OUTSIDE_BLOCKS}' = linear ops outside the "
                         f"blocks, e.g. lm_head); columns: linear ops. Linear ops: {counts}."))
             blocks.append(Table(
                 ["column", "node path within the block", "op"],
@@ -366,12 +369,6 @@ def _maps_section(maps: Sequence[Mapping[str, Any]], images: Mapping[str, bytes]
             blocks.append(Table(["other ops in", "op type and node count"],
                                 [[p, ", ".join(ops)] for p, ops in sorted(by_precision.items())]))
     return blocks
-
-
-def _outside() -> str:
-    from quantkit.report.layers import OUTSIDE_BLOCKS
-
-    return OUTSIDE_BLOCKS
 
 
 def _calibration_section(calib: Mapping[str, Any] | None,

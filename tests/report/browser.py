@@ -49,7 +49,7 @@ PROBE = """<script>
   window.addEventListener('load', function () {
     var images = Array.prototype.slice.call(document.images);
     var out = document.createElement('pre');
-    out.id = '%s';
+    out.id = '__PROBE_ID__';
     out.textContent = JSON.stringify({
       images: images.length,
       loaded: images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length,
@@ -61,7 +61,7 @@ PROBE = """<script>
     document.body.appendChild(out);
   });
 })();
-</script>""" % PROBE_ID
+</script>""".replace("__PROBE_ID__", PROBE_ID)
 _CONSOLE_LINE = re.compile(r":INFO:CONSOLE[^\]]*\]\s*(.*)")
 
 

@@ -134,3 +134,27 @@ def test_calibration_without_stats_says_what_is_missing(tmp_path):
     assert not (out.directory / "calibration-histogram.png").exists()
     assert "No histogram for /model/layers.0/input_layernorm/Mul_1_output_0" in \
         out.markdown.read_text()
+
+
+def test_precision_map_prefers_the_plan_as_built(tmp_path):
+    """ONNX Runtime records ``plan_as_built`` when ops fell back to fp32: that is what ran."""
+    manifest = json.loads((CALIB.parent / "engines" / "trt-mixed" / "manifest.json").read_text())
+    as_built = json.loads(json.dumps(manifest["inputs"]["plan"]))
+    for d in as_built["decisions"]:
+        if d["node"] == "/model/layers.5/mlp/up_proj/MatMul":
+            d["precision"], d["rule"] = "fp32", "fallback"
+    manifest["plan_as_built"] = as_built
+    engine_dir = tmp_path / "engines" / "trt-mixed"
+    engine_dir.mkdir(parents=True)
+    (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    results = tmp_path / "results.json"
+    shutil.copy(TRT, results)
+    out = build_report([results], tmp_path / "r")
+    maps = {m["engine"]: m for m in out.data["precision_maps"]}
+    pmap = maps["mixed"]["map"]
+    assert maps["mixed"]["plan"] == "plan_as_built"
+    up = [c["name"] for c in pmap["columns"]].index("up")
+    assert pmap["grid"][5][up] == "fp32" and pmap["grid"][4][up] == "int8"
+    assert pmap["linear_counts"] == {"int8": 206, "fp16": 64, "fp32": 1}
+    # The other engines' directories are not beside this copy: each says so.
+    assert "is not here" in maps["int8"]["note"]

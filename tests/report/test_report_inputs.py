@@ -59,8 +59,9 @@ def test_same_tokenizer_different_tokens_is_incomparable(tmp_path):
 
 
 def test_other_tokenizer_may_differ_in_tokens(tmp_path):
-    other = altered(ORT, tmp_path / "other.json",
-                    lambda d: d["dataset"].update(tokens_sha256="1" * 64, tokenizer_sha256="2" * 64))
+    def change(data):
+        data["dataset"].update(tokens_sha256="1" * 64, tokenizer_sha256="2" * 64)
+    other = altered(ORT, tmp_path / "other.json", change)
     check_comparable([read_results(TRT), read_results(other)])  # no error
 
 

@@ -12,7 +12,8 @@ LLAMA_COLUMNS = ["q", "k", "v", "attn MatMul", "attn MatMul_1", "o", "gate", "up
 
 
 def plan_of(engine_dir: str) -> dict:
-    return json.loads((DATA / "engines" / engine_dir / "manifest.json").read_text())["inputs"]["plan"]
+    manifest = json.loads((DATA / "engines" / engine_dir / "manifest.json").read_text())
+    return manifest["inputs"]["plan"]
 
 
 def test_split_node_finds_the_block():
