@@ -89,7 +89,7 @@ class DeviceBatchFeeder:
         self.dropped_rows = 0
         self.exhausted = False
 
-    # -- host side: re-cutting the stream of batches into calibration batches ------------------
+    # -- host side: re-cutting the stream of batches into calibration batches ---------------------
     def _iter_batches(self) -> Iterator[dict[str, np.ndarray]]:
         batch, seq = self.shape
         pending: dict[str, list[np.ndarray]] = {name: [] for name in self.inputs}
@@ -147,7 +147,7 @@ class DeviceBatchFeeder:
             self.exhausted = True
             return None
 
-    # -- device side ---------------------------------------------------------------------------
+    # -- device side ------------------------------------------------------------------------------
     def load_next(self) -> bool:
         """Copy the next batch into the device buffers; False (buffers untouched) at the end."""
         import torch
@@ -203,7 +203,7 @@ class DeviceBatchFeeder:
         self.dropped_rows = 0
         self.exhausted = False
 
-    # -- introspection (tests, manifests) ------------------------------------------------------
+    # -- introspection (tests, manifests) ---------------------------------------------------------
     def buffer(self, name: str) -> torch.Tensor:
         return self._device[name]
 

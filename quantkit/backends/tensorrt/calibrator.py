@@ -68,7 +68,7 @@ class CalibrationSession:
         self.get_batch_calls = 0
         self.cache_reads = 0
 
-    # -- the calibrator interface --------------------------------------------------------------
+    # -- the calibrator interface -----------------------------------------------------------------
     def get_batch_size(self) -> int:
         return self.batch_size
 
@@ -92,7 +92,7 @@ class CalibrationSession:
         except Exception as exc:  # noqa: BLE001 - reported by check_after_build
             self.errors.append(exc)
 
-    # -- around a build ------------------------------------------------------------------------
+    # -- around a build ---------------------------------------------------------------------------
     def reset(self) -> None:
         """Ready for another build: rewind the data and forget the last run's outcome."""
         if self.feeder is not None:

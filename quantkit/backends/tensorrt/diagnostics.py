@@ -85,7 +85,7 @@ def make_logger(book: LogBook, min_severity: str = "INFO") -> trt.ILogger:
     return CapturingLogger()
 
 
-# -- reading a failed build's log --------------------------------------------------------------
+# -- reading a failed build's log -----------------------------------------------------------------
 
 _OOM_PATTERNS = (
     re.compile(r"out ?of ?memory", re.I),

@@ -67,6 +67,7 @@ class NetworkLayer:
     metadata: str = ""
     output_dtypes: tuple[str, ...] = ()  # DataType names of the outputs
     shape_outputs: bool = False  # some output is a shape tensor
+    input_dtypes: tuple[str, ...] = ()  # DataType names of the (present) inputs
 
     @classmethod
     def of(cls, index: int, name: str, type: str, **kw: Any) -> NetworkLayer:
@@ -154,9 +155,9 @@ def map_plan_to_layers(layers: Sequence[NetworkLayer], plan: PrecisionPlan) -> P
     Each layer takes the precision of the plan's decision for its ONNX node. FP16 and FP32 layers
     also get that type on every output; INT8 layers leave the output type to TensorRT (an INT8
     GEMM may write FP16/FP32 and so spare a reformat). Constants, shape arithmetic and layers
-    with non-float outputs are left alone. A plan naming compute nodes the network does not have,
-    or a network with compute layers the plan does not know, is refused: the plan was resolved
-    for another graph.
+    with non-float inputs or outputs (indexing, comparisons) are left alone. A plan naming compute
+    nodes the network does not have, or a network with compute layers the plan does not know, is
+    refused: the plan was resolved for another graph.
     """
     decisions = plan.decisions
     mapping = PlanMapping()
@@ -189,6 +190,10 @@ def map_plan_to_layers(layers: Sequence[NetworkLayer], plan: PrecisionPlan) -> P
             mapping.skipped.append(
                 (layer.name, f"non-float outputs {list(layer.output_dtypes)}")
             )
+            continue
+        if any(t not in FLOAT_TYPES for t in layer.input_dtypes):
+            # indices, masks, conditions: an indexing layer, its precision is its data's
+            mapping.skipped.append((layer.name, f"non-float inputs {list(layer.input_dtypes)}"))
             continue
         precision = decision.precision
         outputs: tuple[tuple[int, str], ...] = ()
@@ -238,7 +243,7 @@ def check_explicit_network(layers: Sequence[NetworkLayer], wanted: set[Precision
         )
 
 
-# -- the engine inspector ----------------------------------------------------------------------
+# -- the engine inspector -------------------------------------------------------------------------
 
 _DTYPE_TOKENS = {
     "fp32": "FLOAT", "float": "FLOAT", "float32": "FLOAT",

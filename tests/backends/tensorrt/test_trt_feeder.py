@@ -50,7 +50,7 @@ def drain(feeder: DeviceBatchFeeder, names: list[str]) -> list[dict[str, np.ndar
     return out
 
 
-# -- host side, on the CPU ---------------------------------------------------------------------
+# -- host side, on the CPU ------------------------------------------------------------------------
 
 def test_cpu_batches_match_token_blocks_in_order(blocks):
     feeder = DeviceBatchFeeder(blocks, NAMES, (3, 16), device="cpu")
@@ -187,7 +187,7 @@ def test_cuda_feeder_without_a_gpu_is_a_clear_error():
         DeviceBatchFeeder([], NAMES, (2, 8))
 
 
-# -- device side, on a CUDA GPU ----------------------------------------------------------------
+# -- device side, on a CUDA GPU -------------------------------------------------------------------
 
 @pytest.mark.gpu
 @gpu

@@ -58,7 +58,7 @@ def parser_layers(with_metadata: bool = True) -> list[NetworkLayer]:
     parser adds helpers of its own (no metadata)."""
     rows = [
         # (name, LayerType, node the metadata names, output dtypes, shape tensor?)
-        (EMBED, "GATHER", EMBED, ("FLOAT",), False),
+        (EMBED, "GATHER", EMBED, ("FLOAT",), False),  # inputs: table FLOAT, ids INT64
         (SHAPE, "SHAPE", SHAPE, ("INT64",), True),
         ("ONNXTRT_ShapeTensorFromDims_3", "SHUFFLE", None, ("INT64",), True),
         (Q, "MATRIX_MULTIPLY", Q, ("FLOAT",), False),
@@ -71,13 +71,15 @@ def parser_layers(with_metadata: bool = True) -> list[NetworkLayer]:
         (DOWN, "MATRIX_MULTIPLY", DOWN, ("FLOAT",), False),
         (HEAD, "MATRIX_MULTIPLY", HEAD, ("FLOAT",), False),
     ]
+    inputs = {EMBED: ("FLOAT", "INT64"), SHAPE: ("INT64",)}
     return [
-        NetworkLayer(i, name, kind, meta(node) if (node and with_metadata) else "", outs, shape)
+        NetworkLayer(i, name, kind, meta(node) if (node and with_metadata) else "", outs, shape,
+                     inputs.get(name, ("FLOAT",) if kind != "CONSTANT" else ()))
         for i, (name, kind, node, outs, shape) in enumerate(rows)
     ]
 
 
-# -- metadata and names ------------------------------------------------------------------------
+# -- metadata and names ---------------------------------------------------------------------------
 
 def test_metadata_single_fused_and_local_function():
     assert onnx_nodes_from_metadata(meta(Q)) == [Q]
@@ -101,7 +103,7 @@ def test_node_of_layer_prefers_metadata_then_names():
     assert onnx_node_of(NetworkLayer(0, "ONNXTRT_Broadcast_12", "SHUFFLE"), known) is None
 
 
-# -- plan -> layer precisions ------------------------------------------------------------------
+# -- plan -> layer precisions ---------------------------------------------------------------------
 
 def test_plan_maps_to_parser_layers():
     mapping = map_plan_to_layers(parser_layers(), plan())
@@ -114,19 +116,19 @@ def test_plan_maps_to_parser_layers():
     # FP16 layers: precision and every output's type
     assert by_layer[SOFTMAX].precision is Precision.FP16
     assert by_layer[SOFTMAX].output_types == ((0, "HALF"),)
-    assert by_layer[EMBED].output_types == ((0, "HALF"),)
     # the Gemm's extra bias-add layer follows its node
     assert by_layer[f"{GEMM}_8"].node == GEMM
     assert by_layer[f"{GEMM}_8"].precision is Precision.INT8
     # left alone: shape arithmetic, constants, parser helpers
     skipped = dict(mapping.skipped)
-    assert SHAPE in skipped
+    assert skipped[SHAPE] == "SHAPE layer"
+    assert skipped[EMBED] == "non-float inputs ['FLOAT', 'INT64']"  # an embedding lookup
     assert "ONNXTRT_ShapeTensorFromDims_3" in mapping.helper_layers
     assert f"{GEMM}_7" not in by_layer
     assert mapping.nodes_without_layers == [CONST]
     assert mapping.precisions == {Precision.INT8, Precision.FP16}
     summary = mapping.summary()
-    assert summary["by_precision"] == {"fp16": 2, "int8": 7}
+    assert summary["by_precision"] == {"fp16": 1, "int8": 7}
     assert summary["matched_by_metadata"] == 10
 
 
@@ -146,6 +148,14 @@ def test_names_alone_work_without_metadata():
     assert mapping.summary()["matched_by_name"] == 11
     assert mapping.summary()["matched_by_metadata"] == 0
     assert (f"{GEMM}_7", "CONSTANT layer") in mapping.skipped
+
+
+def test_shape_arithmetic_is_not_constrained():
+    layers = [*parser_layers(),
+              NetworkLayer(98, "/model/Concat_2", "CONCATENATION", meta(SOFTMAX), ("INT64",), True,
+                           ("INT64", "INT64"))]
+    mapping = map_plan_to_layers(layers, plan())
+    assert ("/model/Concat_2", "computes a shape") in mapping.skipped
 
 
 def test_layers_with_non_float_outputs_are_not_constrained():
@@ -190,7 +200,7 @@ def test_missing_constant_nodes_are_fine():
     assert CONST in mapping.nodes_without_layers
 
 
-# -- explicit networks -------------------------------------------------------------------------
+# -- explicit networks ----------------------------------------------------------------------------
 
 def test_explicit_int8_needs_qdq_layers():
     float_net = parser_layers()
@@ -210,7 +220,7 @@ def test_explicit_fp16_needs_half_tensors():
     check_explicit_network(half, {Precision.FP16})
 
 
-# -- engine inspector --------------------------------------------------------------------------
+# -- engine inspector -----------------------------------------------------------------------------
 
 INSPECTOR = {
     "Layers": [
