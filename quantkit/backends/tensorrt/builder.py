@@ -358,7 +358,12 @@ def inspect_engine(
         )
     inspector = engine.create_engine_inspector()
     info = str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    return info, engine_io(engine)
+    io = engine_io(engine)
+    # TensorRT objects go before what made them: inspector, engine, then the runtime
+    del inspector
+    del engine
+    del runtime
+    return info, io
 
 
 def engine_io(engine: trt.ICudaEngine) -> list[dict[str, Any]]:

@@ -300,12 +300,29 @@ def _layer_precision(inputs: Sequence[str], outputs: Sequence[str]) -> str:
     return "none" if (inputs or outputs) else "unknown"
 
 
+def _io_dtypes(tensors: Any) -> tuple[str, ...]:
+    """Data types of a layer's inputs or outputs: TensorRT 10 writes one ``Format/Datatype``
+    string ("Row major linear FP16 format"); TensorRT 11 splits it into ``Format`` and
+    ``DataType`` ("Half")."""
+    found = []
+    for tensor in tensors if isinstance(tensors, list) else []:
+        if not isinstance(tensor, dict):
+            continue
+        for key in ("DataType", "Format/Datatype", "Format/DataType", "Format"):
+            dtype = dtype_of_format(str(tensor.get(key, "")))
+            if dtype:
+                found.append(dtype)
+                break
+    return tuple(found)
+
+
 def parse_engine_information(text: str) -> list[EngineLayer]:
     """Layers of ``EngineInspector.get_engine_information(LayerInformationFormat.JSON)``.
 
     With ``ProfilingVerbosity.DETAILED`` each layer is an object with ``Name``, ``LayerType``,
-    ``Inputs``/``Outputs`` (each with ``Format/Datatype``), ``TacticName`` and ``Metadata``; with
-    less verbosity layers are bare names, and their precision is ``unknown``.
+    ``Inputs``/``Outputs`` (each with ``Format/Datatype``, or ``Format`` and ``DataType`` from
+    TensorRT 11), ``TacticName`` and ``Metadata``; with less verbosity layers are bare names, and
+    their precision is ``unknown``.
     """
     try:
         data = json.loads(text)
@@ -317,14 +334,8 @@ def parse_engine_information(text: str) -> list[EngineLayer]:
         if isinstance(entry, str):
             layers.append(EngineLayer(entry, "", "unknown", (), (), ()))
             continue
-        inputs = tuple(
-            t for t in (dtype_of_format(str(i.get("Format/Datatype", ""))) for i in
-                        entry.get("Inputs", []) if isinstance(i, dict)) if t
-        )
-        outputs = tuple(
-            t for t in (dtype_of_format(str(o.get("Format/Datatype", ""))) for o in
-                        entry.get("Outputs", []) if isinstance(o, dict)) if t
-        )
+        inputs = _io_dtypes(entry.get("Inputs", []))
+        outputs = _io_dtypes(entry.get("Outputs", []))
         layers.append(
             EngineLayer(
                 name=str(entry.get("Name", "")),

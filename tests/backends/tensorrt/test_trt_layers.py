@@ -306,6 +306,22 @@ def test_inspector_layers_and_their_precision():
     }
 
 
+def test_inspector_of_tensorrt_11_splits_format_and_data_type():
+    text = json.dumps({
+        "Layers": [{
+            "Name": Q, "LayerType": "CaskGemmMatrixMultiply", "Metadata": meta(Q),
+            "Inputs": [{"Name": "x_q", "Format": "Row major linear INT8 format (kLINEAR)",
+                        "DataType": "Int8"}],
+            "Outputs": [{"Name": "q", "Format": "Row major linear FP16 format (kLINEAR)",
+                         "DataType": "Half"}],
+        }],
+        "I/O Tensors": [{"Name": "input_ids", "IOMode": "Input", "DataType": "Int64"}],
+    })
+    (layer,) = parse_engine_information(text)
+    assert (layer.input_types, layer.output_types, layer.precision) == (("INT8",), ("HALF",),
+                                                                        "int8")
+
+
 def test_inspector_without_detailed_verbosity():
     layers = parse_engine_information(json.dumps({"Layers": ["a", "b + c"], "Bindings": []}))
     assert [(layer.name, layer.precision) for layer in layers] == [("a", "unknown"),
