@@ -185,12 +185,25 @@ class TensorRTRunner(Runner):
                 + (" | ".join(r.message for r in self._book.errors()[-3:]) or "no reason given")
             )
 
+    def _prepare(self, feeds: Mapping[str, Any]) -> None:
+        """Inputs on the GPU and every tensor's address set (out of memory: a clear error)."""
+        import torch
+
+        try:
+            self._bind_inputs(feeds)
+            self._bind_outputs()
+        except torch.cuda.OutOfMemoryError:
+            shapes = {k: list(np.shape(v)) for k, v in feeds.items()}
+            raise QuantkitError(
+                f"GPU out of memory for a batch of shape {shapes}",
+                "run smaller batches or shorter sequences, or free GPU memory",
+            ) from None
+
     def run_device(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run one batch; outputs stay on the GPU as torch tensors (reused by the next run:
         clone what you keep). Inputs may be numpy arrays or torch tensors."""
         self._check_ready(feeds)
-        self._bind_inputs(feeds)
-        self._bind_outputs()
+        self._prepare(feeds)
         self._execute()
         self._stream.synchronize()
         return dict(self._out_device)
@@ -200,8 +213,7 @@ class TensorRTRunner(Runner):
     ) -> dict[str, np.ndarray]:
         import torch
 
-        self._bind_inputs(feeds)
-        self._bind_outputs()
+        self._prepare(feeds)
         self._execute()
         names = outputs or self.output_names
         with torch.cuda.stream(self._stream):
@@ -223,8 +235,7 @@ class TensorRTRunner(Runner):
         import torch
 
         self._check_ready(feeds)
-        self._bind_inputs(feeds)
-        self._bind_outputs()
+        self._prepare(feeds)
         for _ in range(warmup):
             self._execute()
         events = [
