@@ -385,7 +385,7 @@ def _calibration_section(calib: Mapping[str, Any] | None,
         for reason in skipped.values():
             reasons[reason] = reasons.get(reason, 0) + 1
         skipped_text += " (" + "; ".join(f"{n}: {r}" for r, n in sorted(reasons.items())) + ")"
-    blocks.append(Table(["", ""], [
+    blocks.append(Table(["field", "value"], [
         ["directory", calib["directory"]],
         ["method", calib["method"]],
         ["parameters", params],
@@ -426,7 +426,7 @@ def _dataset_section(dataset: Mapping[str, Any]) -> list[Block]:
     return [Heading(2, "Dataset", anchor="dataset"),
             Para("Perplexity is measured on this text with sliding windows of max_length tokens "
                  "starting every stride tokens; every engine scored the same tokens."),
-            Table(["", ""], rows)]
+            Table(["field", "value"], rows)]
 
 
 def _environment_section(sources: Sequence[Mapping[str, Any]],
@@ -449,7 +449,7 @@ def _environment_section(sources: Sequence[Mapping[str, Any]],
             rows.append(["eval settings", ", ".join(f"{k}={_setting(v)}"
                                                     for k, v in settings.items())])
         rows.append(["results sha256", source["sha256"]])
-        blocks.append(Table(["", ""], rows))
+        blocks.append(Table(["field", "value"], rows))
         blocks.append(Para("Commands that produced these results:"))
         blocks.append(Code("\n".join(source["commands"]) or "(none recorded)"))
     if generator.get("command"):

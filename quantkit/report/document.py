@@ -127,7 +127,8 @@ tr.hl td { background: #eef6ee; font-weight: 600; }
 figure { margin: 10px 0 18px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e3e3e3; }
 figcaption { color: #5f6368; font-size: 12.5px; margin-top: 4px; }
-pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 10px 12px; overflow-x: auto;
+pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 10px 12px;
+      white-space: pre-wrap; overflow-wrap: anywhere;
       font: 12.5px/1.4 ui-monospace, "DejaVu Sans Mono", monospace; }
 """
 

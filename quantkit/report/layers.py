@@ -97,7 +97,7 @@ def precision_map(plan: Mapping[str, Any]) -> dict[str, Any]:
             name = qualified[key] if qualified_names.count(qualified[key]) == 1 else key[1]
         columns.append({"name": name, "path": key[1], "op_type": column_ops[key],
                         "in_block": key[0]})
-    grid = [[cells.get((row, c["in_block"], c["path"])) for c in columns] for row in rows]
+    grid = [[cells.get((row, in_block, path)) for in_block, path in keys] for row in rows]
     precisions = sorted(linear_counts)
     return {
         "rows": rows,

@@ -86,7 +86,7 @@ def _pad_limits(ax: Any, xs: Sequence[float], ys: Sequence[float]) -> None:
     else:
         span = (hi - lo) or max(abs(hi), 1.0)
         ax.set_xlim(lo - 0.08 * span, hi + 0.3 * span)
-    ylo, yhi = min(ys + [0.0]), max(ys + [0.0])
+    ylo, yhi = min([*ys, 0.0]), max([*ys, 0.0])
     yspan = (yhi - ylo) or 1.0
     ax.set_ylim(ylo - 0.1 * yspan, yhi + 0.15 * yspan)
 
@@ -130,20 +130,37 @@ def precision_map_png(pmap: Mapping[str, Any], title: str) -> bytes:
 
 
 def histogram_png(hist: Mapping[str, Any], tensor: str, threshold: float, method: str) -> bytes:
-    """Histogram of |x| for one tensor, log counts, the calibrated threshold (amax) marked."""
-    edges = [float(e) for e in hist["edges"]]
-    counts = [float(c) for c in hist["counts"]]
+    """Histogram of |x| for one tensor, log counts, the calibrated threshold (amax) marked.
+
+    When the largest value is far out in the tail (over 20 times the 99.9th percentile), the x axis
+    is linear up to that percentile and logarithmic beyond it, so both the bulk of the values and
+    the outliers the threshold clips are visible.
+    """
+    import numpy as np
+
+    edges = np.asarray(hist["edges"], dtype=np.float64)
+    counts = np.asarray(hist["counts"], dtype=np.float64)
+    observed = float(hist.get("amax") or 0.0)
     fig = _figure(7.5, 3.6)
     ax = fig.add_subplot()
-    ax.stairs(counts, edges, fill=True, color="#1f77b4", alpha=0.75, label="|x| histogram")
+    ax.stairs(counts, edges, fill=True, color="#1f77b4", alpha=0.6, label="|x| histogram")
+    ax.stairs(counts, edges, color="#1f77b4", linewidth=0.8)
     ax.set_yscale("log")
+    right = max(threshold, observed, float(edges[-1])) * 1.05
+    cumulative = np.cumsum(counts)
+    xlabel = "|activation|"
+    if cumulative[-1] > 0:
+        q999 = float(edges[1 + int(np.searchsorted(cumulative, 0.999 * cumulative[-1]))])
+        if q999 > 0 and max(threshold, observed) > 20 * q999:
+            ax.set_xscale("symlog", linthresh=q999, linscale=1.0)
+            xlabel += f" (linear up to {q999:.3g}, the 99.9th percentile; logarithmic beyond)"
+    ax.set_xlim(0.0, right)
     ax.axvline(threshold, color="#d62728", linewidth=1.6,
                label=f"{method} threshold (amax) = {threshold:.4g}")
-    observed = hist.get("amax")
-    if observed is not None and math.isfinite(float(observed)) and float(observed) > 0:
-        ax.axvline(float(observed), color="black", linewidth=1.0, linestyle=":",
-                   label=f"largest |x| seen = {float(observed):.4g}")
-    ax.set_xlabel("|activation|")
+    if math.isfinite(observed) and observed > 0:
+        ax.axvline(observed, color="black", linewidth=1.0, linestyle=":",
+                   label=f"largest |x| seen = {observed:.4g}")
+    ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel("count (log)")
     ax.set_title(tensor, fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
