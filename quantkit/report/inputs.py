@@ -66,6 +66,12 @@ def check_comparable(files: Sequence[ResultsFile]) -> None:
     """
     if len(files) < 2:
         return
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.sha256 in seen:
+            raise QuantkitError(f"{f.path} and {seen[f.sha256]} are the same results",
+                                "pass each results file once")
+        seen[f.sha256] = f.path
     first = files[0]
     for other in files[1:]:
         fields = list(COMPARABLE_DATASET_FIELDS)

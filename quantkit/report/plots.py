@@ -129,6 +129,19 @@ def precision_map_png(pmap: Mapping[str, Any], title: str) -> bytes:
     return _png(fig)
 
 
+def symlog_threshold(edges: Any, counts: Any, largest: float) -> float | None:
+    """The 99.9th percentile of the histogram (its bin's upper edge) when ``largest`` lies over 20
+    times beyond it, else None (a linear axis shows everything)."""
+    import numpy as np
+
+    cumulative = np.cumsum(np.asarray(counts, dtype=np.float64))
+    if len(cumulative) == 0 or cumulative[-1] <= 0:
+        return None
+    index = int(np.searchsorted(cumulative, 0.999 * cumulative[-1]))
+    q999 = float(edges[index + 1])
+    return q999 if q999 > 0 and largest > 20 * q999 else None
+
+
 def histogram_png(hist: Mapping[str, Any], tensor: str, threshold: float, method: str) -> bytes:
     """Histogram of |x| for one tensor, log counts, the calibrated threshold (amax) marked.
 
@@ -147,13 +160,11 @@ def histogram_png(hist: Mapping[str, Any], tensor: str, threshold: float, method
     ax.stairs(counts, edges, color="#1f77b4", linewidth=0.8)
     ax.set_yscale("log")
     right = max(threshold, observed, float(edges[-1])) * 1.05
-    cumulative = np.cumsum(counts)
     xlabel = "|activation|"
-    if cumulative[-1] > 0:
-        q999 = float(edges[1 + int(np.searchsorted(cumulative, 0.999 * cumulative[-1]))])
-        if q999 > 0 and max(threshold, observed) > 20 * q999:
-            ax.set_xscale("symlog", linthresh=q999, linscale=1.0)
-            xlabel += f" (linear up to {q999:.3g}, the 99.9th percentile; logarithmic beyond)"
+    linthresh = symlog_threshold(edges, counts, max(threshold, observed))
+    if linthresh is not None:
+        ax.set_xscale("symlog", linthresh=linthresh, linscale=1.0)
+        xlabel += f" (linear up to {linthresh:.3g}, the 99.9th percentile; logarithmic beyond)"
     ax.set_xlim(0.0, right)
     ax.axvline(threshold, color="#d62728", linewidth=1.6,
                label=f"{method} threshold (amax) = {threshold:.4g}")

@@ -158,3 +158,24 @@ def test_precision_map_prefers_the_plan_as_built(tmp_path):
     assert pmap["linear_counts"] == {"int8": 206, "fp16": 64, "fp32": 1}
     # The other engines' directories are not beside this copy: each says so.
     assert "is not here" in maps["int8"]["note"]
+
+
+def test_no_fp32_engine_and_no_latency_still_report(tmp_path):
+    from tests.report.helpers import altered
+
+    def change(data):
+        data["engines"] = [e for e in data["engines"] if e["precision"] != "fp32"]
+        for e in data["engines"]:
+            e["latency"] = []
+        data["reference"]["fp32"] = None
+    results = altered(TRT, tmp_path / "results.json", change)
+    out = build_report([results], tmp_path / "r")
+    assert out.data["reference_shape"] is None
+    assert out.data["pareto"]["front"] == [] and out.data["pareto"]["points"] == {}
+    assert out.data["notes"] == ["No engine has both a Δppl against FP32 and a latency at the "
+                                 "reference shape, so there is no Pareto plot."]
+    assert not (out.directory / "pareto.png").exists()
+    md = out.markdown.read_text()
+    assert "No latency was measured." in md
+    row = next(line for line in md.splitlines() if line.startswith("| int8 |"))
+    assert "| 21.734 | — | +0.813 (+3.89%) | — | — | — | — | — |" in row

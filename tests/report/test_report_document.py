@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 
+import pytest
+
 from quantkit.report import fmt
 from quantkit.report.document import Code, Heading, Image, Para, Table, to_html, to_markdown
 
@@ -47,3 +49,16 @@ def test_number_formats():
     assert [fmt.size(v) for v in (512, 2048, 205_127_680, 3 << 40)] == \
         ["512 B", "2.0 KiB", "195.6 MiB", "3072.0 GiB"]
     assert fmt.rate(204408.2) == "204,408"
+
+
+def test_histogram_axis_goes_logarithmic_only_for_far_outliers():
+    from quantkit.report.plots import symlog_threshold
+
+    edges = [0.1 * i for i in range(2049)]
+    counts = [0] * 2048
+    counts[:10] = [1000] * 10  # the bulk: |x| < 1.0
+    assert symlog_threshold(edges, counts, largest=0.95) is None
+    assert symlog_threshold(edges, counts, largest=200.0) == pytest.approx(1.0)
+    counts[2000] = 50  # 0.5% of the values out at 200: the 99.9th percentile is there
+    assert symlog_threshold(edges, counts, largest=204.8) is None
+    assert symlog_threshold(edges, [0] * 2048, largest=1.0) is None

@@ -81,3 +81,10 @@ def test_labels_qualify_only_colliding_names(tmp_path):
                       ["fp32@b/results", "int8@b/results"]]
     assert engine_labels([read_results(TRT)]) == [["fp32", "fp16", "int8", "int8-minmax",
                                                     "mixed"]]
+
+
+def test_the_same_file_twice_is_refused(tmp_path):
+    copy = tmp_path / "copy.json"
+    shutil.copy(TRT, copy)
+    with pytest.raises(QuantkitError, match="are the same results"):
+        check_comparable([read_results(TRT), read_results(copy)])
