@@ -3,6 +3,32 @@
 The numbers are computed once (``report_data``), the document is built once from them
 (``report_blocks``), and the three files are rendered from those. The output directory is assembled
 under a temporary name and renamed into place, so a reader never sees half a report.
+
+``report.json`` (schema ``quantkit.report/1``; additive changes keep ``/1``)::
+
+    {"schema", "created", "generator": {"quantkit", "commit", "command"},
+     "definitions": {name: text},               # how Δ, speedup, coverage, shape, front are defined
+     "dataset": {...},                           # of the first results file (all agree)
+     "sources": [{"path", "sha256", "created", "environment", "settings", "commands",
+                  "engines": [label]}],
+     "reference_shape": {"batch", "seq"} | null,
+     "engines": [{"label", "name", "source" (index into sources), "path", "backend", "precision",
+                  "int8_coverage", "source_model_hash", "size_bytes", "perplexity", "nll_mean",
+                  "num_scored_tokens", "peak_rss_bytes", "runner", "machine",
+                  "reference": {"fp32": label | null, "fp16": label | null},
+                  "delta_vs_fp32": {"abs", "pct"} | null, "delta_vs_fp16": ... | null,
+                  "latency": [{<results row>, "speedup_vs_fp32", "speedup_vs_fp16"}],
+                  "at_reference_shape": {"p50_ms", "p99_ms", "tokens_per_s", "speedup_vs_fp32",
+                                         "speedup_vs_fp16"} | null,
+                  "pareto": bool}],
+     "pareto": {"x", "y", "points": {label: {"p50_ms", "delta_pct"}}, "front": [label],
+                "excluded": [{"engine", "reason"}]},
+     "precision_maps": [{"engine", "map": {"rows", "columns", "grid", "linear_counts", "uniform",
+                         "other_ops", "default"} | null, "note", "plan", "image"}],
+     "calibration": {"directory", "method", "params", "num_samples", "num_tokens", "num_tensors",
+                     "skipped", "largest_amax": [{"tensor", "amax"}],
+                     "histogram": {"tensor", "amax", "image", "note", ...}} | null,
+     "notes": [text]}
 """
 
 from __future__ import annotations
