@@ -37,6 +37,7 @@ Checked on every sub-batch from the tensor's min and max (one pass each):
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,16 @@ def _nbytes(value: Any) -> int:
 
 
 class _Runner:
-    """The model as a chain of ONNX Runtime sessions, one per segment."""
+    """The model as a chain of ONNX Runtime sessions, one per segment.
 
-    def __init__(self, model: Any, info: GraphInfo, roots: list[str], max_tensors: int,
-                 num_threads: int | None) -> None:
+    Sessions are loaded from files, their weights from an external-data file, so the weights are
+    read once by ONNX Runtime and never serialised into per-segment byte strings: a model held
+    in memory as a protobuf, then as bytes, then in ONNX Runtime costs three times its size, and
+    the freed protobuf memory is not handed back to the system.
+    """
+
+    def __init__(self, onnx_path: Path, model: Any, info: GraphInfo, roots: list[str],
+                 max_tensors: int, num_threads: int | None) -> None:
         import onnxruntime as ort
 
         self.segments = partition(info, roots, max_tensors)
@@ -109,15 +116,18 @@ class _Runner:
         # per session would hold every segment's peak at once.
         options.enable_cpu_mem_arena = False
         self.sessions = []
-        for seg in self.segments:
-            proto = segment_model(model, info, seg).SerializeToString()
-            try:
-                sess = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the model: "
-                                    f"{exc}") from None
-            del proto
-            self.sessions.append(sess)
+        with tempfile.TemporaryDirectory(prefix="quantkit-calib-") as tmp:
+            _externalise(onnx_path, model, Path(tmp))
+            for seg in self.segments:
+                path = Path(tmp) / f"segment{seg.index}.onnx"
+                path.write_bytes(segment_model(model, info, seg).SerializeToString())
+                try:
+                    sess = ort.InferenceSession(str(path), options,
+                                                providers=["CPUExecutionProvider"])
+                except Exception as exc:  # onnxruntime raises its own exception types
+                    raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the "
+                                        f"model: {exc}") from None
+                self.sessions.append(sess)
         self.last_use: dict[str, int] = {}
         for seg in self.segments:
             for name in seg.inputs:
@@ -125,6 +135,28 @@ class _Runner:
         self.keep = [{n for n in seg.outputs if self.last_use.get(n, -1) > seg.index}
                      for seg in self.segments]
         self.root_sets = [set(seg.roots) for seg in self.segments]
+
+
+def _externalise(onnx_path: Path, model: Any, tmp: Path) -> None:
+    """Make every large initializer of ``model`` refer to an external-data file in ``tmp``.
+
+    Weights held in the proto are written to ``tmp/weights.bin`` (and dropped from the proto);
+    the files of a model that already uses external data are linked into ``tmp``.
+    """
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data, uses_external_data
+
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    for tensor in external:
+        location = next(e.value for e in tensor.external_data if e.key == "location")
+        link = tmp / location
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((onnx_path.parent / location).resolve())
+    if len(external) < len(model.graph.initializer):
+        convert_model_to_external_data(model, all_tensors_to_one_file=True,
+                                       location="weights.bin", size_threshold=1024)
+        onnx.save_model(model, str(tmp / "full.onnx"))  # writes the data, clears raw_data
 
 
 def collect_activation_stats(
@@ -158,7 +190,7 @@ def collect_activation_stats(
 
         model_hash = onnx_model_hash(onnx_path)
     try:
-        model = onnx.load(str(onnx_path))
+        model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
     info = analyse(model)
@@ -176,7 +208,7 @@ def collect_activation_stats(
             continue
         states.setdefault(root, _Root(num_bins)).names.append(name)
     fetched = [r for r in states if r not in info.inputs]
-    runner = _Runner(model, info, fetched, max_tensors_per_segment, num_threads)
+    runner = _Runner(onnx_path, model, info, fetched, max_tensors_per_segment, num_threads)
     del model
 
     input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
