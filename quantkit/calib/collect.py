@@ -339,7 +339,7 @@ def _observe(name: str, arr: np.ndarray, state: _Root) -> None:
                       "an attention-mask sentinel; keep it in floating point")
         return
     if lo == hi:
-        state.const_values.add(lo)
+        state.const_values.add(lo + 0.0)  # -0.0 and 0.0 are one value
     else:
         state.constant = False
         state.const_values.clear()
