@@ -36,6 +36,9 @@ Checked on every sub-batch from the tensor's min and max (one pass each):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -100,7 +103,7 @@ class _Runner:
     the freed protobuf memory is not handed back to the system.
     """
 
-    def __init__(self, onnx_path: Path, model: Any, info: GraphInfo, roots: list[str],
+    def __init__(self, tmp: Path, model: Any, info: GraphInfo, roots: list[str],
                  max_tensors: int, num_threads: int | None) -> None:
         import onnxruntime as ort
 
@@ -116,18 +119,15 @@ class _Runner:
         # per session would hold every segment's peak at once.
         options.enable_cpu_mem_arena = False
         self.sessions = []
-        with tempfile.TemporaryDirectory(prefix="quantkit-calib-") as tmp:
-            _externalise(onnx_path, model, Path(tmp))
-            for seg in self.segments:
-                path = Path(tmp) / f"segment{seg.index}.onnx"
-                path.write_bytes(segment_model(model, info, seg).SerializeToString())
-                try:
-                    sess = ort.InferenceSession(str(path), options,
-                                                providers=["CPUExecutionProvider"])
-                except Exception as exc:  # onnxruntime raises its own exception types
-                    raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the "
-                                        f"model: {exc}") from None
-                self.sessions.append(sess)
+        for seg in self.segments:
+            path = tmp / f"segment{seg.index}.onnx"
+            path.write_bytes(segment_model(model, info, seg).SerializeToString())
+            try:
+                sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the "
+                                    f"model: {exc}") from None
+            self.sessions.append(sess)
         self.last_use: dict[str, int] = {}
         for seg in self.segments:
             for name in seg.inputs:
@@ -137,26 +137,43 @@ class _Runner:
         self.root_sets = [set(seg.roots) for seg in self.segments]
 
 
-def _externalise(onnx_path: Path, model: Any, tmp: Path) -> None:
-    """Make every large initializer of ``model`` refer to an external-data file in ``tmp``.
+def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
+    """The model's graph, its large initializers referring to external-data files in ``tmp``.
 
-    Weights held in the proto are written to ``tmp/weights.bin`` (and dropped from the proto);
-    the files of a model that already uses external data are linked into ``tmp``.
+    Weights embedded in the file are written once to ``tmp/weights.bin`` and the model is read
+    back without them: a protobuf frees nothing until the whole message goes, so clearing the
+    fields in place would keep the full model in memory next to ONNX Runtime's copy. The files of
+    a model that already uses external data are linked into ``tmp`` instead.
     """
     import onnx
     from onnx.external_data_helper import convert_model_to_external_data, uses_external_data
 
-    external = [t for t in model.graph.initializer if uses_external_data(t)]
-    for tensor in external:
-        location = next(e.value for e in tensor.external_data if e.key == "location")
-        link = tmp / location
-        if not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to((onnx_path.parent / location).resolve())
-    if len(external) < len(model.graph.initializer):
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            link = tmp / location
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to((onnx_path.parent / location).resolve())
+    if any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer):
         convert_model_to_external_data(model, all_tensors_to_one_file=True,
                                        location="weights.bin", size_threshold=1024)
-        onnx.save_model(model, str(tmp / "full.onnx"))  # writes the data, clears raw_data
+        onnx.save_model(model, str(tmp / "weightless.onnx"))
+        del model
+        gc.collect()
+        _release_freed_memory()
+        model = onnx.load(str(tmp / "weightless.onnx"), load_external_data=False)
+    return model
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the C heap back to the system (glibc only; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def collect_activation_stats(
@@ -180,8 +197,6 @@ def collect_activation_stats(
     data for the record; ``model_hash`` defaults to the hash of the ONNX file (and its external
     data).
     """
-    import onnx
-
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise QuantkitError(f"ONNX model {onnx_path} not found")
@@ -189,30 +204,28 @@ def collect_activation_stats(
         from quantkit.export import onnx_model_hash
 
         model_hash = onnx_model_hash(onnx_path)
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
-    info = analyse(model)
-    selected = select_tensors(info, tensors)
-    if not selected:
-        raise QuantkitError(f"the model has no floating-point activations to calibrate "
-                            f"(tensors={tensors!r})")
-    roots_of = alias_roots(info, selected)
-    states: dict[str, _Root] = {}
-    skipped: dict[str, str] = {}
-    for name in selected:
-        root = roots_of[name]
-        if info.elem_types.get(root) == 16:
-            skipped[name] = "bfloat16 tensors are not supported by the collector"
-            continue
-        states.setdefault(root, _Root(num_bins)).names.append(name)
-    fetched = [r for r in states if r not in info.inputs]
-    runner = _Runner(onnx_path, model, info, fetched, max_tensors_per_segment, num_threads)
-    del model
+    with tempfile.TemporaryDirectory(prefix="quantkit-calib-") as tmp:
+        model = _load_weightless(onnx_path, Path(tmp))
+        info = analyse(model)
+        selected = select_tensors(info, tensors)
+        if not selected:
+            raise QuantkitError(f"the model has no floating-point activations to calibrate "
+                                f"(tensors={tensors!r})")
+        roots_of = alias_roots(info, selected)
+        states: dict[str, _Root] = {}
+        skipped: dict[str, str] = {}
+        for name in selected:
+            root = roots_of[name]
+            if info.elem_types.get(root) == 16:
+                skipped[name] = "bfloat16 tensors are not supported by the collector"
+                continue
+            states.setdefault(root, _Root(num_bins)).names.append(name)
+        fetched = [r for r in states if r not in info.inputs]
+        runner = _Runner(Path(tmp), model, info, fetched, max_tensors_per_segment, num_threads)
+        fixed_rows = _fixed_batch(model, info)
+        del model
 
     input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
-    fixed_rows = _fixed_batch(onnx_path, info)
     num_batches = num_samples = num_tokens = 0
     peak = 0
     rows_per_run = 1
@@ -277,11 +290,8 @@ def _constant_reason(state: _Root) -> str | None:
             f"{values[0]:.6g} to {values[-1]:.6g})")
 
 
-def _fixed_batch(onnx_path: Path, info: GraphInfo) -> int | None:
+def _fixed_batch(model: Any, info: GraphInfo) -> int | None:
     """The batch size the model's inputs fix (None if dynamic)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
     for vi in model.graph.input:
         if vi.name in info.inputs and vi.type.tensor_type.HasField("shape"):
             dims = vi.type.tensor_type.shape.dim
