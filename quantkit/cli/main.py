@@ -38,9 +38,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from quantkit.cli import demo, export
+    from quantkit.cli import calibrate, demo, export
 
-    for module in (export, demo):
+    for module in (export, calibrate, demo):
         cli.add_command(module.command)
 
 
