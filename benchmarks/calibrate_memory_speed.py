@@ -14,8 +14,15 @@ Models: ``gpt2`` is the GPT-2 124M shape with random weights (GPT2Config(), seed
 random token ids); ``smollm2`` is SmolLM2-135M from ``quantkit.models`` (batches of WikiText-2
 test text from ../shared when present, else the bundled sample). Exports are cached in --work.
 
-ONNX Runtime's calibrator keeps every batch's outputs; its child runs under an address-space
-limit (--mem-limit-gb) so that it fails with MemoryError instead of taking the machine down.
+Runs: ``plain`` (InferenceSession.run over the batches), ``quantkit-all`` / ``quantkit-quantizable``
+(collect_activation_stats with tensors=all / quantizable, then calibrate(entropy)),
+``ort-entropy`` (create_calibrator(..., CalibrationMethod.Entropy, num_bins 2048) on all tensors)
+and ``ort-entropy-matmul`` (the same on MatMul/Gemm inputs and outputs only).
+
+Peak RSS is the child's VmHWM (/proc/self/status; ``ru_maxrss`` would include the parent's memory
+at fork). ONNX Runtime's calibrator keeps every batch's outputs; its children run under an
+address-space limit (--mem-limit-gb) so that they fail with MemoryError instead of taking the
+machine down.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = ("plain", "quantkit-all", "quantkit-quantizable", "ort-entropy")
+RUNS = ("plain", "quantkit-all", "quantkit-quantizable", "ort-entropy", "ort-entropy-matmul")
 
 
 # ---------------------------------------------------------------- preparation (parent)
@@ -96,8 +103,16 @@ def load_batches(path: Path, count: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def peak_rss_mb() -> float:
+    """High-water mark of this process's resident memory (reset at exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args: argparse.Namespace) -> None:
-    if args.run == "ort-entropy" and args.mem_limit_gb:
+    if args.run.startswith("ort-entropy") and args.mem_limit_gb:
         limit = int(args.mem_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     sys.path.insert(0, str(REPO))
@@ -129,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
                 fetched=len(stats.unique_histograms()), skipped=len(stats.skipped),
                 ranges=len(table.amax), peak_activation_mb=stats.peak_activation_bytes / 2**20,
                 histogram_mb=stats.nbytes / 2**20)
-        elif args.run == "ort-entropy":
+        elif args.run.startswith("ort-entropy"):
             from onnxruntime.quantization.calibrate import (
                 CalibrationDataReader,
                 CalibrationMethod,
@@ -144,7 +159,8 @@ def child(args: argparse.Namespace) -> None:
                     return next(self.it, None)
 
             with tempfile.TemporaryDirectory() as tmp:
-                cal = create_calibrator(args.onnx, [], augmented_model_path=f"{tmp}/aug.onnx",
+                ops = ["MatMul", "Gemm"] if args.run == "ort-entropy-matmul" else []
+                cal = create_calibrator(args.onnx, ops, augmented_model_path=f"{tmp}/aug.onnx",
                                         calibrate_method=CalibrationMethod.Entropy,
                                         extra_options={"num_bins": 2048})
                 cal.collect_data(Reader())
@@ -155,7 +171,7 @@ def child(args: argparse.Namespace) -> None:
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     result["wall_s"] = time.perf_counter() - start
     result["cpu_s"] = time.process_time() - cpu0
-    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["maxrss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -189,6 +205,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
     parser.add_argument("--onnx", help=argparse.SUPPRESS)
     parser.add_argument("--batches-file", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
@@ -196,6 +213,11 @@ def main() -> None:
     if args.child:
         args.run = args.child
         child(args)
+        return
+    if args.prepare:
+        prepare_model(args.prepare, args.work)
+        for count in (int(c) for c in args.batches.split(",")):
+            prepare_batches(args.prepare, args.work, count, args.batch_size, args.seq_len)
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -206,15 +228,20 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cpus; batch {args.batch_size} x seq {args.seq_len}",
           flush=True)
     for model in args.models.split(","):
-        onnx_path = prepare_model(model, args.work)
-        for count in sorted(set(counts) | (set(ort_counts) if "ort-entropy" in runs else set())):
-            batches_file = prepare_batches(model, args.work, count, args.batch_size,
-                                           args.seq_len)
+        # export and tokenize in a subprocess: this process stays small while children run
+        subprocess.run([sys.executable, __file__, "--prepare", model, "--work", str(args.work),
+                        "--batches", ",".join(map(str, sorted(set(counts) | set(ort_counts)))),
+                        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)],
+                       check=True)
+        onnx_path = args.work / model / "model.onnx"
+        ort_runs = any(r.startswith("ort-entropy") for r in runs)
+        for count in sorted(set(counts) | (set(ort_counts) if ort_runs else set())):
+            batches_file = (args.work /
+                            f"batches-{model}-{count}x{args.batch_size}x{args.seq_len}.npz")
             plain = None
             for run in runs:
-                if run == "ort-entropy" and count not in ort_counts:
-                    continue
-                if run != "ort-entropy" and count not in counts:
+                is_ort = run.startswith("ort-entropy")
+                if (is_ort and count not in ort_counts) or (not is_ort and count not in counts):
                     continue
                 res = run_child(run, onnx_path, batches_file, count, args.mem_limit_gb,
                                 args.timeout)
