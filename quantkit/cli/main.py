@@ -38,10 +38,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from quantkit.cli import demo, export, report
+    from quantkit.cli import calibrate, demo, export, report
     from quantkit.cli import eval as eval_command
 
-    for module in (export, demo, eval_command, report):
+    for module in (export, calibrate, demo, eval_command, report):
         cli.add_command(module.command)
 
 
