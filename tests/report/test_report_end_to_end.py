@@ -1,12 +1,12 @@
 """The report on real inputs: ``quantkit eval`` results of two FP32 ONNX Runtime engines of a tiny
-random Llama, and activation statistics collected from its ONNX export by quantkit.calib."""
+random Llama, and a ``quantkit calibrate`` directory (table.json, stats.npz, manifest.json) of its
+ONNX export on the bundled sample text."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -26,18 +26,15 @@ def measured(tmp_path_factory):
         "--warmup", "1", "--iterations", "3", "--threads", "1", "--out", str(results)])
     assert run.exit_code == 0, run.output
 
-    from quantkit.calib import calibrate, collect_activation_stats
-
-    rng = np.random.default_rng(0)
-    batches = [{"input_ids": rng.integers(0, 256, size=(2, 32), dtype=np.int64),
-                "attention_mask": np.ones((2, 32), dtype=np.int64)} for _ in range(3)]
-    stats = collect_activation_stats(first.parent / "llama-export" / "model.onnx", batches,
-                                     tensors="quantizable")
     calib = root / "calib"
-    calib.mkdir()
-    stats.save(calib / "stats.npz")
-    table = calibrate(stats, "percentile", percentile=99.9)
-    table.save(calib / "table.json")
+    run = CliRunner().invoke(cli, [
+        "calibrate", "--onnx", str(first.parent / "llama-export"), "--dataset", "sample",
+        "--num-samples", "8", "--seq-len", "32", "--batch-size", "4", "--method", "percentile",
+        "--percentile", "99.9", "--tensors", "quantizable", "--out", str(calib)])
+    assert run.exit_code == 0, run.output
+    from quantkit.calib import CalibrationTable
+
+    table = CalibrationTable.load(calib / "table.json")
     return root, results, calib, table
 
 
@@ -63,10 +60,12 @@ def test_report_of_measured_results(measured):
     calib_summary = report["calibration"]
     assert calib_summary["method"] == "percentile"
     assert calib_summary["params"] == {"percentile": 99.9}
-    assert calib_summary["num_samples"] == 6 and calib_summary["num_tokens"] == 192
+    assert calib_summary["num_samples"] == 8 and calib_summary["num_tokens"] == 8 * 32
     top = max(table.amax, key=lambda t: (table.amax[t], t))
     assert calib_summary["histogram"]["tensor"] == top
     assert calib_summary["histogram"]["image"] == "calibration-histogram.png"
+    assert calib_summary["histogram"]["stats_file"] == "stats.npz"
+    assert calib_summary["histogram"]["values"] > 0
     assert (out / "calibration-histogram.png").is_file()
     md = (out / "report.md").read_text()
     assert source["commands"][0] in md
