@@ -22,15 +22,18 @@ def test_json_fixtures_match_their_generator(name):
 
 
 def test_calibration_fixture_matches_its_generator(tmp_path):
+    """The committed stats/table are what quantkit.calib makes of the synthetic activations today.
+    A change to calib's binning or algorithms fails here: rerun make_fixtures.py and review."""
+    regenerate = "calib changed: rerun python tests/report/data/make_fixtures.py"
     make_fixtures.write_calibration(tmp_path)
     fresh, committed = ActivationStats.load(tmp_path / "stats.npz"), \
         ActivationStats.load(CALIB / "stats.npz")
     assert list(fresh.histograms) == list(committed.histograms)
     for name, hist in fresh.histograms.items():
-        assert np.array_equal(hist.counts, committed.histograms[name].counts)
-        assert hist.bin_width == committed.histograms[name].bin_width
+        assert np.array_equal(hist.counts, committed.histograms[name].counts), regenerate
+        assert hist.bin_width == committed.histograms[name].bin_width, regenerate
     assert CalibrationTable.load(tmp_path / "table.json").to_dict() == \
-        CalibrationTable.load(CALIB / "table.json").to_dict()
+        CalibrationTable.load(CALIB / "table.json").to_dict(), regenerate
 
 
 @pytest.mark.parametrize("name", ["results-trt-h100.json", "results-ort-cpu.json"])
