@@ -165,7 +165,7 @@ def child(args: argparse.Namespace) -> None:
                                         extra_options={"num_bins": 2048})
                 cal.collect_data(Reader())
                 ranges = cal.compute_data()
-                result["ranges"] = len(ranges)
+                result["ranges"] = len(list(ranges.keys()))
     except (MemoryError, Exception) as exc:  # report the failure as a measurement
         result["ok"] = False
         result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"

@@ -71,14 +71,13 @@ ProgressFn = Callable[[int, int], None]  # (batches done, tokens done)
 class _Root:
     """Collection state of one fetched tensor."""
 
-    __slots__ = ("hist", "skip", "constant", "const_values", "names")
+    __slots__ = ("hist", "skip", "constant", "const_values")
 
     def __init__(self, num_bins: int) -> None:
         self.hist = StreamingHistogram(num_bins)
         self.skip: str | None = None
         self.constant = True  # every batch so far had all elements equal
         self.const_values: set[float] = set()
-        self.names: list[str] = []  # calibrated tensors holding these values
 
 
 def _np_dtype(elem_type: int) -> np.dtype:
@@ -219,7 +218,7 @@ def collect_activation_stats(
             if info.elem_types.get(root) == 16:
                 skipped[name] = "bfloat16 tensors are not supported by the collector"
                 continue
-            states.setdefault(root, _Root(num_bins)).names.append(name)
+            states.setdefault(root, _Root(num_bins))
         fetched = [r for r in states if r not in info.inputs]
         runner = _Runner(Path(tmp), model, info, fetched, max_tensors_per_segment, num_threads)
         fixed_rows = _fixed_batch(model, info)
@@ -240,7 +239,7 @@ def collect_activation_stats(
         while start < rows:
             take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
             sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
-            run_peak = _run_once(runner, sub, states, info)
+            run_peak = _run_once(runner, sub, states)
             peak = max(peak, run_peak)
             per_row = max(1, run_peak // take)
             limit = rows if fixed_rows is None else fixed_rows
@@ -356,8 +355,7 @@ def _observe(name: str, arr: np.ndarray, state: _Root) -> None:
     state.hist.update_finite(flat, lo, hi)
 
 
-def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root],
-              info: GraphInfo) -> int:
+def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root]) -> int:
     """Run all segments on one sub-batch; returns the most activation bytes alive at once."""
     for name, arr in feed.items():
         if name in states:

@@ -84,6 +84,9 @@ def test_check_algorithm_version_and_names():
                                             r"TensorRT 10.13.0"):
         check_trt_cache(cache, trt_version="10.13.0")
     check_trt_cache(cache, trt_version="10.13.0", allow_version_mismatch=True)
+    moved = cache.with_version("10.13.0")
+    assert moved.header == "TRT-101300-EntropyCalibration2" and moved.scales == cache.scales
+    check_trt_cache(moved, trt_version="10.13.0")
     with pytest.raises(QuantkitError, match="1 tensor.* this model does not have: 'input_ids'"):
         check_trt_cache(cache, tensor_names=names[1:])
     check_trt_cache(cache, tensor_names=names[1:], allow_unknown_tensors=True)
