@@ -48,6 +48,8 @@ from quantkit.plan import QUANTIZABLE_OP_TYPES, Precision, PrecisionPlan
 INT8_MAX = 127
 FP16_MAX = float(np.finfo(np.float16).max)
 SHARED_INPUT_MODES = ("fuse", "dedicated")
+# ops whose output holds exactly the values of their first input (same range)
+_ALIAS_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 # Ops whose output element type is set by an attribute or which compute nothing in float: an FP16
 # decision leaves them as they are.
@@ -154,25 +156,31 @@ def rewrite_model(
     plan: PrecisionPlan,
     amax: Mapping[str, float] | None,
     options: QdqOptions | None = None,
+    skipped: Mapping[str, str] | None = None,
 ) -> RewriteResult:
     """Return a rewritten copy of ``model`` (an in-memory ModelProto with its weights) that
-    realises ``plan``; ``amax`` maps activation tensor names to calibrated ranges and is needed
-    when the plan has INT8 nodes."""
+    realises ``plan``.
+
+    ``amax`` maps activation tensor names to calibrated ranges (``CalibrationTable.amax``); it is
+    needed when the plan has INT8 nodes. A tensor missing from it may be a Reshape/Transpose view
+    of one that is there. ``skipped`` (``CalibrationTable.skipped``) only improves the error
+    message for tensors the calibration left out on purpose."""
     import onnx
 
     options = options or QdqOptions()
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    return _Rewriter(out, plan, amax, options).run()
+    return _Rewriter(out, plan, amax, options, skipped or {}).run()
 
 
 class _Rewriter:
     def __init__(self, model: Any, plan: PrecisionPlan, amax: Mapping[str, float] | None,
-                 options: QdqOptions) -> None:
+                 options: QdqOptions, skipped: Mapping[str, str]) -> None:
         self.model = model
         self.graph = model.graph
         self.plan = plan
         self.amax = amax
+        self.skipped = skipped
         self.options = options
         self.inits: dict[str, Any] = {t.name: t for t in self.graph.initializer}
         self.new_inits: list[Any] = []
@@ -267,15 +275,30 @@ class _Rewriter:
         missing: list[str] = []
         for node in nodes:
             for tensor in node.input[:2]:
-                if self._constant_weight(tensor) is None and tensor not in self.amax:
+                if self._constant_weight(tensor) is None and self._lookup_amax(tensor) is None:
                     missing.append(tensor)
         if missing:
             missing = list(dict.fromkeys(missing))
+            listed = [f"{t} (skipped: {self.skipped[t]})" if t in self.skipped else t
+                      for t in missing[:8]]
             raise QuantkitError(
                 f"the calibration table has no range for {len(missing)} tensor(s) the plan "
-                f"quantizes: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}",
+                f"quantizes: {', '.join(listed)}{' ...' if len(missing) > 8 else ''}",
                 "calibrate this model again, or keep those nodes out of INT8 in the plan",
             )
+
+    def _lookup_amax(self, tensor: str) -> float | None:
+        """The calibrated range of ``tensor``, or of the tensor it is a reshaped/transposed view
+        of (such ops move values without changing them, so the range is the same)."""
+        assert self.amax is not None
+        seen = 0
+        while tensor not in self.amax:
+            node = self.producers.get(tensor)
+            if node is None or node.op_type not in _ALIAS_OPS or seen > 64:
+                return None
+            tensor = node.input[0]
+            seen += 1
+        return float(self.amax[tensor])
 
     # -- sibling fusion --------------------------------------------------------------------
     def _fuse_siblings(self, int8_nodes: list[Any]) -> None:
@@ -381,6 +404,8 @@ class _Rewriter:
                     counts["activation"] += 1
                 node.input[index] = dq_out
             nodes.append(node)
+            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+                nodes.extend(self._split_gemm_bias(node, attrs))
             members = self._fused_members.get(node.name, [node.name])
             for member in members:
                 self.qdq[member] = dict(counts)
@@ -388,9 +413,42 @@ class _Rewriter:
         del self.graph.node[:]
         self.graph.node.extend(nodes)
 
+    def _split_gemm_bias(self, node: Any, attrs: Mapping[str, Any]) -> list[Any]:
+        """Move an INT8 Gemm's float bias into an Add after it.
+
+        ONNX Runtime fuses ``DQ -> Gemm`` into QGemm only without a float bias (it wants an
+        int32-quantized one, which TensorRT cannot read); TensorRT fuses MatMul + bias Add itself.
+        """
+        from onnx import helper
+
+        bias = node.input[2]
+        beta = float(attrs.get("beta", 1.0))
+        added: list[Any] = []
+        value = self._const_value(bias)
+        if value is not None:
+            bias_name = bias if beta == 1.0 else self._add_init(
+                (value.astype(np.float32) * np.float32(beta)), f"{node.name}/bias")
+        else:
+            bias_name = bias
+            if beta != 1.0:
+                beta_name = self._add_init(np.array(beta, np.float32), f"{node.name}/beta")
+                bias_name = self._unique(f"{node.name}/bias/Mul_output_0")
+                added.append(helper.make_node("Mul", [bias, beta_name], [bias_name],
+                                              name=self._unique(f"{node.name}/bias/Mul")))
+        out = node.output[0]
+        pre_bias = self._unique(f"{node.name}/no_bias_output_0")
+        node.output[0] = pre_bias
+        del node.input[2]
+        for attr in list(node.attribute):
+            if attr.name == "beta":
+                node.attribute.remove(attr)
+        added.append(helper.make_node("Add", [pre_bias, bias_name], [out],
+                                      name=self._unique(f"{node.name}/bias/Add")))
+        return added
+
     def _amax(self, tensor: str) -> float:
-        assert self.amax is not None
-        value = float(self.amax[tensor])
+        value = self._lookup_amax(tensor)
+        assert value is not None
         if not math.isfinite(value) or value < 0:
             raise QuantkitError(f"calibrated range of {tensor} is {value}, not a finite amax")
         return value

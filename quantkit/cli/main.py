@@ -38,9 +38,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from quantkit.cli import demo, export
+    from quantkit.cli import build, demo, export, plan
 
-    for module in (export, demo):
+    for module in (export, build, plan, demo):
         cli.add_command(module.command)
 
 
