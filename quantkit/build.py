@@ -25,6 +25,22 @@ if TYPE_CHECKING:
 PRECISION_LABELS = ("fp32", "fp16", "int8", "mixed")
 
 
+def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """``["mode=explicit", "workspace_gb=4"]`` -> ``{"mode": "explicit", "workspace_gb": 4}``."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise QuantkitError(f"bad --option '{pair}'", "write KEY=VALUE")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key.strip()] = value
+    return options
+
+
 def load_recipe(precision: str, plan: Path | PlanRecipe | None) -> PlanRecipe:
     """The recipe for ``--precision`` / ``--plan``: the plan file if given (its default must agree
     with the precision label unless the label is 'mixed'), else the uniform recipe."""
@@ -85,7 +101,10 @@ def build_engine(
     if (onnx is None) == (model is None):
         raise QuantkitError("give exactly one of --onnx and --model")
     check_can_write(Path(out), force)
-    engine_backend = get_backend(backend)
+    try:
+        engine_backend = get_backend(backend)
+    except ImportError as exc:  # the backend's module or its library is missing
+        raise QuantkitError(f"the {backend} backend is not available here: {exc}") from None
     recipe = load_recipe(precision, plan)  # fail on a bad plan before any export
     calib_table = load_table(table)
     workdir: Path | None = None

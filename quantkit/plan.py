@@ -389,6 +389,16 @@ def _check_rules_match(rules: Iterable[PlanRule], nodes: list[tuple[str, str]]) 
     names = [n for n, _ in nodes]
     op_types = sorted({op for _, op in nodes})
     for rule in rules:
+        if rule.kind == "blocks":
+            prefix, indices = _parse_blocks(str(rule.blocks))
+            present = {i for i in (block_index(n, prefix) for n in names) if i is not None}
+            absent = sorted(indices - present)
+            if present and absent:
+                raise QuantkitError(
+                    f"rule '{rule.label}' names blocks this graph lacks: "
+                    f"{', '.join(f'{prefix}.{i}' for i in absent[:8])}",
+                    f"blocks in this graph: {', '.join(available_blocks(names)) or 'none'}",
+                )
         if any(rule.matches(name, op) for name, op in nodes):
             continue
         if rule.kind == "op_type":
