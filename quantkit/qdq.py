@@ -580,6 +580,17 @@ class _Rewriter:
         del self.graph.value_info[:]
 
 
+def float_node_precisions(model: Any) -> dict[str, str]:
+    """``fp32`` for every node that reads or writes a float32 tensor, ``none`` for the rest
+    (shape arithmetic): the as-built record of an unmodified FP32 graph."""
+    types = _elem_types(model)
+    return {
+        node.name: "fp32" if any(types.get(t) == 1 for t in [*node.input, *node.output] if t)
+        else "none"
+        for node in model.graph.node
+    }
+
+
 def _remove_dead_nodes(graph: Any) -> None:
     """Drop nodes whose outputs nobody reads (a Transpose folded into an int8 weight)."""
     outputs = {o.name for o in graph.output}

@@ -20,6 +20,7 @@ from quantkit.plan import NodeDecision, PlanRecipe, Precision, PrecisionPlan, re
 from quantkit.qdq import (
     QdqOptions,
     RewriteResult,
+    float_node_precisions,
     int8_coverage,
     linear_layer_macs,
     rewrite_model,
@@ -111,7 +112,7 @@ class OnnxRuntimeBackend(Backend):
         provider = options["provider"] or _default_provider(ort.get_available_providers())
         if not plan.nodes_with(Precision.INT8) and not plan.nodes_with(Precision.FP16):
             _copy_onnx(request.onnx_path, target)  # FP32: the export itself, bit for bit
-            as_built = {n: "fp32" for n in plan.decisions}
+            as_built = float_node_precisions(graph)
             fields["rewrite"] = None
         else:
             result, plan_used, fallback = rewrite_for_provider(
