@@ -228,8 +228,9 @@ def test_ready_recipes_resolve_on_exported_llama_and_gpt2(llama_model, gpt2_mode
                 if d.precision == Precision.INT8] == [
             d.node for d in linear if d.node != "/lm_head/MatMul"]
     smol = resolve_plan(PlanRecipe.load(CONFIGS / "smollm2-135m.yaml"), llama_model)
-    assert smol.precision_of("/model/layers.1/self_attn/MatMul_1") == Precision.FP32
-    assert smol.precision_of("/model/layers.1/mlp/down_proj/MatMul") == Precision.INT8
+    assert smol.precision_of("/model/layers.1/self_attn/MatMul_1") == Precision.INT8
+    assert smol.precision_of("/model/layers.1/mlp/down_proj/MatMul") == Precision.FP32
+    assert smol.precision_of("/model/layers.1/mlp/up_proj/MatMul") == Precision.INT8
 
 
 def test_gpt2_example_recipe_on_a_12_block_graph():
