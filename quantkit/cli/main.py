@@ -38,10 +38,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from quantkit.cli import calibrate, demo, export, report
+    from quantkit.cli import build, calibrate, demo, export, plan, report
     from quantkit.cli import eval as eval_command
 
-    for module in (export, calibrate, demo, eval_command, report):
+    for module in (export, calibrate, build, plan, eval_command, report, demo):
         cli.add_command(module.command)
 
 
