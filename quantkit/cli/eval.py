@@ -101,4 +101,7 @@ def _print_table(results: Any) -> None:
         ]
         cells += [f"{p.p50_ms:.1f}" for p in eng.latency]
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log or pipe: don't squeeze the table into 80 columns
+    console.print(table)
