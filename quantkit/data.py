@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,23 +35,52 @@ CHUNK_CHARS = 1 << 16  # local text is tokenized in chunks of about this many ch
 
 @dataclass(frozen=True)
 class TextSource:
-    """Where text comes from. ``kind`` is ``hub`` or ``local``."""
+    """Where text comes from. ``kind`` is ``hub`` or ``local``.
+
+    ``part`` selects a slice of the records (lines of a text file, rows of JSONL/Parquet) by
+    percentage, written like a datasets split slice: ``train[:50%]`` -> (0, 50),
+    ``test[50%:]`` -> (50, 100). It lets one local file give disjoint calibration and evaluation
+    parts.
+    """
 
     kind: str
     name: str  # dataset id, or the resolved path of a file/folder
     config: str | None = None
     split: str | None = None
     column: str = "text"
+    part: tuple[float, float] = (0.0, 100.0)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "config": self.config,
-                "split": self.split, "column": self.column}
+                "split": self.split, "column": self.column, "part_percent": list(self.part)}
+
+
+_SLICE = re.compile(r"^(?P<split>[\w.-]+)\[(?P<lo>\d+(?:\.\d+)?%)?:(?P<hi>\d+(?:\.\d+)?%)?\]$")
+
+
+def parse_split(split: str) -> tuple[str, tuple[float, float]]:
+    """``train[:50%]`` -> ("train", (0, 50)); a plain name selects everything."""
+    if "[" not in split:
+        return split, (0.0, 100.0)
+    match = _SLICE.match(split.replace(" ", ""))
+    if not match:
+        raise QuantkitError(
+            f"cannot read split '{split}'",
+            "write a percentage slice like train[:50%] or test[50%:]",
+        )
+    lo = float(match["lo"][:-1]) if match["lo"] else 0.0
+    hi = float(match["hi"][:-1]) if match["hi"] else 100.0
+    if not 0 <= lo < hi <= 100:
+        raise QuantkitError(f"empty or invalid slice in split '{split}'",
+                            "the start must be below the end, both within 0%..100%")
+    return match["split"], (lo, hi)
 
 
 def resolve_text_source(
     dataset: str, config: str | None = None, split: str = "train", column: str = "text"
 ) -> TextSource:
     """Interpret ``--dataset``: ``sample``, a local file or folder, or a Hub dataset id."""
+    split, part = parse_split(split)
     if dataset == "sample":
         try:
             path = SAMPLE_DIR / SAMPLE_FILES[split]
@@ -59,7 +89,7 @@ def resolve_text_source(
                 f"the bundled sample has no split '{split}'",
                 f"use one of: {', '.join(sorted(SAMPLE_FILES))}",
             ) from None
-        return TextSource("local", str(path), split=split, column=column)
+        return TextSource("local", str(path), split=split, column=column, part=part)
     path = Path(dataset).expanduser()
     if path.exists():
         files = local_files(path)
@@ -67,9 +97,14 @@ def resolve_text_source(
             raise QuantkitError(
                 f"{path} holds no text files", f"supported: {', '.join(LOCAL_SUFFIXES)}"
             )
-        return TextSource("local", str(path.resolve()), split=split, column=column)
+        return TextSource("local", str(path.resolve()), split=split, column=column, part=part)
     if dataset.startswith((".", "/", "~")) or dataset.endswith(LOCAL_SUFFIXES):
         raise QuantkitError(f"dataset file {path} not found")
+    if part != (0.0, 100.0):
+        raise QuantkitError(
+            f"split slices such as '{split}[...]' apply to local text only",
+            "streamed Hub datasets are read whole; choose another split or a local file",
+        )
     return TextSource("hub", dataset, config or HUB_DEFAULT_CONFIGS.get(dataset), split, column)
 
 
@@ -88,25 +123,50 @@ def iter_texts(source: TextSource) -> Iterator[str]:
     if source.kind == "hub":
         yield from _iter_hub(source)
         return
-    for path in local_files(Path(source.name)):
-        if path.suffix in (".txt", ".raw"):
-            yield from _iter_plain(path)
-        elif path.suffix == ".jsonl":
-            yield from _iter_jsonl(path, source.column)
-        else:
-            yield from _iter_parquet(path, source.column)
+    files = local_files(Path(source.name))
+    if source.part == (0.0, 100.0):
+        for path in files:
+            yield from _iter_file(path, source.column)
+        return
+    # a percentage slice over all records of all files: count them, then stream the range
+    total = sum(1 for path in files for _ in _iter_records(path, source.column))
+    lo, hi = (int(total * p / 100) for p in source.part)
+    index = 0
+    for path in files:
+        for record in _iter_records(path, source.column):
+            if lo <= index < hi:
+                yield record
+            index += 1
+
+
+def _iter_file(path: Path, column: str) -> Iterator[str]:
+    if path.suffix in (".txt", ".raw"):
+        yield from _iter_plain(path)
+    else:
+        yield from _iter_records(path, column)
+
+
+def _iter_records(path: Path, column: str) -> Iterator[str]:
+    """Records of a file: lines of plain text, rows of JSONL / Parquet."""
+    if path.suffix in (".txt", ".raw"):
+        with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
+            yield from fh
+    elif path.suffix == ".jsonl":
+        yield from _iter_jsonl(path, column)
+    else:
+        yield from _iter_parquet(path, column)
 
 
 def _iter_plain(path: Path) -> Iterator[str]:
+    """A plain text file in chunks of about CHUNK_CHARS, cut at line ends (CRLF -> LF)."""
     buf: list[str] = []
     size = 0
-    with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
-        for line in fh:
-            buf.append(line)
-            size += len(line)
-            if size >= CHUNK_CHARS:
-                yield "".join(buf)
-                buf, size = [], 0
+    for line in _iter_records(path, "text"):
+        buf.append(line)
+        size += len(line)
+        if size >= CHUNK_CHARS:
+            yield "".join(buf)
+            buf, size = [], 0
     if buf:
         yield "".join(buf)
 

@@ -157,14 +157,22 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
         source.update(file=str(Path(spec.location) / str(spec.gguf_file)))
     else:
         location = spec.location
+    hub_offline = False
+    if spec.kind == "hub":
+        from quantkit.data import hub_reachable
+
+        # offline: load from the local Hugging Face cache only, instead of retrying for minutes
+        hub_offline = not hub_reachable()
+        kwargs["local_files_only"] = hub_offline
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     except OSError as exc:
         if spec.kind == "hub":
+            why = "the Hub is unreachable and it is not in the local cache" if hub_offline \
+                else "no such model, or no access"
             raise QuantkitError(
-                f"could not load '{model}' from the Hugging Face Hub (unreachable, or no such "
-                f"model): {str(exc).splitlines()[0]}",
+                f"could not load '{model}' from the Hugging Face Hub: {why}",
                 f"use a local directory, a .gguf file, or the embedded default '{DEFAULT_MODEL}'",
             ) from None
         raise QuantkitError(f"could not load model from {location}: {exc}") from None

@@ -1,0 +1,359 @@
+"""Activation statistics: run the FP32 ONNX model in ONNX Runtime (CPU) over calibration batches
+and stream every calibrated tensor into its |x| histogram.
+
+Bounded memory
+--------------
+Fetching every activation of a model at once costs gigabytes (SmolLM2-135M, one 512-token
+sequence: about 2.5 GB of float32 activations; ONNX Runtime's own calibrator keeps every batch's
+outputs, 17 GB for 16 batches of 4 x 128 tokens on the GPT-2-124M shape). So:
+
+1. Tensors that only rearrange another tensor's values (Reshape, Transpose, ...) are not fetched;
+   they share their source's histogram (see :mod:`quantkit.calib.graph`).
+2. The graph is cut into segments of at most ``max_tensors_per_segment`` fetched tensors, each an
+   ONNX Runtime session of its own. Segments run one after the other; each one's outputs are
+   histogrammed and dropped before the next runs. Only the values later segments read (the
+   residual stream, masks, rotary tables) are carried along.
+3. A batch is run in sub-batches of rows. The first sub-batch is one row; from the bytes it
+   actually produced, the next sub-batches take as many rows as keep one segment's activations
+   under ``activation_budget`` bytes (at least one row).
+
+So at most one segment's activations for one sub-batch are alive at a time, whatever the number of
+batches; ``ActivationStats.peak_activation_bytes`` reports the measured maximum. The histograms
+themselves have a fixed size (``num_bins`` bins, at most ``8 * num_bins`` after growth).
+
+Tensors that must not be calibrated
+-----------------------------------
+Checked on every sub-batch from the tensor's min and max (one pass each):
+
+* NaN or +Inf anywhere: a QuantkitError naming the tensor (the model or the data is broken).
+* Mask sentinels: values of magnitude >= 1e9 or -Inf (``torch.finfo(float32).min`` = -3.4e38,
+  -inf or -1e9 additive attention masks). The tensor is skipped with the reason recorded: such a
+  tensor must stay in floating point (INT8 would turn "masked" into a finite score), and its
+  range would crush every real value into bin 0.
+* Constant tensors: every element equal within every batch (all zeros, shape-derived scalars,
+  ...). Skipped with the reason recorded: their histogram says nothing about a range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.calib.graph import (
+    GraphInfo,
+    alias_roots,
+    analyse,
+    partition,
+    segment_model,
+    select_tensors,
+)
+from quantkit.calib.histogram import DEFAULT_NUM_BINS, StreamingHistogram
+from quantkit.calib.stats import ActivationStats, calibrate
+from quantkit.errors import QuantkitError
+
+__all__ = ["ActivationStats", "calibrate", "collect_activation_stats", "MASK_THRESHOLD"]
+
+MASK_THRESHOLD = 1e9
+DEFAULT_MAX_TENSORS_PER_SEGMENT = 48
+DEFAULT_ACTIVATION_BUDGET = 256 << 20
+
+ProgressFn = Callable[[int, int], None]  # (batches done, tokens done)
+
+
+class _Root:
+    """Collection state of one fetched tensor."""
+
+    __slots__ = ("hist", "skip", "constant", "const_values", "names")
+
+    def __init__(self, num_bins: int) -> None:
+        self.hist = StreamingHistogram(num_bins)
+        self.skip: str | None = None
+        self.constant = True  # every batch so far had all elements equal
+        self.const_values: set[float] = set()
+        self.names: list[str] = []  # calibrated tensors holding these values
+
+
+def _np_dtype(elem_type: int) -> np.dtype:
+    import onnx
+
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    arr = value.numpy()
+    return int(arr.nbytes)
+
+
+class _Runner:
+    """The model as a chain of ONNX Runtime sessions, one per segment."""
+
+    def __init__(self, model: Any, info: GraphInfo, roots: list[str], max_tensors: int,
+                 num_threads: int | None) -> None:
+        import onnxruntime as ort
+
+        self.segments = partition(info, roots, max_tensors)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = num_threads or 0
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Sessions take turns: idle worker threads must not spin and steal the next one's cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Without an arena, memory a segment frees goes back for the next segment; one arena
+        # per session would hold every segment's peak at once.
+        options.enable_cpu_mem_arena = False
+        self.sessions = []
+        for seg in self.segments:
+            proto = segment_model(model, info, seg).SerializeToString()
+            try:
+                sess = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the model: "
+                                    f"{exc}") from None
+            del proto
+            self.sessions.append(sess)
+        self.last_use: dict[str, int] = {}
+        for seg in self.segments:
+            for name in seg.inputs:
+                self.last_use[name] = seg.index
+        self.keep = [{n for n in seg.outputs if self.last_use.get(n, -1) > seg.index}
+                     for seg in self.segments]
+        self.root_sets = [set(seg.roots) for seg in self.segments]
+
+
+def collect_activation_stats(
+    onnx_path: str | Path,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    tensors: str = "all",
+    num_bins: int = DEFAULT_NUM_BINS,
+    progress: ProgressFn | None = None,
+    *,
+    max_tensors_per_segment: int = DEFAULT_MAX_TENSORS_PER_SEGMENT,
+    activation_budget: int = DEFAULT_ACTIVATION_BUDGET,
+    num_threads: int | None = None,
+    data: dict[str, Any] | None = None,
+    model_hash: str | None = None,
+) -> ActivationStats:
+    """Histograms of the model's activations over ``batches`` (see the module docs).
+
+    ``batches`` yields dicts of int64 arrays ``[batch, seq]`` keyed by graph input name (e.g.
+    ``input_ids``, ``attention_mask``); each batch is consumed and dropped. ``progress`` is
+    called after each batch with (batches done, tokens done). ``data`` describes the calibration
+    data for the record; ``model_hash`` defaults to the hash of the ONNX file (and its external
+    data).
+    """
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise QuantkitError(f"ONNX model {onnx_path} not found")
+    if model_hash is None:
+        from quantkit.export import onnx_model_hash
+
+        model_hash = onnx_model_hash(onnx_path)
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
+    info = analyse(model)
+    selected = select_tensors(info, tensors)
+    if not selected:
+        raise QuantkitError(f"the model has no floating-point activations to calibrate "
+                            f"(tensors={tensors!r})")
+    roots_of = alias_roots(info, selected)
+    states: dict[str, _Root] = {}
+    skipped: dict[str, str] = {}
+    for name in selected:
+        root = roots_of[name]
+        if info.elem_types.get(root) == 16:
+            skipped[name] = "bfloat16 tensors are not supported by the collector"
+            continue
+        states.setdefault(root, _Root(num_bins)).names.append(name)
+    fetched = [r for r in states if r not in info.inputs]
+    runner = _Runner(model, info, fetched, max_tensors_per_segment, num_threads)
+    del model
+
+    input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
+    fixed_rows = _fixed_batch(onnx_path, info)
+    num_batches = num_samples = num_tokens = 0
+    peak = 0
+    rows_per_run = 1
+    probed_shape: tuple[int, ...] | None = None
+    for batch in batches:
+        feed = _check_batch(batch, input_dtypes, num_batches)
+        rows = next(iter(feed.values())).shape[0]
+        shape = next(iter(feed.values())).shape[1:]
+        if shape != probed_shape:  # new sequence length: measure one row again
+            rows_per_run, probed_shape = 1, shape
+        start = 0
+        while start < rows:
+            take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
+            sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
+            run_peak = _run_once(runner, sub, states, info)
+            peak = max(peak, run_peak)
+            per_row = max(1, run_peak // take)
+            limit = rows if fixed_rows is None else fixed_rows
+            rows_per_run = max(1, min(limit, activation_budget // per_row))
+            start += take
+        num_batches += 1
+        num_samples += rows
+        mask = feed.get("attention_mask")
+        num_tokens += int(mask.sum()) if mask is not None else int(next(iter(feed.values())).size)
+        del feed, batch
+        if progress is not None:
+            progress(num_batches, num_tokens)
+    if num_batches == 0:
+        raise QuantkitError("no calibration batches: the data yielded nothing",
+                            "check --dataset / --num-samples")
+
+    histograms: dict[str, StreamingHistogram] = {}
+    aliases: dict[str, str] = {}
+    for name in selected:
+        if name in skipped:
+            continue
+        root = roots_of[name]
+        state = states[root]
+        if root != name:
+            aliases[name] = root
+        reason = state.skip or _constant_reason(state)
+        if reason is not None:
+            skipped[name] = reason if root == name else f"{reason} (same values as {root})"
+        else:
+            histograms[name] = state.hist
+    return ActivationStats(
+        histograms=histograms, skipped=skipped, aliases=aliases, num_batches=num_batches,
+        num_samples=num_samples, num_tokens=num_tokens, tensors=tensors, num_bins=num_bins,
+        model_hash=model_hash, data=dict(data or {}), peak_activation_bytes=peak,
+    )
+
+
+def _constant_reason(state: _Root) -> str | None:
+    if state.hist.total == 0 and state.hist.nan_count == 0:
+        return "empty: the tensor had no elements"
+    if not state.constant:
+        return None
+    values = sorted(state.const_values)
+    if len(values) == 1:
+        return f"constant: every element is {values[0]:.6g}"
+    return (f"constant within each batch ({len(values)} different values, "
+            f"{values[0]:.6g} to {values[-1]:.6g})")
+
+
+def _fixed_batch(onnx_path: Path, info: GraphInfo) -> int | None:
+    """The batch size the model's inputs fix (None if dynamic)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for vi in model.graph.input:
+        if vi.name in info.inputs and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                return int(dims[0].dim_value)
+    return None
+
+
+def _check_batch(batch: Mapping[str, np.ndarray], dtypes: dict[str, np.dtype],
+                 index: int) -> dict[str, np.ndarray]:
+    if not isinstance(batch, Mapping):
+        raise QuantkitError(f"calibration batch {index} is a {type(batch).__name__}, "
+                            "not a dict of arrays")
+    missing = [n for n in dtypes if n not in batch]
+    if missing:
+        raise QuantkitError(f"calibration batch {index} lacks model input(s) {missing}",
+                            f"it has: {', '.join(batch) or 'nothing'}")
+    feed: dict[str, np.ndarray] = {}
+    rows = None
+    for name, dtype in dtypes.items():
+        arr = np.asarray(batch[name])
+        if arr.dtype != dtype:
+            if arr.dtype.kind in "iub" and dtype.kind in "iu":
+                arr = arr.astype(dtype)
+            else:
+                raise QuantkitError(f"calibration batch {index}: '{name}' is {arr.dtype}, "
+                                    f"the model takes {dtype}")
+        if arr.ndim == 0:
+            raise QuantkitError(f"calibration batch {index}: '{name}' is a scalar")
+        if rows is None:
+            rows = arr.shape[0]
+        elif arr.shape[0] != rows:
+            raise QuantkitError(f"calibration batch {index}: inputs disagree on the batch size")
+        feed[name] = arr
+    if not rows:
+        raise QuantkitError(f"calibration batch {index} has no rows")
+    return feed
+
+
+def _observe(name: str, arr: np.ndarray, state: _Root) -> None:
+    """Check one sub-batch of a tensor and add it to the histogram."""
+    if state.skip is not None or arr.size == 0:
+        return
+    flat = arr.reshape(-1)
+    lo, hi = float(flat.min()), float(flat.max())
+    if math.isnan(lo) or math.isnan(hi):
+        raise QuantkitError(f"tensor '{name}' has NaN values",
+                            "the model produces NaN on the calibration data; check it in FP32")
+    if hi == math.inf:
+        raise QuantkitError(f"tensor '{name}' has +Inf values",
+                            "the model overflows on the calibration data; check it in FP32")
+    if lo <= -MASK_THRESHOLD or hi >= MASK_THRESHOLD:
+        big = lo if -lo >= hi else hi
+        state.skip = (f"mask: holds {big:.4g} (|x| >= {MASK_THRESHOLD:.0e} or -inf), "
+                      "an attention-mask sentinel; keep it in floating point")
+        return
+    if lo == hi:
+        state.const_values.add(lo)
+    else:
+        state.constant = False
+        state.const_values.clear()
+    state.hist.update_finite(flat, lo, hi)
+
+
+def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root],
+              info: GraphInfo) -> int:
+    """Run all segments on one sub-batch; returns the most activation bytes alive at once."""
+    for name, arr in feed.items():
+        if name in states:
+            _observe(name, arr, states[name])
+    values: dict[str, Any] = dict(feed)
+    live = sum(a.nbytes for a in feed.values())
+    peak = live
+    for seg, sess, keep, roots in zip(runner.segments, runner.sessions, runner.keep,
+                                      runner.root_sets, strict=True):
+        binding = sess.io_binding()
+        for name in seg.inputs:
+            value = values[name]
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in seg.outputs:
+            binding.bind_output(name, "cpu")
+        try:
+            sess.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime's own error types
+            raise QuantkitError(f"ONNX Runtime failed on the calibration data (segment "
+                                f"{seg.index}): {exc}") from None
+        outs = binding.get_outputs()
+        produced = kept = 0
+        for name, ov in zip(seg.outputs, outs, strict=True):
+            arr = ov.numpy()
+            produced += arr.nbytes
+            if name in roots:
+                _observe(name, arr, states[name])
+            if name in keep:
+                values[name] = ov
+                kept += arr.nbytes
+            del arr
+        peak = max(peak, live + produced)
+        live += kept
+        del outs, binding
+        for name in seg.inputs:
+            if runner.last_use.get(name) == seg.index and name in values:
+                live -= _nbytes(values.pop(name))
+    return peak

@@ -1,0 +1,138 @@
+"""CalibrationTable: the amax of every calibrated tensor, how it was computed and from what."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.artifacts import atomic_write_json
+from quantkit.errors import QuantkitError
+
+TABLE_FORMAT = "quantkit-calibration-table"
+TABLE_VERSION = 1
+INT8_MAX = 127.0
+
+
+@dataclass
+class CalibrationTable:
+    """Per-tensor symmetric INT8 ranges. ``scale(name) = amax / 127``.
+
+    ``skipped`` lists tensors that were looked at but have no range, with the reason (attention
+    masks, constants, ...); a consumer must keep those in floating point.
+    """
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    amax: dict[str, float] = field(default_factory=dict)
+    model_hash: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    num_samples: int = 0
+    num_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in self.amax.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise QuantkitError(f"calibration table: amax of '{name}' is {value!r}",
+                                    "every amax must be a finite number > 0")
+        both = sorted(set(self.amax) & set(self.skipped))
+        if both:
+            raise QuantkitError(f"calibration table: {both[0]!r} is both calibrated and skipped")
+
+    def scale(self, name: str) -> float:
+        """The INT8 scale of a tensor (amax / 127)."""
+        try:
+            return self.amax[name] / INT8_MAX
+        except KeyError:
+            hint = f"it was skipped: {self.skipped[name]}" if name in self.skipped else None
+            raise QuantkitError(f"tensor '{name}' is not in the calibration table", hint) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.amax
+
+    def __len__(self) -> int:
+        return len(self.amax)
+
+    # ------------------------------------------------------------------ checks
+    def check_model(self, model_hash: str | None) -> None:
+        """Raise unless the table was computed for the model with this hash."""
+        if self.model_hash is None or model_hash is None:
+            return
+        if model_hash != self.model_hash:
+            raise QuantkitError(
+                "the calibration table was computed for a different model "
+                f"(table: {self.model_hash[:12]}, model: {model_hash[:12]})",
+                "recalibrate for this model (quantkit calibrate)",
+            )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": TABLE_FORMAT,
+            "version": TABLE_VERSION,
+            "method": self.method,
+            "params": dict(self.params),
+            "model_hash": self.model_hash,
+            "data": dict(self.data),
+            "num_samples": int(self.num_samples),
+            "num_tokens": int(self.num_tokens),
+            "amax": {k: float(v) for k, v in self.amax.items()},
+            "skipped": dict(self.skipped),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "calibration table") -> CalibrationTable:
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+            raise QuantkitError(f"{source} is not a quantkit calibration table",
+                                f"expected a JSON object with \"format\": \"{TABLE_FORMAT}\"")
+        version = data.get("version")
+        if version != TABLE_VERSION:
+            raise QuantkitError(f"{source} has table version {version!r}; this quantkit reads "
+                                f"version {TABLE_VERSION}", "recalibrate with this quantkit")
+        try:
+            amax = data["amax"]
+            skipped = data.get("skipped", {})
+            if not isinstance(amax, dict) or not isinstance(skipped, dict):
+                raise TypeError("'amax' and 'skipped' must be objects")
+            return cls(
+                method=str(data["method"]),
+                params=dict(data.get("params") or {}),
+                amax={str(k): _as_float(v, k) for k, v in amax.items()},
+                model_hash=data.get("model_hash"),
+                data=dict(data.get("data") or {}),
+                skipped={str(k): str(v) for k, v in skipped.items()},
+                num_samples=int(data.get("num_samples", 0)),
+                num_tokens=int(data.get("num_tokens", 0)),
+            )
+        except QuantkitError as exc:
+            raise QuantkitError(f"{source}: {exc.message}", exc.hint) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QuantkitError(f"{source} is malformed: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> CalibrationTable:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise QuantkitError(f"calibration table {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QuantkitError(f"cannot read calibration table {path}: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise QuantkitError(f"{path} is not valid JSON: {exc}",
+                                "was it written by quantkit calibrate?") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"amax of '{name}' is not a number: {value!r}")
+    return float(value)

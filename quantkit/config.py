@@ -1,0 +1,188 @@
+"""Recipes: frozen dataclasses for a whole run (model, data, calibration, engines, evaluation),
+validated on load, versioned, and round-tripping through YAML and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from quantkit.errors import QuantkitError
+
+RECIPE_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+
+T = TypeVar("T")
+
+
+def _from_mapping(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the valid ones listed."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QuantkitError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise QuantkitError(
+            f"unknown key(s) in {where}: {', '.join(unknown)}",
+            f"valid keys: {', '.join(sorted(names))}",
+        )
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise QuantkitError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    with_nll: bool = True
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    dataset: str = "wikitext"
+    dataset_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    num_samples: int = 512
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    method: str = "entropy"
+    params: dict[str, Any] = field(default_factory=dict)
+    tensors: str = "all"
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise QuantkitError(f"calibration.{name} must be at least 1")
+        if self.tensors not in ("all", "quantizable"):
+            raise QuantkitError("calibration.tensors must be 'all' or 'quantizable'")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str
+    precision: str
+    backend: str = "onnxruntime"
+    plan: str | None = None  # path of a plan recipe (configs/*.yaml)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise QuantkitError(
+                f"engine '{self.name}': unknown precision '{self.precision}'",
+                f"use one of: {', '.join(PRECISIONS)}",
+            )
+        if self.precision == "mixed" and not self.plan:
+            raise QuantkitError(f"engine '{self.name}': a mixed engine needs a plan")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    dataset: str = "wikitext"
+    dataset_config: str | None = None
+    split: str = "test"
+    text_column: str = "text"
+    max_length: int = 512
+    stride: int = 512
+    limit_tokens: int | None = None
+    batch_size: int = 1
+    latency_grid: list[str] = field(default_factory=lambda: ["1x128", "1x512"])
+    warmup: int = 3
+    iterations: int = 10
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stride < 1 or self.stride > self.max_length:
+            raise QuantkitError(
+                f"evaluation.stride must be within 1..max_length ({self.max_length})"
+            )
+        for shape in self.latency_grid:
+            parse_shape(shape)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4x128"`` -> (batch 4, sequence 128)."""
+    try:
+        batch, seq = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise QuantkitError(f"bad shape '{text}'", "write BATCHxSEQ, e.g. 1x128") from None
+    if batch < 1 or seq < 1:
+        raise QuantkitError(f"bad shape '{text}'", "batch and sequence must be at least 1")
+    return batch, seq
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole run: what ``quantkit run`` executes and ``quantkit demo`` starts from."""
+
+    model: str
+    name: str = "run"
+    version: int = RECIPE_VERSION
+    workdir: str = "out/run"
+    trust_remote_code: bool = False
+    export: ExportConfig = field(default_factory=ExportConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    engines: list[EngineConfig] = field(default_factory=list)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise QuantkitError(
+                f"recipe version {self.version} is not supported",
+                f"this quantkit reads version {RECIPE_VERSION}",
+            )
+        names = [e.name for e in self.engines]
+        if len(set(names)) != len(names):
+            raise QuantkitError(f"engine names must be unique, got {', '.join(names)}")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        if not isinstance(data, dict):
+            raise QuantkitError(f"{where} must be a mapping")
+        data = dict(data)
+        if "model" not in data:
+            raise QuantkitError(f"{where} has no 'model'")
+        export = _from_mapping(ExportConfig, data.pop("export", None), f"{where}.export")
+        calibration = _from_mapping(
+            CalibrationConfig, data.pop("calibration", None), f"{where}.calibration"
+        )
+        evaluation = _from_mapping(
+            EvaluationConfig, data.pop("evaluation", None), f"{where}.evaluation"
+        )
+        engines_data = data.pop("engines", None) or []
+        if not isinstance(engines_data, list):
+            raise QuantkitError(f"{where}.engines must be a list")
+        engines = [
+            _from_mapping(EngineConfig, e, f"{where}.engines[{i}]")
+            for i, e in enumerate(engines_data)
+        ]
+        base = _from_mapping(Recipe, {**data, "model": data["model"]}, where)
+        return dataclasses.replace(
+            base, engines=engines, export=export, calibration=calibration, evaluation=evaluation
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def load(cls, path: Path) -> Recipe:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise QuantkitError(f"recipe {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise QuantkitError(f"{path} is not valid YAML: {exc}") from None
+        return cls.from_dict(data, where=str(path))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
