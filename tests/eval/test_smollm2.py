@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from quantkit.errors import QuantkitError
 from tests.eval.engines import WIKITEXT_TEST
 from tests.eval.reference import hf_guide_perplexity
 
@@ -16,36 +12,8 @@ pytestmark = pytest.mark.slow
 NUM_TOKENS = 2048  # 4 windows of 512
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from quantkit.models import load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except QuantkitError as exc:
-        if "download" in str(exc):
-            pytest.skip(f"SmolLM2-135M is not cached and cannot be fetched: {exc}")
-        raise
-
-
-def export_dir(smollm2, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An export with nll of this very model: $QUANTKIT_TEST_SMOL_EXPORT if it is one (saves the
-    ~70 s export), else a fresh export."""
-    from quantkit.artifacts import read_manifest
-    from quantkit.export import EXPORT_KIND, export_model
-
-    reuse = os.environ.get("QUANTKIT_TEST_SMOL_EXPORT")
-    if reuse:
-        manifest = read_manifest(Path(reuse), EXPORT_KIND)
-        model = manifest["inputs"]["model"]
-        if model.get("sha256") != smollm2.source.get("sha256") or "nll" not in manifest["outputs"]:
-            raise AssertionError(f"{reuse} is not an export with nll of {smollm2.source}")
-        return Path(reuse)
-    return export_model(smollm2, tmp_path_factory.mktemp("smol") / "export", with_nll=True
-                        ).directory
-
-
-def test_smollm2_fp32_engine_matches_pytorch(smollm2, tmp_path_factory) -> None:
+def test_smollm2_fp32_engine_matches_pytorch(smollm2, smollm2_export, tmp_path_factory) -> None:
+    """``smollm2`` / ``smollm2_export`` are the session fixtures of tests/conftest.py."""
     if not WIKITEXT_TEST.is_file():
         pytest.skip(f"{WIKITEXT_TEST} not found (../shared is absent)")
     from quantkit.backends import get_backend
@@ -55,9 +23,8 @@ def test_smollm2_fp32_engine_matches_pytorch(smollm2, tmp_path_factory) -> None:
     from quantkit.eval.text import load_evaluation_text
     from quantkit.models import load_tokenizer, tokenizer_fingerprint
 
-    exported = export_dir(smollm2, tmp_path_factory)
     engine = get_backend("onnxruntime").build(
-        BuildRequest(exported / "model.onnx", "fp32", None, None, {}),
+        BuildRequest(smollm2_export.onnx_path, "fp32", None, None, {}),
         tmp_path_factory.mktemp("smol-engine") / "fp32",
     )
     tokenizer = load_tokenizer(engine.path / "tokenizer")
