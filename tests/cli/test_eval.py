@@ -41,7 +41,10 @@ def test_eval_writes_results_and_prints_a_table(engines: dict[str, Path], tmp_pa
     assert loaded.names == ["llama", "llama-twin"]
     assert loaded.dataset["num_tokens"] == 300 and loaded.dataset["max_length"] == 64
     assert loaded.settings["threads"] == 1 and loaded.settings["latency_grid"] == ["1x16"]
-    assert loaded.commands[0].startswith("quantkit ")
+    # in-process, the command is spelled out from the parsed options
+    command = loaded.commands[0]
+    assert command.startswith("quantkit eval --engine ") and f"--out {out}" in command
+    assert "--engine" in command.split(str(engines["llama"]))[1] and "--progress" not in command
     ppl = loaded.engines[0].perplexity
     assert f"{ppl:.3f}" in result.output and "p50 ms 1x16" in result.output
     assert "5/5 windows" not in result.output  # no progress bar off a terminal
