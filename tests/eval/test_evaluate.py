@@ -149,3 +149,16 @@ def test_not_an_engine(llama_engine: Path, tmp_path: Path) -> None:
         evaluate_engines([llama_engine, llama_engine], CONFIG)
     with pytest.raises(QuantkitError, match="no engine given"):
         evaluate_engines([], CONFIG)
+
+
+def test_config_from_recipe() -> None:
+    from quantkit.config import EvaluationConfig
+
+    recipe = EvaluationConfig(dataset="sample", max_length=128, stride=64, limit_tokens=1000,
+                              latency_grid=["1x128", "4x64"], warmup=1, iterations=5, threads=2)
+    config = EvalConfig.from_recipe(recipe, batch_size=8)
+    assert config == EvalConfig(
+        dataset="sample", dataset_config=None, split="test", text_column="text", max_length=128,
+        stride=64, limit_tokens=1000, batch_size=8,
+        latency_grid=(GridPoint(1, 128), GridPoint(4, 64)), warmup=1, iterations=5, threads=2,
+    )
