@@ -71,11 +71,35 @@ def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None,
     )
     if progress is None:
         progress = sys.stderr.isatty()
-    command_line = shlex.join(["quantkit", *sys.argv[1:]])
+    command_line = _command_line(click.get_current_context())
     results = evaluate_engines(list(engines), config, command=command_line, progress=progress)
     write_results(results, out, force=force)
     _print_table(results)
     click.echo(f"Wrote {out}")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed (``sys.argv``); when invoked in-process (tests, scripts), the
+    equivalent command spelled out from the parsed options, defaults included."""
+    argv = sys.argv[1:]
+    if argv and argv[0] == ctx.info_name:
+        return shlex.join(["quantkit", *argv])
+    parts = ["quantkit", str(ctx.info_name)]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if value is None or value is False:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            parts.append(flag if value is True else f"--no-{flag.lstrip('-')}")
+        elif param.multiple:
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
 
 
 def _print_table(results: Any) -> None:
@@ -95,10 +119,13 @@ def _print_table(results: Any) -> None:
             eng.name, eng.precision,
             "-" if eng.int8_coverage is None else f"{100 * eng.int8_coverage:.0f}%",
             f"{eng.perplexity:.3f}",
-            "-" if eng.delta_vs_fp32 is None else f"{eng.delta_vs_fp32.pct:+.2f}%",
-            "-" if eng.delta_vs_fp16 is None else f"{eng.delta_vs_fp16.pct:+.2f}%",
+            "-" if eng.delta_vs_fp32 is None else f"{eng.delta_vs_fp32.pct:+.3g}%",
+            "-" if eng.delta_vs_fp16 is None else f"{eng.delta_vs_fp16.pct:+.3g}%",
             "-" if eng.size_bytes is None else f"{eng.size_bytes / 1e6:.1f}",
         ]
         cells += [f"{p.p50_ms:.1f}" for p in eng.latency]
         table.add_row(*cells)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log or pipe: don't squeeze the table into 80 columns
+    console.print(table)

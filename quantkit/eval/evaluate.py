@@ -55,6 +55,19 @@ class EvalConfig:
     threads: int | None = None  # None: every core
     use_nll: bool | None = None  # None: fused nll output when the engine has it
 
+    @classmethod
+    def from_recipe(cls, evaluation: Any, **overrides: Any) -> EvalConfig:
+        """From a recipe's ``quantkit.config.EvaluationConfig`` (same field names; its latency
+        grid strings become grid points); ``overrides`` replace fields."""
+        from quantkit.eval.latency import parse_grid
+
+        values = {f: getattr(evaluation, f) for f in (
+            "dataset", "dataset_config", "split", "text_column", "max_length", "stride",
+            "limit_tokens", "batch_size", "warmup", "iterations", "threads")}
+        values["latency_grid"] = tuple(parse_grid(",".join(evaluation.latency_grid)))
+        values.update(overrides)
+        return cls(**values)
+
     def check(self) -> None:
         if self.batch_size < 1:
             raise QuantkitError(f"batch-size must be at least 1, got {self.batch_size}")

@@ -257,8 +257,9 @@ def evaluate_perplexity(
     """Perplexity of ``tokens`` through an active runner.
 
     ``use_nll``: ``None`` uses the fused ``nll`` output when the engine has one, ``True`` requires
-    it, ``False`` uses logits. ``on_batch(n)`` is called after each engine call with the number of
-    windows it covered (for progress bars).
+    it, ``False`` uses logits. ``vocab_size`` sizes the logits path's batch cap
+    (``logits_budget_bytes``; without it the batch is not capped). ``on_batch(n)`` is called after
+    each engine call with the number of windows it covered (for progress bars).
     """
     ids = tokens.ids if isinstance(tokens, TokenizedText) else np.asarray(tokens, dtype=np.int64)
     windows = plan_windows(int(ids.shape[0]), max_length, stride)

@@ -3,6 +3,7 @@ FP32 ONNX Runtime engines. Built once per test session (shared by tests/eval and
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("QUANTKIT_SHARED", REPO.parent / "shared"))
 GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
 WIKITEXT_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TINY_MAX_POSITIONS = 256
