@@ -60,7 +60,8 @@ def test_run_then_resume_then_invalidate_one_engine(recipe_file):
 
     # a changed plan rebuilds that engine, then eval and report; nothing else
     plan_path = recipe.engines[3].plan
-    plan = yaml.safe_load(open(plan_path))
+    with open(plan_path) as fh:
+        plan = yaml.safe_load(fh)
     plan["rules"].append({"op_type": "Softmax", "precision": "fp32"})
     with open(plan_path, "w") as fh:
         yaml.safe_dump(plan, fh)
