@@ -54,8 +54,11 @@ class CalibrationConfig:
     method: str = "entropy"
     params: dict[str, Any] = field(default_factory=dict)
     tensors: str = "all"
+    smoothquant: float | None = None  # SmoothQuant alpha; None = off
 
     def __post_init__(self) -> None:
+        if self.smoothquant is not None and not 0.0 <= float(self.smoothquant) <= 1.0:
+            raise QuantkitError("calibration.smoothquant (alpha) must be within 0..1")
         for name in ("num_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise QuantkitError(f"calibration.{name} must be at least 1")
