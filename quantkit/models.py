@@ -147,6 +147,7 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per step, not a bar per GGUF tensor
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own tqdm bar
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     source: dict[str, Any] = spec.describe()
     if spec.kind == "embedded":
