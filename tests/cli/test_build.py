@@ -1,0 +1,161 @@
+"""`quantkit build` and `quantkit plan show` through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli.main import cli
+
+pytest_plugins = ("tests.fixtures_build",)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def table_file(tmp_path_factory, llama_table):
+    path = tmp_path_factory.mktemp("tables") / "llama.json"
+    llama_table.save(path)
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_build_int8_and_mixed(tiny_llama_export, table_file, tmp_path):
+    out = tmp_path / "int8"
+    result = invoke("build", "--onnx", tiny_llama_export.directory, "--table", table_file,
+                    "--precision", "int8", "--out", out)
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith(f"Built onnxruntime int8 engine in {out}: INT8 coverage 100.0% "
+                               "of linear-layer MACs")
+    assert "int8 19" in lines[1]
+    assert lines[2].startswith("ONNX Runtime integer kernels:") and lines[2].endswith(
+        "Q/DQ left unfused: 0")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "engine" and manifest["precision"] == "int8"
+
+    mixed = tmp_path / "mixed"
+    result = invoke("build", "--onnx", tiny_llama_export.onnx_path, "--table", table_file,
+                    "--precision", "mixed", "--plan", CONFIGS / "mixed-safe.yaml", "--out", mixed,
+                    "--shared-inputs", "dedicated")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((mixed / "manifest.json").read_text())
+    assert 0.5 < manifest["int8_coverage"] < 1
+    assert manifest["inputs"]["plan"]["source"]["path"].endswith("mixed-safe.yaml")
+    assert manifest["rewrite"]["options"]["shared_inputs"] == "dedicated"
+
+    again = invoke("build", "--onnx", tiny_llama_export.directory, "--table", table_file,
+                   "--precision", "int8", "--out", out)
+    assert "already exists" in one_line_error(again)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_export, tiny_gpt2_bias_export,
+                                                  llama_table, table_file, tmp_path):
+    out = tmp_path / "never"
+    export = tiny_llama_export.directory
+    fp16_plan = tmp_path / "fp16.yaml"
+    fp16_plan.write_text("default: fp16\n")
+    cases = [
+        (["--precision", "int4"], "unknown precision 'int4'"),
+        (["--precision", "mixed"], "--precision mixed needs a plan"),
+        (["--precision", "int8"], "an INT8 build needs a calibration table"),
+        (["--precision", "int8", "--table", tmp_path / "missing.json"], "does not exist"),
+        (["--precision", "fp16"], "has no float16 kernel for"),
+        (["--precision", "int8", "--table", table_file, "--plan", fp16_plan],
+         "the plan's default is fp16 but --precision is int8"),
+        (["--precision", "int8", "--table", table_file, "--shared-inputs", "both"],
+         "unknown shared_inputs mode 'both'"),
+    ]
+    for extra, expected in cases:
+        line = one_line_error(invoke("build", "--onnx", export, "--out", out, *extra))
+        assert expected in line, (extra, line)
+    other = tmp_path / "other.json"
+    replace(llama_table, model_hash="0" * 64).save(other)
+    line = one_line_error(invoke("build", "--onnx", export, "--out", out, "--precision", "int8",
+                                 "--table", other))
+    assert "the calibration table was made for another model" in line
+    line = one_line_error(invoke("build", "--onnx", tiny_gpt2_bias_export.directory, "--out",
+                                 out, "--precision", "int8", "--table", table_file))
+    assert "the calibration table was made for another model" in line
+    partial = tmp_path / "partial.json"
+    replace(llama_table, amax={k: v for k, v in llama_table.amax.items()
+                               if "layers.1/mlp" not in k}).save(partial)
+    line = one_line_error(invoke("build", "--onnx", export, "--out", out, "--precision", "int8",
+                                 "--table", partial))
+    assert "no range for 1 tensor(s) the plan quantizes: /model/layers.1/mlp/Mul_output_0" in line
+    bad_plan = tmp_path / "bad.yaml"
+    bad_plan.write_text("default: int8\nrules:\n  - {op_type: Softmx, precision: fp32}\n")
+    line = one_line_error(invoke("build", "--onnx", export, "--out", out, "--precision", "mixed",
+                                 "--plan", bad_plan, "--table", table_file))
+    assert "unknown op type 'Softmx'" in line and "Softmax" in line
+    assert not out.exists()
+
+
+def test_tensorrt_backend_is_routed(tiny_llama_export, tmp_path):
+    result = invoke("build", "--onnx", tiny_llama_export.directory, "--precision", "fp32",
+                    "--backend", "tensorrt", "--out", tmp_path / "trt")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert "tensorrt" in one_line_error(result).lower()
+        assert not (tmp_path / "trt").exists()
+    else:
+        assert result.exit_code == 0, result.output
+        assert "Built tensorrt fp32 engine" in result.output
+    line = one_line_error(invoke("build", "--onnx", tiny_llama_export.directory, "--precision",
+                                 "fp32", "--backend", "tensorrt", "--per-tensor-weights",
+                                 "--out", tmp_path / "t2"))
+    assert "are onnxruntime options, not tensorrt ones" in line
+    line = one_line_error(invoke("build", "--onnx", tiny_llama_export.directory, "--precision",
+                                 "fp32", "--backend", "openvino", "--out", tmp_path / "t3"))
+    assert "unknown backend 'openvino'" in line
+
+
+def test_plan_show_prints_rules_and_filters(tiny_llama_export):
+    result = invoke("plan", "show", "--onnx", tiny_llama_export.directory, "--plan",
+                    CONFIGS / "mixed-safe.yaml", "--linear")
+    assert result.exit_code == 0, result.output
+    assert "/lm_head/MatMul" in result.output and "exact:/lm_head/MatMul" in result.output
+    assert "/model/layers.0/self_attn/q_proj/MatMul" in result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "19 of 19 matching nodes shown (195 in the graph); fp32 1, int8 18")
+    only = invoke("plan", "show", "--onnx", tiny_llama_export.directory, "--plan",
+                  CONFIGS / "mixed-safe.yaml", "--op-type", "Softmax", "--rule", "op_type:")
+    assert only.exit_code == 0, only.output
+    assert "op_type:Softmax" in only.output and "q_proj" not in only.output
+    assert only.output.strip().splitlines()[-1].startswith("2 of 2 matching nodes shown")
+    regex = invoke("plan", "show", "--onnx", tiny_llama_export.directory, "--node",
+                   "re:layers\\.1/mlp/.*MatMul", "--only", "int8")
+    assert regex.output.strip().splitlines()[-1].startswith("3 of 3 matching nodes shown")
+    plain = invoke("plan", "show", "--onnx", tiny_llama_export.directory, "--limit", "2")
+    assert plain.output.strip().splitlines()[-1].startswith("2 of 195 matching nodes shown")
+
+
+def test_plan_show_errors(tiny_llama_export, tmp_path):
+    plan = tmp_path / "p.yaml"
+    plan.write_text("default: int8\nrules:\n  - {node: /lm_head/Matmul, precision: fp32}\n")
+    line = one_line_error(invoke("plan", "show", "--onnx", tiny_llama_export.directory,
+                                 "--plan", plan))
+    assert "rule 'exact:/lm_head/Matmul' matches no node of the graph" in line
+    assert "closest node names: /lm_head/MatMul" in line
+    plan.write_text("default: int8\nrules:\n  - {blocks: layers.0-5, precision: fp32}\n")
+    line = one_line_error(invoke("plan", "show", "--onnx", tiny_llama_export.directory,
+                                 "--plan", plan))
+    assert "names blocks this graph lacks: layers.2, layers.3" in line
+    assert "blocks in this graph: layers.0-1" in line
+    line = one_line_error(invoke("plan", "show", "--onnx", tmp_path / "nothing"))
+    assert "not found" in line
