@@ -73,6 +73,9 @@ class EngineConfig:
     backend: str = "onnxruntime"
     plan: str | None = None  # path of a plan recipe (configs/*.yaml)
     options: dict[str, Any] = field(default_factory=dict)
+    # optional: a build this backend cannot do here (e.g. FP16 on a CPU without FP16 kernels) is
+    # reported and skipped instead of failing the run
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -130,8 +130,13 @@ def _export_proto(model: Any, opset: int, with_nll: bool) -> Any:
     mask = torch.ones_like(ids)
     dims = {0: "batch", 1: "seq"}
     outputs = ["logits", "nll"] if with_nll else ["logits"]
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter deprecation chatter, not the user's concern
             program = torch.onnx.export(
                 wrapper,
                 (ids, mask),

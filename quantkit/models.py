@@ -144,7 +144,9 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
     spec = resolve_model(model)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line per step, not a bar per GGUF tensor
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     source: dict[str, Any] = spec.describe()
     if spec.kind == "embedded":

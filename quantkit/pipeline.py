@@ -35,6 +35,7 @@ class StepOutcome:
     path: Path
     reused: bool
     seconds: float
+    skipped: str | None = None  # why an optional step was not done
 
 
 @dataclass
@@ -107,23 +108,33 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     state = _State(work)
     outcome = RunOutcome(work)
 
-    def step(name: str, key_parts: Any, artifact: Path, make: Callable[[bool], None]) -> None:
+    def step(name: str, key_parts: Any, artifact: Path, make: Callable[[bool], None],
+             optional: bool = False) -> bool:
+        """Run or reuse one step; False when an optional step could not be done here."""
         key = sha256_json(key_parts)
         start = time.perf_counter()
         if state.matches(name, key, artifact):
             outcome.steps.append(StepOutcome(name, artifact, True, 0.0))
             say(f"{name}: reused {artifact}")
-            return
+            return True
         replace = artifact.exists()
         if replace and not (force or state.owns(name)):
             raise QuantkitError(f"{artifact} exists but was not made by this recipe's run",
                                 "pass --force to replace it, or use another workdir")
         say(f"{name}: running ...")
-        make(replace)
+        try:
+            make(replace)
+        except QuantkitError as exc:
+            if not optional:
+                raise
+            outcome.steps.append(StepOutcome(name, artifact, False, 0.0, skipped=str(exc)))
+            say(f"{name}: skipped (optional): {exc}")
+            return False
         state.record(name, key, artifact)
         seconds = time.perf_counter() - start
         outcome.steps.append(StepOutcome(name, artifact, False, seconds))
         say(f"{name}: done in {seconds:.0f} s -> {artifact}")
+        return True
 
     # 1. export ---------------------------------------------------------------------------
     export_dir = work / "export"
@@ -182,9 +193,9 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
 
     # 4. engines ---------------------------------------------------------------------------
     engine_dirs: list[Path] = []
+    built_names: list[str] = []
     for engine in recipe.engines:
         engine_dir = work / "engines" / engine.name
-        engine_dirs.append(engine_dir)
         uses_table = engine.precision in ("int8", "mixed")
 
         def make_engine(replace: bool, engine: Any = engine, engine_dir: Path = engine_dir,
@@ -197,11 +208,13 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
                          plan=Path(engine.plan) if engine.plan else None,
                          backend=engine.backend, options=dict(engine.options), force=replace)
 
-        step(f"build {engine.name}", {
+        if step(f"build {engine.name}", {
             "onnx": _artifact_hash(onnx_dir),
             "table": _artifact_hash(calib_dir) if uses_table else None,
             "engine": asdict(engine), "plan": _plan_digest(engine.plan),
-        }, engine_dir, make_engine)
+        }, engine_dir, make_engine, optional=engine.optional):
+            engine_dirs.append(engine_dir)
+            built_names.append(engine.name)
 
     # 5. evaluation ------------------------------------------------------------------------
     results = work / RESULTS_NAME
@@ -217,7 +230,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
 
     if engine_dirs:
         step("eval", {"engines": [_artifact_hash(d) for d in engine_dirs],
-                      "names": [e.name for e in recipe.engines],
+                      "names": built_names,
                       "evaluation": asdict(recipe.evaluation)}, results, make_results)
 
         # 6. report ------------------------------------------------------------------------

@@ -65,3 +65,13 @@ def test_parse_shape():
     assert parse_shape("4x128") == (4, 128)
     with pytest.raises(QuantkitError):
         parse_shape("0x128")
+
+
+def test_optional_engines_and_smoothquant_alpha():
+    recipe = Recipe.from_dict({**RECIPE, "engines": [
+        {"name": "fp16", "precision": "fp16", "optional": True}],
+        "calibration": {"smoothquant": 0.5}})
+    assert recipe.engines[0].optional
+    assert recipe.calibration.smoothquant == 0.5
+    with pytest.raises(QuantkitError, match="alpha"):
+        Recipe.from_dict({**RECIPE, "calibration": {"smoothquant": 2}})

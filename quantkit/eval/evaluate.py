@@ -32,6 +32,7 @@ from quantkit.eval.perplexity import (
     evaluate_perplexity,
     plan_windows,
     tokenize_text,
+    window_batches,
 )
 from quantkit.eval.results import EngineResult, EvalResults, with_deltas
 
@@ -181,6 +182,36 @@ def check_compatible(infos: Sequence[EngineInfo]) -> None:
                 f"engines {first.name} and {other.name} have different vocabulary sizes "
                 f"({first.vocab_size} vs {other.vocab_size})"
             )
+
+
+def shape_limits(manifest: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(min, max) of (batch, seq) an engine accepts, for engines built with fixed shape ranges
+    (TensorRT optimization profiles; the runner uses profile 0 by default), else None."""
+    profiles = (manifest.get("tensorrt") or {}).get("profiles") if manifest else None
+    if not profiles:
+        return None
+    first = profiles[0]
+    return (int(first["min"][0]), int(first["min"][1])), (int(first["max"][0]),
+                                                          int(first["max"][1]))
+
+
+def check_shapes(name: str, manifest: Any, shapes: Sequence[tuple[int, int]]) -> None:
+    """Refuse before any engine runs if a (batch, seq) of this run is outside the shape range
+    of engine ``name`` (its manifest)."""
+    limits = shape_limits(manifest)
+    if limits is None:
+        return
+    (min_b, min_s), (max_b, max_s) = limits
+    outside = sorted({(b, s) for b, s in shapes
+                      if not (min_b <= b <= max_b and min_s <= s <= max_s)})
+    if outside:
+        listed = ", ".join(f"{b}x{s}" for b, s in outside)
+        raise QuantkitError(
+            f"engine {name} accepts batch {min_b}..{max_b} x seq {min_s}..{max_s} "
+            f"(optimization profile 0); this run needs {listed}",
+            "change --max-length, --batch-size or --latency-grid, or rebuild the engine with a "
+            "wider profile",
+        )
 
 
 def resolve_windows(config: EvalConfig, max_positions: int | None) -> tuple[int, int]:
@@ -338,6 +369,10 @@ def evaluate_engines(
     tokens = tokenize_text(infos[0].tokenizer, text.text, config.limit_tokens,
                            text.num_documents)
     windows = plan_windows(tokens.num_tokens, max_length, stride)
+    shapes = [(len(b), b[0].length) for b in window_batches(windows, config.batch_size)]
+    shapes += [(p.batch, p.seq) for p in config.latency_grid]
+    for info in infos:
+        check_shapes(info.name, info.manifest, shapes)
 
     engines = []
     with _Progress(progress) as bar:

@@ -162,3 +162,17 @@ def test_config_from_recipe() -> None:
         stride=64, limit_tokens=1000, batch_size=8,
         latency_grid=(GridPoint(1, 128), GridPoint(4, 64)), warmup=1, iterations=5, threads=2,
     )
+
+
+def test_shape_ranges_of_fixed_profile_engines() -> None:
+    from quantkit.eval.evaluate import check_shapes, shape_limits
+
+    manifest = {"tensorrt": {"profiles": [{"min": [1, 1], "opt": [1, 256], "max": [4, 512]},
+                                          {"min": [1, 1], "opt": [8, 64], "max": [8, 128]}]}}
+    assert shape_limits(manifest) == ((1, 1), (4, 512))
+    assert shape_limits({"backend": "onnxruntime"}) is None
+    check_shapes("trt-int8", manifest, [(4, 512), (1, 100), (1, 128)])
+    with pytest.raises(QuantkitError, match=r"trt-int8 accepts batch 1\.\.4 x seq 1\.\.512 "
+                                            r"\(optimization profile 0\); this run needs "
+                                            r"1x1024, 8x512"):
+        check_shapes("trt-int8", manifest, [(8, 512), (1, 1024), (1, 128)])

@@ -1,0 +1,86 @@
+"""`quantkit run`: a tiny recipe end to end, then resumed, then partly invalidated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from quantkit.cli.main import cli
+from quantkit.config import Recipe
+from quantkit.errors import QuantkitError
+from quantkit.pipeline import run_recipe
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = root / "tiny-llama"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    plan = root / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "name": "p", "default": "int8",
+                                    "fallback": "fp32", "rules": [
+                                        {"node": "/lm_head/MatMul", "precision": "fp32"}]}))
+    recipe = {
+        "version": 1, "name": "tiny", "model": str(model_dir), "workdir": str(root / "work"),
+        "calibration": {"dataset": "sample", "num_samples": 8, "seq_len": 32, "batch_size": 4,
+                        "method": "minmax", "tensors": "quantizable"},
+        "engines": [{"name": "fp32", "precision": "fp32"},
+                    {"name": "fp16", "precision": "fp16", "optional": True},
+                    {"name": "int8", "precision": "int8"},
+                    {"name": "mixed", "precision": "mixed", "plan": str(plan)}],
+        "evaluation": {"dataset": "sample", "split": "test", "max_length": 64, "stride": 64,
+                       "limit_tokens": 512, "latency_grid": ["1x32"], "warmup": 1,
+                       "iterations": 2, "threads": 1},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_run_then_resume_then_invalidate_one_engine(recipe_file):
+    recipe = Recipe.load(recipe_file)
+    lines: list[str] = []
+    first = run_recipe(recipe, say=lines.append)
+    names = [s.name for s in first.steps]
+    assert names == ["export", "calibrate", "build fp32", "build fp16", "build int8",
+                     "build mixed", "eval", "report"]
+    skipped = [s for s in first.steps if s.skipped]
+    assert [s.name for s in skipped] == ["build fp16"]  # no FP16 kernels on this CPU
+    assert "float16" in (skipped[0].skipped or "")
+    results = json.loads(first.results.read_text())
+    assert [e["name"] for e in results["engines"]] == ["fp32", "int8", "mixed"]
+    assert first.report_html.is_file()
+
+    again = run_recipe(recipe, say=lines.append)
+    assert [s.reused for s in again.steps if not s.skipped] == [True] * 7
+
+    # a changed plan rebuilds that engine, then eval and report; nothing else
+    plan_path = recipe.engines[3].plan
+    with open(plan_path) as fh:
+        plan = yaml.safe_load(fh)
+    plan["rules"].append({"op_type": "Softmax", "precision": "fp32"})
+    with open(plan_path, "w") as fh:
+        yaml.safe_dump(plan, fh)
+    third = run_recipe(recipe, say=lines.append)
+    rerun = [s.name for s in third.steps if not s.reused and not s.skipped]
+    assert rerun == ["build mixed", "eval", "report"]
+
+
+def test_foreign_artifact_needs_force(recipe_file, tmp_path):
+    recipe = Recipe.load(recipe_file)
+    (tmp_path / "export").mkdir()
+    with pytest.raises(QuantkitError, match="was not made by this recipe's run.*--force"):
+        run_recipe(recipe, workdir=tmp_path, say=lambda _: None)
+
+
+def test_cli_run_bad_recipe_is_one_line(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: x\nengines: [{name: a, precision: int4}]\n")
+    result = CliRunner().invoke(cli, ["run", str(bad)])
+    assert result.exit_code == 2
+    assert "unknown precision 'int4'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
