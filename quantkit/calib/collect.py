@@ -26,10 +26,13 @@ Tensors that must not be calibrated
 Checked on every sub-batch from the tensor's min and max (one pass each):
 
 * NaN or +Inf anywhere: a QuantkitError naming the tensor (the model or the data is broken).
-* Mask sentinels: values of magnitude >= 1e9 or -Inf (``torch.finfo(float32).min`` = -3.4e38,
-  -inf or -1e9 additive attention masks). The tensor is skipped with the reason recorded: such a
-  tensor must stay in floating point (INT8 would turn "masked" into a finite score), and its
-  range would crush every real value into bin 0.
+* Mask sentinels: values of magnitude >= 1e30 or -Inf (``torch.finfo(float32).min`` = -3.4e38
+  or -inf additive attention masks, and the scores they are added to). The tensor is skipped with
+  the reason recorded: such a tensor must stay in floating point (INT8 would turn "masked" into a
+  finite score), and its range would crush every real value into bin 0. The threshold is far
+  above real activations: SmolLM2-135M's RMSNorm squares its "massive activations" to 8.6e8, so
+  a 1e9 threshold would already misfire. Finite masks of old models (-1e4, -1e9) are therefore
+  not recognised; their tensors keep an ordinary histogram.
 * Constant tensors: every element equal within every batch (all zeros, shape-derived scalars,
   ...). Skipped with the reason recorded: their histogram says nothing about a range.
 """
@@ -61,7 +64,7 @@ from quantkit.errors import QuantkitError
 
 __all__ = ["ActivationStats", "calibrate", "collect_activation_stats", "MASK_THRESHOLD"]
 
-MASK_THRESHOLD = 1e9
+MASK_THRESHOLD = 1e30
 DEFAULT_MAX_TENSORS_PER_SEGMENT = 48
 DEFAULT_ACTIVATION_BUDGET = 256 << 20
 
@@ -164,12 +167,12 @@ def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
         onnx.save_model(model, str(tmp / "weightless.onnx"))
         del model
         gc.collect()
-        _release_freed_memory()
+        release_freed_memory()
         model = onnx.load(str(tmp / "weightless.onnx"), load_external_data=False)
     return model
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand memory freed by the C heap back to the system (glibc only; a no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

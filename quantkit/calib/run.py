@@ -12,6 +12,7 @@ into an output directory:
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from quantkit.artifacts import (
     write_manifest,
 )
 from quantkit.calib.algorithms import get_algorithm
+from quantkit.calib.collect import release_freed_memory
 from quantkit.calib.histogram import DEFAULT_NUM_BINS
 from quantkit.calib.stats import ActivationStats, calibrate
 from quantkit.calib.table import CalibrationTable
@@ -110,6 +112,9 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
     with atomic_output_dir(out, force=force) as tmp:
         if request.model is not None:
             onnx_path, tokenizer, model_info = _export(request, tmp / EXPORT_DIR)
+            # the PyTorch model is gone: give its memory back before ONNX Runtime loads
+            gc.collect()
+            release_freed_memory()
         else:
             assert request.onnx is not None
             onnx_path = find_onnx(request.onnx)

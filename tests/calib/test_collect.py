@@ -214,3 +214,15 @@ def test_tiny_llama_export(tiny_llama_export, tiny_tokenizer):
     names = {o for node in model.graph.node for o in node.output} | {
         i.name for i in model.graph.input}
     check_trt_cache(table_to_trt_cache(table, "10.3.0"), tensor_names=names)
+
+
+def test_huge_but_real_values_are_not_masks(tmp_path):
+    """Squared massive activations reach ~1e9 in SmolLM2; only float32-extreme values
+    (>= 1e30) or -inf count as mask sentinels."""
+    model = float_input_model(tmp_path / "sqrt.onnx", "Sqrt")
+    batch = {"x": np.array([[4e20, 1.0, 2.0, 9.0]], dtype=np.float32)}
+    stats = collect_activation_stats(model, [batch])
+    assert stats.skipped == {} and stats.histograms["x"].amax == pytest.approx(4e20)
+    masked = {"x": np.array([[-3.4e38, 1.0, 2.0, 9.0]], dtype=np.float32)}
+    with pytest.raises(QuantkitError, match="tensor 'y' has NaN"):  # sqrt(-3.4e38)
+        collect_activation_stats(model, [masked])
