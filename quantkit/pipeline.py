@@ -1,5 +1,5 @@
-"""``quantkit run``: a whole recipe end to end (export -> [SmoothQuant] -> calibrate -> build each
-engine -> eval -> report), resuming from the artifacts that already exist and still match.
+"""``quantkit run``: a whole recipe end to end (export -> calibrate [with SmoothQuant] -> build
+each engine -> eval -> report), resuming from the artifacts that already exist and still match.
 
 Each step has a key: the hash of its own settings and of the artifacts it reads. ``run-state.json``
 in the work directory records, per step, the key it was made with and the manifest hash of what it
@@ -149,49 +149,32 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
 
     step("export", {"model": recipe.model, "trust_remote_code": recipe.trust_remote_code,
                     "export": asdict(recipe.export)}, export_dir, make_export)
-    onnx_dir = export_dir
     cal = recipe.calibration
-
-    # 2. SmoothQuant (optional): a smoothed export, recalibrated below --------------------------
-    if cal.smoothquant is not None:
-        smooth_dir = work / "smoothed"
-
-        def make_smooth(replace: bool) -> None:
-            from quantkit.data import TokenBlocks, resolve_text_source
-            from quantkit.models import load_tokenizer
-            from quantkit.smoothquant import smooth_export
-
-            blocks = TokenBlocks(
-                resolve_text_source(cal.dataset, cal.dataset_config, cal.split, cal.text_column),
-                load_tokenizer(export_dir / "tokenizer"), seq_len=cal.seq_len,
-                num_samples=cal.num_samples, batch_size=cal.batch_size, seed=cal.seed)
-            smooth_export(export_dir / "model.onnx", blocks, smooth_dir, alpha=cal.smoothquant,
-                          data_description=blocks.describe(), force=replace)
-
-        step("smoothquant", {"export": _artifact_hash(export_dir), "alpha": cal.smoothquant,
-                             "data": _calibration_data_key(recipe)}, smooth_dir, make_smooth)
-        onnx_dir = smooth_dir
-
-    # 3. calibration -----------------------------------------------------------------------
     calib_dir = work / "calibration"
+    # SmoothQuant rewrites the export inside the calibration step (calibration/smoothed/); every
+    # engine is then built from that graph, so they all share one source model
+    onnx_dir = calib_dir / "smoothed" if cal.smoothquant is not None else export_dir
 
+    # 2. calibration (with SmoothQuant when the recipe asks) ------------------------------------
     def make_calibration(replace: bool) -> None:
         from quantkit.calib.run import CalibrationRequest, run_calibration
 
         request = CalibrationRequest(
-            onnx=onnx_dir, dataset=cal.dataset, dataset_config=cal.dataset_config,
+            onnx=export_dir, smoothquant=cal.smoothquant, dataset=cal.dataset,
+            dataset_config=cal.dataset_config,
             split=cal.split, text_column=cal.text_column, num_samples=cal.num_samples,
             seq_len=cal.seq_len, batch_size=cal.batch_size, seed=cal.seed, method=cal.method,
             params=dict(cal.params), tensors=cal.tensors)
         run_calibration(request, calib_dir, force=replace)
 
-    needs_table = any(e.precision in ("int8", "mixed") for e in recipe.engines)
+    needs_table = cal.smoothquant is not None or any(
+        e.precision in ("int8", "mixed") for e in recipe.engines)
     if needs_table:
-        step("calibrate", {"onnx": _artifact_hash(onnx_dir), "calibration": asdict(cal)},
+        step("calibrate", {"onnx": _artifact_hash(export_dir), "calibration": asdict(cal)},
              calib_dir, make_calibration)
     table = calib_dir / "table.json" if needs_table else None
 
-    # 4. engines ---------------------------------------------------------------------------
+    # 3. engines ---------------------------------------------------------------------------
     engine_dirs: list[Path] = []
     built_names: list[str] = []
     for engine in recipe.engines:
@@ -216,7 +199,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
             engine_dirs.append(engine_dir)
             built_names.append(engine.name)
 
-    # 5. evaluation ------------------------------------------------------------------------
+    # 4. evaluation ------------------------------------------------------------------------
     results = work / RESULTS_NAME
 
     def make_results(replace: bool) -> None:
@@ -233,7 +216,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
                       "names": built_names,
                       "evaluation": asdict(recipe.evaluation)}, results, make_results)
 
-        # 6. report ------------------------------------------------------------------------
+        # 5. report ------------------------------------------------------------------------
         report_dir = work / "report"
 
         def make_report(replace: bool) -> None:
@@ -247,9 +230,3 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
                         "calibration": _artifact_hash(calib_dir) if needs_table else None},
              report_dir, make_report)
     return outcome
-
-
-def _calibration_data_key(recipe: Recipe) -> dict[str, Any]:
-    cal = recipe.calibration
-    return {k: getattr(cal, k) for k in ("dataset", "dataset_config", "split", "text_column",
-                                         "num_samples", "seq_len", "batch_size", "seed")}

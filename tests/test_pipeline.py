@@ -84,3 +84,20 @@ def test_cli_run_bad_recipe_is_one_line(tmp_path):
     assert result.exit_code == 2
     assert "unknown precision 'int4'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_smoothquant_recipe_builds_every_engine_from_the_smoothed_graph(recipe_file, tmp_path):
+    import dataclasses
+
+    recipe = Recipe.load(recipe_file)
+    recipe = dataclasses.replace(
+        recipe, calibration=dataclasses.replace(recipe.calibration, smoothquant=0.5),
+        engines=[e for e in recipe.engines if e.name in ("fp32", "int8")])
+    outcome = run_recipe(recipe, workdir=tmp_path, say=lambda _: None)
+    assert (tmp_path / "calibration" / "smoothed" / "model.onnx").is_file()
+    smoothed = json.loads((tmp_path / "calibration" / "smoothed" / "manifest.json").read_text())
+    for name in ("fp32", "int8"):
+        engine = json.loads((tmp_path / "engines" / name / "manifest.json").read_text())
+        assert engine["source_model_hash"] == smoothed["model_hash"]
+    results = json.loads(outcome.results.read_text())
+    assert [e["name"] for e in results["engines"]] == ["fp32", "int8"]

@@ -197,7 +197,8 @@ def check_table(table: CalibrationTable | None, onnx_path: Path, graph: Any) -> 
         raise QuantkitError(
             "the calibration table was made for another model "
             f"(table: {table.model_hash[:12]}, ONNX: {model_hash[:12]})",
-            "calibrate this ONNX model ('quantkit calibrate') or pass its own table",
+            "calibrate this ONNX model ('quantkit calibrate') or pass its own table; a "
+            "SmoothQuant table belongs to the calibration's smoothed/ export",
         )
     tensors = {o for n in graph.graph.node for o in n.output} | {i.name for i in graph.graph.input}
     present = [t for t in table.amax if t in tensors]

@@ -42,6 +42,7 @@ CACHE_NAME = "calibration.cache"
 STATS_NAME = "stats.npz"
 SUMMARY_NAME = "summary.json"
 EXPORT_DIR = "export"
+SMOOTHED_DIR = "smoothed"  # the SmoothQuant-rewritten export that the table belongs to
 # The TensorRT version a cache is written for when TensorRT is not installed here (the version
 # the project's type stubs describe). Pass trt_version to match the machine that builds.
 DEFAULT_TRT_VERSION = "10.13.0"
@@ -67,12 +68,15 @@ class CalibrationRequest:
     num_bins: int = DEFAULT_NUM_BINS
     trt_version: str | None = None
     trust_remote_code: bool = False
+    smoothquant: float | None = None  # SmoothQuant alpha: smooth the graph, then calibrate it
 
     def validate(self) -> None:
         if (self.model is None) == (self.onnx is None):
             raise QuantkitError("give either a model or an ONNX file",
                                 "--model M exports M first; --onnx X uses an existing export")
         get_algorithm(self.method).resolve_params(self.params)
+        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
+            raise QuantkitError(f"SmoothQuant alpha must be within 0..1, got {self.smoothquant}")
         if self.tensors not in ("all", "quantizable"):
             raise QuantkitError(f"unknown tensor selection '{self.tensors}'",
                                 "use 'all' or 'quantizable'")
@@ -125,6 +129,14 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
                              num_samples=request.num_samples, batch_size=request.batch_size,
                              seed=request.seed)
         data = blocks.describe()
+        if request.smoothquant is not None:
+            from quantkit.smoothquant import smooth_export
+
+            onnx_path = smooth_export(onnx_path, blocks, tmp / SMOOTHED_DIR,
+                                      alpha=request.smoothquant, data_description=data)
+            model_info = {**model_info, "smoothquant": request.smoothquant,
+                          "smoothed": SMOOTHED_DIR}
+            model_hash = onnx_model_hash(onnx_path)
         if on_blocks is not None:
             on_blocks(blocks)
         stats = collect_activation_stats(onnx_path, blocks, tensors=request.tensors,
@@ -153,8 +165,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
                      for k, v in asdict(request).items()},
             files={"table": TABLE_NAME, "tensorrt_cache": CACHE_NAME, "stats": STATS_NAME,
                    "summary": SUMMARY_NAME,
-                   "onnx": (f"{EXPORT_DIR}/{onnx_path.name}" if request.model is not None
-                            else str(onnx_path.resolve()))},
+                   "onnx": _onnx_reference(request, onnx_path)},
             tensorrt_cache={"header": cache.header, "trt_version": trt_version},
             counts={"ranges": len(table.amax), "skipped": len(table.skipped),
                     "fetched_tensors": len(stats.unique_histograms()),
@@ -174,9 +185,19 @@ def _export(request: CalibrationRequest, directory: Path) -> tuple[Path, Any, di
     loaded = load_model(request.model, trust_remote_code=request.trust_remote_code)
     if loaded.tokenizer is None:
         raise QuantkitError(f"model '{request.model}' comes without a tokenizer")
-    result = export_model(loaded, directory)
+    result = export_model(loaded, directory, with_nll=True)  # same graph as `export --with-nll`
     return result.onnx_path, loaded.tokenizer, {"model": request.model, "source": loaded.source,
                                                 "export": EXPORT_DIR}
+
+
+def _onnx_reference(request: CalibrationRequest, onnx_path: Path) -> str:
+    """Where the ONNX the table belongs to lives: inside the output directory when this run
+    wrote it (export/ or smoothed/), else the path the user gave."""
+    if request.smoothquant is not None:
+        return f"{SMOOTHED_DIR}/{onnx_path.name}"
+    if request.model is not None:
+        return f"{EXPORT_DIR}/{onnx_path.name}"
+    return str(onnx_path.resolve())
 
 
 def _tokenizer_beside(onnx_path: Path) -> Any:

@@ -42,13 +42,17 @@ METHODS = "entropy, minmax, percentile, mse"
 @click.option("--trt-version", default=None,
               help="TensorRT version the calibration.cache is for (default: the installed "
                    "one, else 10.13.0).")
+@click.option("--smoothquant", "alpha", type=float, default=None, metavar="ALPHA",
+              help="SmoothQuant first (alpha in 0..1, e.g. 0.5): writes OUT/smoothed/, the "
+                   "rewritten FP32 export the ranges belong to; build engines from it.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @trust_remote_code_option
 @force_option
 def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: str | None,
             split: str, text_column: str, num_samples: int, seq_len: int, batch_size: int,
             seed: int, method: str, percentile: float | None, tensors: str,
-            trt_version: str | None, out: Path, trust_remote_code: bool, force: bool) -> None:
+            trt_version: str | None, alpha: float | None, out: Path, trust_remote_code: bool,
+            force: bool) -> None:
     """Run the FP32 model over calibration text and write INT8 ranges to OUT: table.json,
     calibration.cache (TensorRT), stats.npz (histograms), summary.json and manifest.json."""
     from quantkit.calib.run import CalibrationRequest, run_calibration
@@ -63,7 +67,7 @@ def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: 
         model=model, onnx=onnx, dataset=dataset, dataset_config=dataset_config, split=split,
         text_column=text_column, num_samples=num_samples, seq_len=seq_len,
         batch_size=batch_size, seed=seed, method=method, params=params, tensors=tensors,
-        trt_version=trt_version, trust_remote_code=trust_remote_code)
+        trt_version=trt_version, trust_remote_code=trust_remote_code, smoothquant=alpha)
     request.validate()
 
     with _Progress() as bar:
@@ -78,6 +82,9 @@ def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: 
                    f"{row['tensor']}")
     click.echo(f"Wrote {result.directory} (table.json, calibration.cache, stats.npz, "
                "summary.json, manifest.json)")
+    if alpha is not None:
+        click.echo(f"SmoothQuant (alpha {alpha}): build engines from "
+                   f"{result.directory / 'smoothed'}")
 
 
 class _Progress:
