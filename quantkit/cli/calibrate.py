@@ -91,21 +91,10 @@ class _Progress:
     """A rich progress bar over batches with tokens/s, on stderr."""
 
     def __enter__(self) -> _Progress:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from quantkit.progress import progress_bar
 
-        self.progress = Progress(
-            TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("batches  {task.fields[tokens_per_s]:,.0f} tokens/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=False)
+        self.progress = progress_bar("calibrating",
+                                     "batches  {task.fields[tokens_per_s]:,.0f} tokens/s")
         self.progress.__enter__()
         self.task: Any = None
         self.started = time.perf_counter()

@@ -256,21 +256,9 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         self._progress: Any = None
         if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from quantkit.progress import progress_bar
 
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("windows"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
-            )
+            self._progress = progress_bar("[bold]{task.description}", "windows")
 
     def __enter__(self) -> _Progress:
         if self._progress is not None:

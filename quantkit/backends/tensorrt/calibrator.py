@@ -156,19 +156,17 @@ class CalibrationSession:
 def _calibrator_classes() -> dict[CalibratorKind, CalibratorFactory]:
     import tensorrt as trt
 
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        """``trt.IInt8EntropyCalibrator2`` fed by a CalibrationSession."""
+    class _FedBySession:
+        """The calibrator callbacks, answered by a CalibrationSession (shared by both kinds)."""
 
-        def __init__(self, session: CalibrationSession) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.session = session
+        session: CalibrationSession
 
         def get_batch_size(self) -> int:
             return self.session.get_batch_size()
 
         # The stubs type get_batch as returning list[int], but the documented contract (the
         # stub's own docstring: "return either [] or None") allows None at the end of the data.
-        def get_batch(self, names: list[str]) -> list[int] | None:  # type: ignore[override]
+        def get_batch(self, names: list[str]) -> list[int] | None:
             return self.session.get_batch(names)
 
         def read_calibration_cache(self) -> bytes | None:
@@ -177,25 +175,20 @@ def _calibrator_classes() -> dict[CalibratorKind, CalibratorFactory]:
         def write_calibration_cache(self, cache: Buffer) -> None:
             self.session.write_calibration_cache(cache)
 
-    class MinMaxCalibrator(trt.IInt8MinMaxCalibrator):
+    # misc: the mixin's get_batch returns None at end of data, which the stubs do not allow
+    class EntropyCalibrator(_FedBySession, trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+        """``trt.IInt8EntropyCalibrator2`` fed by a CalibrationSession."""
+
+        def __init__(self, session: CalibrationSession) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.session = session
+
+    class MinMaxCalibrator(_FedBySession, trt.IInt8MinMaxCalibrator):  # type: ignore[misc]
         """``trt.IInt8MinMaxCalibrator`` fed by a CalibrationSession."""
 
         def __init__(self, session: CalibrationSession) -> None:
             trt.IInt8MinMaxCalibrator.__init__(self)
             self.session = session
-
-        def get_batch_size(self) -> int:
-            return self.session.get_batch_size()
-
-        # See EntropyCalibrator: None is the documented end-of-data value.
-        def get_batch(self, names: list[str]) -> list[int] | None:  # type: ignore[override]
-            return self.session.get_batch(names)
-
-        def read_calibration_cache(self) -> bytes | None:
-            return self.session.read_calibration_cache()
-
-        def write_calibration_cache(self, cache: Buffer) -> None:
-            self.session.write_calibration_cache(cache)
 
     return {CalibratorKind.ENTROPY: EntropyCalibrator, CalibratorKind.MINMAX: MinMaxCalibrator}
 
