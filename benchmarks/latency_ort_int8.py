@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=10, help="timed runs per model and shape")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--metric", default="wall", choices=["wall", "cpu"],
+                   help="wall: wall-clock time per run; cpu: process CPU time per run with one "
+                        "thread (robust to other load on the machine; forces --threads 1)")
+    p.add_argument("--plan", type=Path, default=REPO / "configs" / "int8.yaml",
+                   help="quantkit precision recipe (default: every MatMul/Gemm INT8)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration blocks")
     p.add_argument("--calib-seq", type=int, default=128, help="calibration block length")
     p.add_argument("--smollm2-onnx", type=Path, default=None,
@@ -222,15 +227,15 @@ def bench_model(name: str, onnx_path: Path, tokenizer: Any, args: argparse.Names
         data={"source": "calib_data/sample train", "samples": args.calib_samples,
               "seq_len": args.calib_seq},
         num_samples=args.calib_samples, num_tokens=args.calib_samples * args.calib_seq)
-    engine = build_engine(workdir / f"{name}-quantkit-int8", precision="int8", onnx=onnx_path,
-                          table=table, plan=REPO / "configs" / "int8.yaml",
+    engine = build_engine(workdir / f"{name}-quantkit-int8", precision="mixed", onnx=onnx_path,
+                          table=table, plan=args.plan,
                           options={"shared_inputs": args.shared_inputs}, force=True)
     t1 = time.perf_counter()
     ort_path = ort_quantize_static(onnx_path, workdir / f"{name}-ort-qdq.onnx", calib)
     t2 = time.perf_counter()
-    print(f"[{name}] calibration + quantkit build {t1 - t0:.0f} s "
-          f"(INT8 coverage {engine.manifest['int8_coverage']:.1%}), quantize_static {t2 - t1:.0f} s",
-          flush=True)
+    coverage = engine.manifest["int8_coverage"]
+    print(f"[{name}] calibration + quantkit build {t1 - t0:.0f} s (INT8 coverage "
+          f"{coverage:.1%}), quantize_static {t2 - t1:.0f} s", flush=True)
     paths = {"fp32": onnx_path, "quantkit": engine.path / engine.manifest["onnx"],
              "ort_qdq": ort_path}
     sessions, fusions = {}, {}
@@ -253,15 +258,18 @@ def bench_model(name: str, onnx_path: Path, tokenizer: Any, args: argparse.Names
         agree = {k: float(np.mean(v.argmax(-1) == ref.argmax(-1))) for k, v in logits.items()}
         del logits
         times: dict[str, list[float]] = {k: [] for k in sessions}
+        clock = time.process_time if args.metric == "cpu" else time.perf_counter
         for i in range(args.warmup + args.iterations):
             for key, sess in sessions.items():
-                start = time.perf_counter()
+                start = clock()
                 sess.run(["logits"], feed)
                 if i >= args.warmup:
-                    times[key].append(time.perf_counter() - start)
+                    times[key].append(clock() - start)
         p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
         row = {
             "model": name, "shape": f"{batch}x{seq}", "iterations": args.iterations,
+            "metric": args.metric, "threads": args.threads,
+            "load_average": os.getloadavg()[0],
             "fp32_ms": p50["fp32"], "quantkit_ms": p50["quantkit"], "ort_qdq_ms": p50["ort_qdq"],
             "quantkit_vs_fp32": p50["quantkit"] / p50["fp32"],
             "ort_qdq_vs_fp32": p50["ort_qdq"] / p50["fp32"],
@@ -292,6 +300,8 @@ def format_row(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.metric == "cpu":
+        args.threads = 1
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -301,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment_info()
     print(f"CPU: {env.get('cpu')} ({os.cpu_count()} cores), threads {args.threads}, "
-          f"p50 of {args.iterations} runs after {args.warmup} warm-up", flush=True)
+          f"{args.metric} time p50 of {args.iterations} runs after {args.warmup} warm-up, "
+          f"load average {os.getloadavg()[0]:.1f}, quantkit plan {args.plan.name}", flush=True)
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="quantkit-bench-")
