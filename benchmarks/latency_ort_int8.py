@@ -227,7 +227,7 @@ def bench_model(name: str, onnx_path: Path, tokenizer: Any, args: argparse.Names
         data={"source": "calib_data/sample train", "samples": args.calib_samples,
               "seq_len": args.calib_seq},
         num_samples=args.calib_samples, num_tokens=args.calib_samples * args.calib_seq)
-    engine = build_engine(workdir / f"{name}-quantkit-int8", precision="mixed", onnx=onnx_path,
+    engine = build_engine(workdir / f"{name}-quantkit-int8", precision="int8", onnx=onnx_path,
                           table=table, plan=args.plan,
                           options={"shared_inputs": args.shared_inputs}, force=True)
     t1 = time.perf_counter()
