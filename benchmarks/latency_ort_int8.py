@@ -44,16 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma list of: " + ", ".join(MODELS))
     p.add_argument("--shapes", default="1x128,1x512,4x128,4x512", help="BATCHxSEQ list")
-    p.add_argument("--iterations", type=int, default=10, help="timed runs per model and shape")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--iterations", type=int, default=6, help="timed runs per model and shape")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--metric", default="wall", choices=["wall", "cpu"],
                    help="wall: wall-clock time per run; cpu: process CPU time per run with one "
                         "thread (robust to other load on the machine; forces --threads 1)")
     p.add_argument("--plan", type=Path, default=REPO / "configs" / "int8.yaml",
                    help="quantkit precision recipe (default: every MatMul/Gemm INT8)")
-    p.add_argument("--calib-samples", type=int, default=8, help="calibration blocks")
-    p.add_argument("--calib-seq", type=int, default=128, help="calibration block length")
+    p.add_argument("--calib-samples", type=int, default=4, help="calibration blocks (batch 1)")
+    p.add_argument("--calib-seq", type=int, default=512,
+                   help="calibration block length (cover the longest benchmarked sequence)")
     p.add_argument("--smollm2-onnx", type=Path, default=None,
                    help="existing FP32 export (model.onnx or its directory) without nll")
     p.add_argument("--workdir", type=Path, default=None, help="keep exports and models here")
