@@ -54,8 +54,11 @@ class CalibrationConfig:
     method: str = "entropy"
     params: dict[str, Any] = field(default_factory=dict)
     tensors: str = "all"
+    smoothquant: float | None = None  # SmoothQuant alpha; None = off
 
     def __post_init__(self) -> None:
+        if self.smoothquant is not None and not 0.0 <= float(self.smoothquant) <= 1.0:
+            raise QuantkitError("calibration.smoothquant (alpha) must be within 0..1")
         for name in ("num_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise QuantkitError(f"calibration.{name} must be at least 1")
@@ -147,15 +150,13 @@ class Recipe:
         data = dict(data)
         if "model" not in data:
             raise QuantkitError(f"{where} has no 'model'")
-        sub = {
-            "export": _from_mapping(ExportConfig, data.pop("export", None), f"{where}.export"),
-            "calibration": _from_mapping(
-                CalibrationConfig, data.pop("calibration", None), f"{where}.calibration"
-            ),
-            "evaluation": _from_mapping(
-                EvaluationConfig, data.pop("evaluation", None), f"{where}.evaluation"
-            ),
-        }
+        export = _from_mapping(ExportConfig, data.pop("export", None), f"{where}.export")
+        calibration = _from_mapping(
+            CalibrationConfig, data.pop("calibration", None), f"{where}.calibration"
+        )
+        evaluation = _from_mapping(
+            EvaluationConfig, data.pop("evaluation", None), f"{where}.evaluation"
+        )
         engines_data = data.pop("engines", None) or []
         if not isinstance(engines_data, list):
             raise QuantkitError(f"{where}.engines must be a list")
@@ -164,7 +165,9 @@ class Recipe:
             for i, e in enumerate(engines_data)
         ]
         base = _from_mapping(Recipe, {**data, "model": data["model"]}, where)
-        return dataclasses.replace(base, engines=engines, **sub)
+        return dataclasses.replace(
+            base, engines=engines, export=export, calibration=calibration, evaluation=evaluation
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -144,6 +144,8 @@ def _export_proto(model: Any, opset: int, with_nll: bool) -> Any:
             )
     except Exception as exc:  # the exporter raises many types; the user needs the reason
         raise QuantkitError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}") from exc
+    if program is None:
+        raise QuantkitError("torch.onnx.export returned no program")
     return program.model_proto
 
 

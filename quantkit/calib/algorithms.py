@@ -17,6 +17,7 @@ see :func:`entropy_divergences` for the exact formulation and the two documented
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -168,6 +169,17 @@ def entropy_threshold_bin(
     return int(cands[ties[-1]])
 
 
+@functools.lru_cache(maxsize=16)
+def _level_bounds(n: int, start_bin: int, num_levels: int, stride: int) -> np.ndarray:
+    """``ceil(k * i / num_levels)`` for every candidate i and level edge k (read-only, cached:
+    most histograms of a model share their bin count)."""
+    cands = np.arange(start_bin, n + 1, stride, dtype=np.int64)
+    k = np.arange(num_levels + 1, dtype=np.int64)
+    bounds = -((-k[None, :] * cands[:, None]) // num_levels)
+    bounds.flags.writeable = False
+    return bounds
+
+
 def entropy_divergences(
     counts: np.ndarray, *, start_bin: int = 128, num_levels: int = 128, stride: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -209,25 +221,25 @@ def entropy_divergences(
     if total <= 0:
         return cands, np.full(len(cands), np.inf)
 
+    # Prefix sums of the counts, of the non-empty bins and of b*log(b).
     nonzero = b > 0
-    blogb = np.zeros(n)
-    blogb[nonzero] = b[nonzero] * np.log(b[nonzero])
     cum_b = np.concatenate([[0.0], np.cumsum(b)])
-    cum_nz = np.concatenate([[0], np.cumsum(nonzero, dtype=np.int64)])
+    cum_nz = np.concatenate([[0.0], np.cumsum(nonzero, dtype=np.float64)])
+    blogb = np.where(nonzero, b * np.log(np.where(nonzero, b, 1.0)), 0.0)
     cum_blogb = np.concatenate([[0.0], np.cumsum(blogb)])
 
-    # Level boundaries for every (candidate, level): level k covers bins [bounds[:, k],
-    # bounds[:, k+1]), bounds = ceil(k * i / L); per-level sums are differences of prefix sums.
-    k = np.arange(num_levels + 1, dtype=np.int64)
-    bounds = -((-k[None, :] * cands[:, None]) // num_levels)
-    mass = np.diff(cum_b[bounds], axis=1)
-    nbins = np.diff(cum_nz[bounds], axis=1)
-    seg_blogb = np.diff(cum_blogb[bounds], axis=1)
-    filled = mass > 0  # implies nbins > 0
-    log_q = np.zeros_like(mass)
-    np.log(mass, out=log_q, where=filled)
-    log_q -= np.log(np.maximum(nbins, 1))
-    div = (seg_blogb - np.where(filled, mass * log_q, 0.0)).sum(axis=1)
+    # Level k of candidate i covers bins [bounds[i, k], bounds[i, k+1]); per-level sums are
+    # differences of the prefix sums, gathered for every (candidate, level) at once.
+    bounds = _level_bounds(n, start_bin, num_levels, stride)
+
+    def level_sums(prefix: np.ndarray) -> np.ndarray:
+        at = prefix[bounds]
+        return at[:, 1:] - at[:, :-1]
+
+    mass, nbins, seg_blogb = level_sums(cum_b), level_sums(cum_nz), level_sums(cum_blogb)
+    # log of Q's value on the level's non-empty bins (0 for an empty level, whose mass is 0)
+    log_q = np.log(np.where(mass > 0, mass, 1.0) / np.maximum(nbins, 1.0))
+    div = (seg_blogb - mass * log_q).sum(axis=1)
 
     # Correct the last kept bin j = i-1, whose P also carries the outliers beyond i.
     kept = cum_b[cands]

@@ -36,7 +36,11 @@ Checked on every sub-batch from the tensor's min and max (one pass each):
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import math
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,14 +71,13 @@ ProgressFn = Callable[[int, int], None]  # (batches done, tokens done)
 class _Root:
     """Collection state of one fetched tensor."""
 
-    __slots__ = ("hist", "skip", "constant", "const_values", "names")
+    __slots__ = ("hist", "skip", "constant", "const_values")
 
     def __init__(self, num_bins: int) -> None:
         self.hist = StreamingHistogram(num_bins)
         self.skip: str | None = None
         self.constant = True  # every batch so far had all elements equal
         self.const_values: set[float] = set()
-        self.names: list[str] = []  # calibrated tensors holding these values
 
 
 def _np_dtype(elem_type: int) -> np.dtype:
@@ -91,10 +94,16 @@ def _nbytes(value: Any) -> int:
 
 
 class _Runner:
-    """The model as a chain of ONNX Runtime sessions, one per segment."""
+    """The model as a chain of ONNX Runtime sessions, one per segment.
 
-    def __init__(self, model: Any, info: GraphInfo, roots: list[str], max_tensors: int,
-                 num_threads: int | None) -> None:
+    Sessions are loaded from files, their weights from an external-data file, so the weights are
+    read once by ONNX Runtime and never serialised into per-segment byte strings: a model held
+    in memory as a protobuf, then as bytes, then in ONNX Runtime costs three times its size, and
+    the freed protobuf memory is not handed back to the system.
+    """
+
+    def __init__(self, tmp: Path, model: Any, info: GraphInfo, roots: list[str],
+                 max_tensors: int, num_threads: int | None) -> None:
         import onnxruntime as ort
 
         self.segments = partition(info, roots, max_tensors)
@@ -110,13 +119,13 @@ class _Runner:
         options.enable_cpu_mem_arena = False
         self.sessions = []
         for seg in self.segments:
-            proto = segment_model(model, info, seg).SerializeToString()
+            path = tmp / f"segment{seg.index}.onnx"
+            path.write_bytes(segment_model(model, info, seg).SerializeToString())
             try:
-                sess = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+                sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the model: "
-                                    f"{exc}") from None
-            del proto
+                raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the "
+                                    f"model: {exc}") from None
             self.sessions.append(sess)
         self.last_use: dict[str, int] = {}
         for seg in self.segments:
@@ -125,6 +134,45 @@ class _Runner:
         self.keep = [{n for n in seg.outputs if self.last_use.get(n, -1) > seg.index}
                      for seg in self.segments]
         self.root_sets = [set(seg.roots) for seg in self.segments]
+
+
+def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
+    """The model's graph, its large initializers referring to external-data files in ``tmp``.
+
+    Weights embedded in the file are written once to ``tmp/weights.bin`` and the model is read
+    back without them: a protobuf frees nothing until the whole message goes, so clearing the
+    fields in place would keep the full model in memory next to ONNX Runtime's copy. The files of
+    a model that already uses external data are linked into ``tmp`` instead.
+    """
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data, uses_external_data
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            link = tmp / location
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to((onnx_path.parent / location).resolve())
+    if any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer):
+        convert_model_to_external_data(model, all_tensors_to_one_file=True,
+                                       location="weights.bin", size_threshold=1024)
+        onnx.save_model(model, str(tmp / "weightless.onnx"))
+        del model
+        gc.collect()
+        _release_freed_memory()
+        model = onnx.load(str(tmp / "weightless.onnx"), load_external_data=False)
+    return model
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the C heap back to the system (glibc only; a no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def collect_activation_stats(
@@ -148,8 +196,6 @@ def collect_activation_stats(
     data for the record; ``model_hash`` defaults to the hash of the ONNX file (and its external
     data).
     """
-    import onnx
-
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise QuantkitError(f"ONNX model {onnx_path} not found")
@@ -157,30 +203,28 @@ def collect_activation_stats(
         from quantkit.export import onnx_model_hash
 
         model_hash = onnx_model_hash(onnx_path)
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
-    info = analyse(model)
-    selected = select_tensors(info, tensors)
-    if not selected:
-        raise QuantkitError(f"the model has no floating-point activations to calibrate "
-                            f"(tensors={tensors!r})")
-    roots_of = alias_roots(info, selected)
-    states: dict[str, _Root] = {}
-    skipped: dict[str, str] = {}
-    for name in selected:
-        root = roots_of[name]
-        if info.elem_types.get(root) == 16:
-            skipped[name] = "bfloat16 tensors are not supported by the collector"
-            continue
-        states.setdefault(root, _Root(num_bins)).names.append(name)
-    fetched = [r for r in states if r not in info.inputs]
-    runner = _Runner(model, info, fetched, max_tensors_per_segment, num_threads)
-    del model
+    with tempfile.TemporaryDirectory(prefix="quantkit-calib-") as tmp:
+        model = _load_weightless(onnx_path, Path(tmp))
+        info = analyse(model)
+        selected = select_tensors(info, tensors)
+        if not selected:
+            raise QuantkitError(f"the model has no floating-point activations to calibrate "
+                                f"(tensors={tensors!r})")
+        roots_of = alias_roots(info, selected)
+        states: dict[str, _Root] = {}
+        skipped: dict[str, str] = {}
+        for name in selected:
+            root = roots_of[name]
+            if info.elem_types.get(root) == 16:
+                skipped[name] = "bfloat16 tensors are not supported by the collector"
+                continue
+            states.setdefault(root, _Root(num_bins))
+        fetched = [r for r in states if r not in info.inputs]
+        runner = _Runner(Path(tmp), model, info, fetched, max_tensors_per_segment, num_threads)
+        fixed_rows = _fixed_batch(model, info)
+        del model
 
     input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
-    fixed_rows = _fixed_batch(onnx_path, info)
     num_batches = num_samples = num_tokens = 0
     peak = 0
     rows_per_run = 1
@@ -195,7 +239,7 @@ def collect_activation_stats(
         while start < rows:
             take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
             sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
-            run_peak = _run_once(runner, sub, states, info)
+            run_peak = _run_once(runner, sub, states)
             peak = max(peak, run_peak)
             per_row = max(1, run_peak // take)
             limit = rows if fixed_rows is None else fixed_rows
@@ -245,11 +289,8 @@ def _constant_reason(state: _Root) -> str | None:
             f"{values[0]:.6g} to {values[-1]:.6g})")
 
 
-def _fixed_batch(onnx_path: Path, info: GraphInfo) -> int | None:
+def _fixed_batch(model: Any, info: GraphInfo) -> int | None:
     """The batch size the model's inputs fix (None if dynamic)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
     for vi in model.graph.input:
         if vi.name in info.inputs and vi.type.tensor_type.HasField("shape"):
             dims = vi.type.tensor_type.shape.dim
@@ -307,15 +348,14 @@ def _observe(name: str, arr: np.ndarray, state: _Root) -> None:
                       "an attention-mask sentinel; keep it in floating point")
         return
     if lo == hi:
-        state.const_values.add(lo)
+        state.const_values.add(lo + 0.0)  # -0.0 and 0.0 are one value
     else:
         state.constant = False
         state.const_values.clear()
     state.hist.update_finite(flat, lo, hi)
 
 
-def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root],
-              info: GraphInfo) -> int:
+def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root]) -> int:
     """Run all segments on one sub-batch; returns the most activation bytes alive at once."""
     for name, arr in feed.items():
         if name in states:

@@ -137,6 +137,12 @@ class TrtCache:
     def header(self) -> str:
         return f"TRT-{self.version}-{self.algorithm}"
 
+    def with_version(self, trt_version: int | str) -> TrtCache:
+        """The same scales under another TensorRT version's header (after a deliberate
+        ``allow_version_mismatch``: TensorRT ignores a cache whose header is not its own)."""
+        version = trt_version if isinstance(trt_version, int) else trt_version_number(trt_version)
+        return TrtCache(version, self.algorithm, dict(self.scales))
+
     @classmethod
     def read(cls, path: Path) -> TrtCache:
         path = Path(path)

@@ -38,9 +38,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from quantkit.cli import build, demo, export, plan
+    from quantkit.cli import build, calibrate, demo, export, plan, report, run
+    from quantkit.cli import eval as eval_command
 
-    for module in (export, build, plan, demo):
+    for module in (export, calibrate, build, plan, eval_command, report, run, demo):
         cli.add_command(module.command)
 
 

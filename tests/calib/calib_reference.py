@@ -47,3 +47,18 @@ def entropy_threshold_bin_loop(counts, start_bin=128, num_levels=128, stride=1):
     cands, divs = entropy_divergences_loop(counts, start_bin, num_levels, stride)
     last_argmin = len(divs) - 1 - int(np.argmin(divs[::-1]))
     return int(cands[last_argmin])
+
+
+def mse_amax_loop(counts, edges, start_bin=128, stride=1, num_bits=8):
+    """pytorch-quantization's _compute_amax_mse, one candidate at a time (float64)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    centers = (edges[1:] + edges[:-1]) / 2
+    top = 2 ** (num_bits - 1) - 1
+    errors, args = [], []
+    for i in range(start_bin, len(centers), stride):
+        amax = centers[i]
+        scale = top / amax
+        q = np.clip(np.round(centers * scale), -top, top) / scale
+        errors.append(np.mean((q - centers) ** 2 * counts))
+        args.append(i)
+    return float(centers[args[int(np.argmin(errors))]])

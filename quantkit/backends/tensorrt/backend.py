@@ -1,0 +1,293 @@
+"""The TensorRT backend: ``BuildRequest`` -> engine directory, and runners over it.
+
+An engine directory holds ``engine.plan`` (the serialized engine), ``layers.json`` (what every
+engine layer runs in, from the engine inspector, and how the plan was applied), ``build_log.txt``
+(TensorRT's warnings and errors), the tokenizer of the export, and, after a TensorRT calibration,
+``calibration.cache`` (TensorRT's bytes) and ``calibration_table.json`` (the same scales as a
+quantkit CalibrationTable). ``manifest.json`` records the inputs and a summary of all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sized
+from pathlib import Path
+from typing import Any
+
+from quantkit.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from quantkit.backends.base import Backend, BuildRequest, Engine, Runner
+from quantkit.backends.tensorrt._trt import require_tensorrt
+from quantkit.backends.tensorrt.calibrator import (
+    TRT_ALGORITHM_NAMES,
+    CalibrationSession,
+    CalibrationSource,
+)
+from quantkit.backends.tensorrt.layers import compare_with_plan, summarize_engine_layers
+from quantkit.backends.tensorrt.options import CalibratorKind, TensorRTBuildOptions
+from quantkit.backends.tensorrt.runner import ENGINE_FILE, TensorRTRunner
+from quantkit.backends.tensorrt.version import QuantPath, TrtVersion, select_path
+from quantkit.errors import QuantkitError
+from quantkit.plan import Precision, PrecisionPlan
+
+LAYERS_FILE = "layers.json"
+LOG_FILE = "build_log.txt"
+CACHE_FILE = "calibration.cache"
+TABLE_FILE = "calibration_table.json"
+
+
+def wanted_precisions(precision: str, plan: PrecisionPlan | None) -> set[Precision]:
+    """The precisions an engine must realise: the plan's, else the label's."""
+    if plan is not None and plan.decisions:
+        return {d.precision for d in plan.decisions.values()}
+    if precision == "mixed":
+        raise QuantkitError("a 'mixed' engine needs a precision plan")
+    return {Precision.parse(precision)}
+
+
+def choose_calibrator(
+    options: TensorRTBuildOptions, table_algorithm: str | None
+) -> CalibratorKind:
+    """The calibrator named in the options, else the one whose cache header the table's scales
+    go out under (``MinMaxCalibration`` for minmax tables, ``EntropyCalibration2`` for every
+    other method: with a cache TensorRT uses the scales as given), else entropy."""
+    from_table = None
+    if table_algorithm is not None:
+        by_algorithm = {name: kind for kind, name in TRT_ALGORITHM_NAMES.items()}
+        if table_algorithm not in by_algorithm:
+            raise QuantkitError(f"no TensorRT calibrator reads '{table_algorithm}' caches")
+        from_table = by_algorithm[table_algorithm]
+    if options.calibrator is not None:
+        if from_table is not None and from_table is not options.calibrator:
+            raise QuantkitError(
+                f"the calibration table goes to TensorRT as a {table_algorithm} cache, the "
+                f"options ask for the {options.calibrator.value} calibrator",
+                "TensorRT only takes a cache whose algorithm matches its calibrator: drop the "
+                "calibrator option",
+            )
+        return options.calibrator
+    return from_table or CalibratorKind.ENTROPY
+
+
+def calibration_shape(
+    options: TensorRTBuildOptions, data: Any
+) -> tuple[int, int]:
+    """The calibration (batch, seq): the option, else the data's batch_size/seq_len, else the
+    first profile's opt shape."""
+    if options.calibration_shape is not None:
+        return options.calibration_shape
+    batch, seq = getattr(data, "batch_size", None), getattr(data, "seq_len", None)
+    if isinstance(batch, int) and isinstance(seq, int):
+        return (batch, seq)
+    return options.profiles[0].opt
+
+
+class TensorRTBackend(Backend):
+    """Builds TensorRT engines (implicit calibrator path on TensorRT 10, explicit strongly typed
+    Q/DQ path on 10 and 11). ``calibration_data``: re-iterable token batches (``TokenBlocks``)
+    for the implicit INT8 path; they are not serialisable, so they are given here rather than in
+    ``BuildRequest.options``."""
+
+    name = "tensorrt"
+
+    def __init__(self, calibration_data: Iterable[Any] | None = None) -> None:
+        self.calibration_data = calibration_data
+        self._sources: dict[tuple[Any, ...], CalibrationSource] = {}
+
+    def set_calibration_data(self, data: Iterable[Any] | None) -> None:
+        self.calibration_data = data
+        self._sources.clear()
+
+    # -- checks before anything is written --------------------------------------------------------
+    def _check_request(self, request: BuildRequest) -> None:
+        options = TensorRTBuildOptions.from_dict(request.options)
+        wanted_precisions(request.precision, request.plan)
+        for key in ("qdq_onnx", "calibration_cache"):
+            value = getattr(options, key)
+            if value is not None and not Path(value).is_file():
+                raise QuantkitError(f"{key} {value} does not exist")
+        if options.calibration_cache is not None and request.table is not None:
+            raise QuantkitError(
+                "both a calibration table and a calibration cache were given", "give one of them"
+            )
+        if options.qdq_onnx is not None and options.mode.value == "implicit":
+            raise QuantkitError(
+                "a Q/DQ ONNX builds on the explicit path, not with the calibrator",
+                "use mode 'explicit' (or 'auto') with qdq_onnx",
+            )
+
+    # -- the build --------------------------------------------------------------------------------
+    def _build_impl(self, request: BuildRequest, out_dir: Path) -> dict[str, Any]:
+        from quantkit.backends.onnxruntime import copy_export_context
+        from quantkit.backends.tensorrt.builder import BuildSpec, build_engine
+
+        options = TensorRTBuildOptions.from_dict(request.options)
+        trt_mod = require_tensorrt()
+        version_text = str(trt_mod.__version__)
+        version = TrtVersion.parse(version_text)
+        path = select_path(version, options.mode, has_qdq_onnx=options.qdq_onnx is not None)
+        wanted = wanted_precisions(request.precision, request.plan)
+        onnx_path = Path(request.onnx_path)
+        if path is QuantPath.EXPLICIT and options.qdq_onnx is not None:
+            onnx_path = Path(options.qdq_onnx)
+
+        fields = copy_export_context(Path(request.onnx_path), out_dir)
+        model_hash = fields.get("source_model_hash")
+        source = None
+        if path is QuantPath.IMPLICIT and Precision.INT8 in wanted:
+            source = self._calibration_source(request, options, version_text, model_hash)
+
+        outcome = build_engine(
+            BuildSpec(
+                onnx_path=onnx_path,
+                path=path,
+                wanted=wanted,
+                options=options,
+                plan=request.plan if path is QuantPath.IMPLICIT else None,
+                calibration=source,
+            )
+        )
+        atomic_write_bytes(out_dir / ENGINE_FILE, outcome.engine)
+        atomic_write_text(out_dir / LOG_FILE, outcome.log.text("WARNING"))
+
+        engine_layers = outcome.engine_layers
+        layer_summary = summarize_engine_layers(engine_layers)
+        comparison = compare_with_plan(engine_layers, request.plan) if request.plan else None
+        atomic_write_json(
+            out_dir / LAYERS_FILE,
+            {
+                "summary": layer_summary,
+                "plan_comparison": comparison,
+                "plan_mapping": outcome.plan_mapping.to_dict() if outcome.plan_mapping else None,
+                "layers": [layer.to_dict() for layer in engine_layers],
+            },
+        )
+
+        calibration: dict[str, Any] | None = None
+        session = outcome.calibration
+        if session is not None:
+            calibration = session.describe()
+            if session.written is not None and not session.used_cache:
+                atomic_write_bytes(out_dir / CACHE_FILE, session.written)
+                calibration["cache_file"] = CACHE_FILE
+                calibration["table_file"] = self._write_table(
+                    session, out_dir, version_text, model_hash
+                )
+
+        fields.update(
+            engine_file=ENGINE_FILE,
+            layers_file=LAYERS_FILE,
+            size_bytes=len(outcome.engine),
+            int8_coverage=_int8_coverage(comparison),
+            tensorrt={
+                "version": version_text,
+                "path": path.value,
+                "strongly_typed": outcome.strongly_typed,
+                "onnx_built": str(onnx_path),
+                "flags": outcome.flags,
+                "constraints": _constraints_used(outcome.flags),
+                "profiles": [p.to_dict() for p in options.profiles],
+                "io": outcome.io,
+                "calibration": calibration,
+                "timing_cache": outcome.timing_cache,
+                "layer_precisions": layer_summary,
+                "plan_mapping": outcome.plan_mapping.summary() if outcome.plan_mapping else None,
+                "plan_comparison": (
+                    {k: v for k, v in comparison.items() if k != "differ"}
+                    | {"differ": len(comparison["differ"])}
+                    if comparison else None
+                ),
+                "warnings": len(outcome.log.warnings()),
+                "notes": outcome.notes,
+            },
+        )
+        describe = getattr(self.calibration_data, "describe", None)
+        if source is not None and source.data is not None and callable(describe):
+            fields["calibration_data"] = describe()
+        return fields
+
+    def _calibration_source(
+        self,
+        request: BuildRequest,
+        options: TensorRTBuildOptions,
+        trt_version: str,
+        model_hash: str | None,
+    ) -> CalibrationSource:
+        from quantkit.backends.tensorrt import cache_io
+
+        table = request.table
+        table_algorithm = cache_io.calibrator_algorithm_for_table(table) if table else None
+        kind = choose_calibrator(options, table_algorithm)
+        algorithm = TRT_ALGORITHM_NAMES[kind]
+        cache: bytes | None = None
+        if table is not None or options.calibration_cache is not None:
+            names = cache_io.onnx_tensor_names(Path(request.onnx_path))
+            if table is not None:
+                cache = cache_io.cache_bytes_from_table(
+                    table, algorithm, trt_version, model_hash=model_hash, tensor_names=names
+                )
+            elif options.calibration_cache is not None:
+                cache = cache_io.cache_bytes_from_file(
+                    Path(options.calibration_cache),
+                    algorithm,
+                    trt_version,
+                    accept_version_mismatch=options.accept_cache_version_mismatch,
+                    tensor_names=names,
+                )
+        data = self.calibration_data
+        if data is None and cache is None:
+            raise QuantkitError(
+                "implicit INT8 needs calibration data, a CalibrationTable or a TensorRT "
+                "calibration cache; none was given",
+                "pass calibration data (token blocks) or a table, or build the Q/DQ ONNX and "
+                "use mode 'explicit'",
+            )
+        if isinstance(data, Sized) and len(data) == 0:
+            raise QuantkitError("the calibration data holds zero batches")
+        shape = calibration_shape(options, data)
+        key = (kind, shape, id(data), cache)
+        source = self._sources.get(key)
+        if source is None:
+            source = CalibrationSource(kind, shape, data=data, cache=cache)
+            self._sources[key] = source
+        return source
+
+    def _write_table(
+        self,
+        session: CalibrationSession,
+        out_dir: Path,
+        trt_version: str,
+        model_hash: str | None,
+    ) -> str:
+        from quantkit.backends.tensorrt import cache_io
+
+        assert session.written is not None
+        describe = getattr(self.calibration_data, "describe", None)
+        feeder = session.feeder
+        table = cache_io.table_from_cache_bytes(
+            session.written,
+            TRT_ALGORITHM_NAMES[session.kind],
+            trt_version,
+            model_hash=model_hash,
+            data_description=describe() if callable(describe) else None,
+            num_samples=feeder.rows_fed if feeder is not None else 0,
+            num_tokens=feeder.rows_fed * feeder.shape[1] if feeder is not None else 0,
+        )
+        table.save(out_dir / TABLE_FILE)
+        return TABLE_FILE
+
+    def _runner_impl(self, engine: Engine, **options: Any) -> Runner:
+        return TensorRTRunner(engine, **options)
+
+
+def _constraints_used(flags: list[str]) -> str | None:
+    for flag, name in (("OBEY_PRECISION_CONSTRAINTS", "obey"),
+                       ("PREFER_PRECISION_CONSTRAINTS", "prefer")):
+        if flag in flags:
+            return name
+    return None
+
+
+def _int8_coverage(comparison: dict[str, Any] | None) -> float | None:
+    """Of the plan's INT8 nodes, the share the inspector shows in an INT8 engine layer."""
+    if not comparison or not comparison["planned_int8"]:
+        return None
+    return comparison["realized_int8"] / comparison["planned_int8"]

@@ -1,0 +1,229 @@
+"""The whole calibration step as one library call (``quantkit calibrate`` is a thin wrapper):
+model or ONNX + text -> token blocks -> activation stats -> CalibrationTable, written atomically
+into an output directory:
+
+* ``table.json``        the CalibrationTable (amax per tensor, skipped tensors and why)
+* ``calibration.cache`` the same scales as a TensorRT calibration cache
+* ``stats.npz``         the histograms, to recompute the ranges with another method for free
+* ``summary.json``      largest ranges and clipped share per tensor
+* ``manifest.json``     what made it (model hash, data, method, versions)
+* ``export/``           the FP32 ONNX export, when a model (not an ONNX) was given
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from quantkit.artifacts import (
+    atomic_output_dir,
+    atomic_write_json,
+    check_can_write,
+    make_manifest,
+    write_manifest,
+)
+from quantkit.calib.algorithms import get_algorithm
+from quantkit.calib.histogram import DEFAULT_NUM_BINS
+from quantkit.calib.stats import ActivationStats, calibrate
+from quantkit.calib.table import CalibrationTable
+from quantkit.calib.trt_cache import table_to_trt_cache, trt_version_number
+from quantkit.errors import QuantkitError
+
+CALIBRATION_KIND = "calibration"
+TABLE_NAME = "table.json"
+CACHE_NAME = "calibration.cache"
+STATS_NAME = "stats.npz"
+SUMMARY_NAME = "summary.json"
+EXPORT_DIR = "export"
+# The TensorRT version a cache is written for when TensorRT is not installed here (the version
+# the project's type stubs describe). Pass trt_version to match the machine that builds.
+DEFAULT_TRT_VERSION = "10.13.0"
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What to calibrate, on what data, how. Exactly one of ``model`` / ``onnx`` is set."""
+
+    model: str | None = None
+    onnx: Path | None = None
+    dataset: str = "wikitext"
+    dataset_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    num_samples: int = 512
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    method: str = "entropy"
+    params: dict[str, Any] = field(default_factory=dict)
+    tensors: str = "all"
+    num_bins: int = DEFAULT_NUM_BINS
+    trt_version: str | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if (self.model is None) == (self.onnx is None):
+            raise QuantkitError("give either a model or an ONNX file",
+                                "--model M exports M first; --onnx X uses an existing export")
+        get_algorithm(self.method).resolve_params(self.params)
+        if self.tensors not in ("all", "quantizable"):
+            raise QuantkitError(f"unknown tensor selection '{self.tensors}'",
+                                "use 'all' or 'quantizable'")
+
+
+@dataclass
+class CalibrationResult:
+    directory: Path
+    table: CalibrationTable
+    stats: ActivationStats
+    summary: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = False,
+                    progress: ProgressFn | None = None,
+                    on_blocks: Callable[[Any], None] | None = None) -> CalibrationResult:
+    """Calibrate and write the output directory (nothing is left behind on error or Ctrl-C).
+
+    ``on_blocks`` is called with the TokenBlocks once the data is chosen (to size a progress bar);
+    ``progress`` after each batch with (batches done, tokens done).
+    """
+    from quantkit.calib.collect import collect_activation_stats
+    from quantkit.data import TokenBlocks, resolve_text_source
+    from quantkit.export import find_onnx, onnx_model_hash
+
+    request.validate()
+    out = Path(out)
+    check_can_write(out, force)
+    trt_version = request.trt_version or _installed_tensorrt() or DEFAULT_TRT_VERSION
+    trt_number = trt_version_number(trt_version)
+    source = resolve_text_source(request.dataset, request.dataset_config, request.split,
+                                 request.text_column)
+    with atomic_output_dir(out, force=force) as tmp:
+        if request.model is not None:
+            onnx_path, tokenizer, model_info = _export(request, tmp / EXPORT_DIR)
+        else:
+            assert request.onnx is not None
+            onnx_path = find_onnx(request.onnx)
+            tokenizer = _tokenizer_beside(onnx_path)
+            model_info = {"onnx": str(onnx_path.resolve())}
+        model_hash = onnx_model_hash(onnx_path)
+        blocks = TokenBlocks(source, tokenizer, seq_len=request.seq_len,
+                             num_samples=request.num_samples, batch_size=request.batch_size,
+                             seed=request.seed)
+        data = blocks.describe()
+        if on_blocks is not None:
+            on_blocks(blocks)
+        stats = collect_activation_stats(onnx_path, blocks, tensors=request.tensors,
+                                         num_bins=request.num_bins, progress=progress,
+                                         data=data, model_hash=model_hash)
+        table = calibrate(stats, request.method, **request.params)
+        cache = table_to_trt_cache(table, trt_number)
+        summary = summarize(stats, table)
+
+        table.save(tmp / TABLE_NAME)
+        cache.write(tmp / CACHE_NAME)
+        stats.save(tmp / STATS_NAME)
+        atomic_write_json(tmp / SUMMARY_NAME, summary)
+        inputs = {
+            "model": model_info,
+            "model_hash": model_hash,
+            "data": data,
+            "method": request.method,
+            "params": table.params,
+            "tensors": request.tensors,
+            "num_bins": request.num_bins,
+        }
+        manifest = make_manifest(
+            CALIBRATION_KIND, inputs,
+            request={k: (str(v) if isinstance(v, Path) else v)
+                     for k, v in asdict(request).items()},
+            files={"table": TABLE_NAME, "tensorrt_cache": CACHE_NAME, "stats": STATS_NAME,
+                   "summary": SUMMARY_NAME,
+                   "onnx": (f"{EXPORT_DIR}/{onnx_path.name}" if request.model is not None
+                            else str(onnx_path.resolve()))},
+            tensorrt_cache={"header": cache.header, "trt_version": trt_version},
+            counts={"ranges": len(table.amax), "skipped": len(table.skipped),
+                    "fetched_tensors": len(stats.unique_histograms()),
+                    "batches": stats.num_batches, "samples": stats.num_samples,
+                    "tokens": stats.num_tokens},
+            peak_activation_bytes=stats.peak_activation_bytes,
+        )
+        write_manifest(tmp, manifest)
+    return CalibrationResult(out, table, stats, summary, manifest)
+
+
+def _export(request: CalibrationRequest, directory: Path) -> tuple[Path, Any, dict[str, Any]]:
+    from quantkit.export import export_model
+    from quantkit.models import load_model
+
+    assert request.model is not None
+    loaded = load_model(request.model, trust_remote_code=request.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise QuantkitError(f"model '{request.model}' comes without a tokenizer")
+    result = export_model(loaded, directory)
+    return result.onnx_path, loaded.tokenizer, {"model": request.model, "source": loaded.source,
+                                                "export": EXPORT_DIR}
+
+
+def _tokenizer_beside(onnx_path: Path) -> Any:
+    from quantkit.export import TOKENIZER_DIR
+    from quantkit.models import load_tokenizer
+
+    directory = onnx_path.parent / TOKENIZER_DIR
+    if not directory.is_dir():
+        raise QuantkitError(
+            f"no tokenizer beside {onnx_path} (looked for {directory})",
+            "calibrate an export directory written by 'quantkit export', or pass --model",
+        )
+    return load_tokenizer(directory)
+
+
+def _installed_tensorrt() -> str | None:
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu13"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def clipped_fraction(hist: Any, amax: float) -> float:
+    """Share of the values in bins that lie wholly above amax (clipped by INT8)."""
+    width = hist.bin_width
+    if not width or hist.total == 0:
+        return 0.0
+    first = math.ceil(amax / width - 1e-9)  # first bin whose lower edge is >= amax
+    return float(hist.counts[first:].sum()) / hist.total
+
+
+def summarize(stats: ActivationStats, table: CalibrationTable, top: int = 20) -> dict[str, Any]:
+    """Per-tensor amax, largest |x| and clipped share; the largest and most clipped first."""
+    per_tensor = {}
+    for name, amax in table.amax.items():
+        hist = stats.histograms[name]
+        per_tensor[name] = {"amax": amax, "max_abs": hist.amax,
+                            "clipped_fraction": clipped_fraction(hist, amax),
+                            "shares_values_with": stats.aliases.get(name)}
+    largest = sorted(per_tensor, key=lambda n: -per_tensor[n]["amax"])[:top]
+    clipped = sorted(per_tensor, key=lambda n: -per_tensor[n]["clipped_fraction"])[:top]
+    reasons = Counter(why.split(":", 1)[0] for why in table.skipped.values())
+    return {
+        "method": table.method,
+        "params": table.params,
+        "num_ranges": len(table.amax),
+        "num_skipped": len(table.skipped),
+        "skip_reasons": dict(reasons),
+        "largest_amax": [{"tensor": n, **per_tensor[n]} for n in largest],
+        "most_clipped": [{"tensor": n, **per_tensor[n]} for n in clipped],
+        "per_tensor": per_tensor,
+        "skipped": table.skipped,
+    }

@@ -1,0 +1,131 @@
+"""``quantkit eval``: perplexity and latency of engines, compared against the FP32 and FP16 ones."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from quantkit.cli.options import force_option
+
+
+@click.command("eval")
+@click.option("--engine", "engines", multiple=True, required=True,
+              type=click.Path(path_type=Path), metavar="DIR",
+              help="Engine directory (repeat to compare engines of one model).")
+@click.option("--dataset", default="wikitext", show_default=True,
+              help="Hub dataset id, local .txt/.raw/.jsonl/.parquet file or folder, or 'sample'.")
+@click.option("--dataset-config", default=None, help="Hub dataset config (wikitext: "
+              "wikitext-2-raw-v1).")
+@click.option("--split", default="test", show_default=True, help="Dataset split.")
+@click.option("--text-column", default="text", show_default=True,
+              help="Column holding the text (Hub, .jsonl, .parquet).")
+@click.option("--max-length", type=int, default=None,
+              help="Window length in tokens [default: 512, or the model's limit if smaller].")
+@click.option("--stride", type=int, default=None,
+              help="Tokens between window starts [default: max-length, no overlap].")
+@click.option("--limit-tokens", type=int, default=None,
+              help="Evaluate only the first N tokens of the text.")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Windows per engine call.")
+@click.option("--latency-grid", default="1x128,1x512", show_default=True,
+              help="BATCHxSEQ points to time, comma-separated; 'none' to skip.")
+@click.option("--warmup", type=int, default=2, show_default=True,
+              help="Untimed iterations per grid point.")
+@click.option("--iterations", type=int, default=10, show_default=True,
+              help="Timed iterations per grid point.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for ONNX Runtime [default: every core].")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Results JSON (schema quantkit.results/1).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar over windows [default: when stderr is a terminal].")
+@force_option
+def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None, split: str,
+            text_column: str, max_length: int | None, stride: int | None,
+            limit_tokens: int | None, batch_size: int, latency_grid: str, warmup: int,
+            iterations: int, threads: int | None, out: Path, progress: bool | None,
+            force: bool) -> None:
+    """Measure perplexity (sliding windows) and latency of each engine on the same text.
+
+    Engines must come from one model and tokenizer. Deltas are against the run's fp32 and fp16
+    engines. Example:
+
+      quantkit eval --engine out/fp32 --engine out/int8 --dataset wiki.test.raw
+      --limit-tokens 20000 --out results.json
+    """
+    from quantkit.artifacts import check_can_write
+    from quantkit.eval.evaluate import EvalConfig, evaluate_engines
+    from quantkit.eval.latency import parse_grid
+    from quantkit.eval.results import write_results
+
+    check_can_write(out, force)
+    config = EvalConfig(
+        dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
+        max_length=max_length, stride=stride, limit_tokens=limit_tokens, batch_size=batch_size,
+        latency_grid=tuple(parse_grid(latency_grid)), warmup=warmup, iterations=iterations,
+        threads=threads,
+    )
+    if progress is None:
+        progress = sys.stderr.isatty()
+    command_line = _command_line(click.get_current_context())
+    results = evaluate_engines(list(engines), config, command=command_line, progress=progress)
+    write_results(results, out, force=force)
+    _print_table(results)
+    click.echo(f"Wrote {out}")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed (``sys.argv``); when invoked in-process (tests, scripts), the
+    equivalent command spelled out from the parsed options, defaults included."""
+    argv = sys.argv[1:]
+    if argv and argv[0] == ctx.info_name:
+        return shlex.join(["quantkit", *argv])
+    parts = ["quantkit", str(ctx.info_name)]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if value is None or value is False:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            parts.append(flag if value is True else f"--no-{flag.lstrip('-')}")
+        elif param.multiple:
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _print_table(results: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    data = results.dataset
+    table = Table(title=f"{data['num_tokens']} tokens, {data['num_windows']} windows of "
+                        f"{data['max_length']} (stride {data['stride']})")
+    for column in ("engine", "precision", "int8", "perplexity", "vs fp32", "vs fp16", "size MB"):
+        table.add_column(column, justify="left" if column in ("engine", "precision") else "right")
+    grid = results.settings["latency_grid"]
+    for point in grid:
+        table.add_column(f"p50 ms {point}", justify="right")
+    for eng in results.engines:
+        cells = [
+            eng.name, eng.precision,
+            "-" if eng.int8_coverage is None else f"{100 * eng.int8_coverage:.0f}%",
+            f"{eng.perplexity:.3f}",
+            "-" if eng.delta_vs_fp32 is None else f"{eng.delta_vs_fp32.pct:+.3g}%",
+            "-" if eng.delta_vs_fp16 is None else f"{eng.delta_vs_fp16.pct:+.3g}%",
+            "-" if eng.size_bytes is None else f"{eng.size_bytes / 1e6:.1f}",
+        ]
+        cells += [f"{p.p50_ms:.1f}" for p in eng.latency]
+        table.add_row(*cells)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log or pipe: don't squeeze the table into 80 columns
+    console.print(table)

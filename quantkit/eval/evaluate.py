@@ -1,0 +1,393 @@
+"""``quantkit eval`` as a library call: perplexity and latency of one or more engines on one text.
+
+Everything that can be wrong with the input is checked before the first engine runs: every path is
+an engine, all engines come from the same model (``source_model_hash``) and tokenize the same way
+(vocabulary fingerprint), the window settings fit the model, the text is not empty. Each engine
+then runs alone (one runner at a time): perplexity over the windows, then the latency grid, with its
+peak memory measured around both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.eval.latency import (
+    LATENCY_SEED,
+    GridPoint,
+    PeakMemory,
+    check_grid,
+    measure_latency,
+)
+from quantkit.eval.perplexity import (
+    TokenizedText,
+    check_window_settings,
+    evaluate_perplexity,
+    plan_windows,
+    tokenize_text,
+)
+from quantkit.eval.results import EngineResult, EvalResults, with_deltas
+
+DEFAULT_MAX_LENGTH = 512
+CPU_THREADED_BACKENDS = ("onnxruntime",)  # runners that take a ``threads`` option
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    dataset: str = "wikitext"
+    dataset_config: str | None = None
+    split: str = "test"
+    text_column: str = "text"
+    max_length: int | None = None  # None: min(512, the model's max positions)
+    stride: int | None = None  # None: max_length (non-overlapping windows)
+    limit_tokens: int | None = None
+    batch_size: int = 1
+    latency_grid: tuple[GridPoint, ...] = (GridPoint(1, 128), GridPoint(1, 512))
+    warmup: int = 2
+    iterations: int = 10
+    threads: int | None = None  # None: every core
+    use_nll: bool | None = None  # None: fused nll output when the engine has it
+
+    @classmethod
+    def from_recipe(cls, evaluation: Any, **overrides: Any) -> EvalConfig:
+        """From a recipe's ``quantkit.config.EvaluationConfig`` (same field names; its latency
+        grid strings become grid points); ``overrides`` replace fields."""
+        from quantkit.eval.latency import parse_grid
+
+        values = {f: getattr(evaluation, f) for f in (
+            "dataset", "dataset_config", "split", "text_column", "max_length", "stride",
+            "limit_tokens", "batch_size", "warmup", "iterations", "threads")}
+        values["latency_grid"] = tuple(parse_grid(",".join(evaluation.latency_grid)))
+        values.update(overrides)
+        return cls(**values)
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise QuantkitError(f"batch-size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise QuantkitError(f"threads must be at least 1, got {self.threads}")
+        if self.warmup < 0:
+            raise QuantkitError(f"warmup must be 0 or more, got {self.warmup}")
+        if self.iterations < 1:
+            raise QuantkitError(f"iterations must be at least 1, got {self.iterations}")
+        if self.limit_tokens is not None and self.limit_tokens < 2:
+            raise QuantkitError(f"limit-tokens must be at least 2, got {self.limit_tokens}")
+
+
+@dataclass
+class EngineInfo:
+    """An engine directory checked for evaluation, with its tokenizer."""
+
+    name: str
+    engine: Any  # quantkit.backends.base.Engine
+    tokenizer: Any = field(repr=False)
+    tokenizer_sha256: str
+
+    @property
+    def manifest(self) -> Any:
+        return self.engine.manifest
+
+    @property
+    def max_positions(self) -> int | None:
+        value = self.manifest.get("max_positions")
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def vocab_size(self) -> int | None:
+        value = self.manifest.get("vocab_size")
+        return int(value) if isinstance(value, int) else None
+
+
+def load_engine_info(path: Path) -> tuple[Any, Any, str]:
+    """(Engine, tokenizer, tokenizer fingerprint) of an engine directory, or QuantkitError."""
+    from quantkit.backends.base import Engine
+    from quantkit.models import load_tokenizer, tokenizer_fingerprint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise QuantkitError(f"engine directory {path} does not exist")
+    try:
+        engine = Engine.load(path)
+    except QuantkitError as exc:
+        raise QuantkitError(
+            f"{path} is not an engine: {exc.message}", "build one with 'quantkit build'"
+        ) from None
+    missing = [k for k in ("backend", "precision", "source_model_hash")
+               if not engine.manifest.get(k)]
+    if missing:
+        raise QuantkitError(f"engine {path} has an incomplete manifest (no {', '.join(missing)})")
+    tok_dir = engine.manifest.get("tokenizer")
+    if not tok_dir or not (path / str(tok_dir)).is_dir():
+        raise QuantkitError(
+            f"engine {path} has no tokenizer",
+            "build it from an export made by 'quantkit export', which saves the tokenizer",
+        )
+    tokenizer = load_tokenizer(path / str(tok_dir))
+    return engine, tokenizer, tokenizer_fingerprint(tokenizer)
+
+
+def engine_names(paths: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for path in paths:
+        base = Path(path).resolve().name or "engine"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+def load_engines(paths: Sequence[Path]) -> list[EngineInfo]:
+    """Load and cross-check the engines of one run (same model, same tokenizer)."""
+    if not paths:
+        raise QuantkitError("no engine given", "pass --engine DIR (one or more)")
+    resolved = [Path(p).resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise QuantkitError(f"engine {paths[i]} is given twice")
+    infos = []
+    for name, path in zip(engine_names(paths), paths, strict=True):
+        engine, tokenizer, fingerprint = load_engine_info(Path(path))
+        infos.append(EngineInfo(name, engine, tokenizer, fingerprint))
+    check_compatible(infos)
+    return infos
+
+
+def check_compatible(infos: Sequence[EngineInfo]) -> None:
+    """Refuse to compare engines of different models, tokenizers or vocabularies."""
+    first = infos[0]
+    for other in infos[1:]:
+        a, b = first.manifest["source_model_hash"], other.manifest["source_model_hash"]
+        if a != b:
+            raise QuantkitError(
+                f"engines {first.name} and {other.name} were built from different models "
+                f"(source model {str(a)[:12]} vs {str(b)[:12]})",
+                "compare engines built from one export in one run",
+            )
+        if first.tokenizer_sha256 != other.tokenizer_sha256:
+            raise QuantkitError(
+                f"engines {first.name} and {other.name} have different tokenizers",
+                "compare engines built from one export in one run",
+            )
+        if first.vocab_size != other.vocab_size:
+            raise QuantkitError(
+                f"engines {first.name} and {other.name} have different vocabulary sizes "
+                f"({first.vocab_size} vs {other.vocab_size})"
+            )
+
+
+def resolve_windows(config: EvalConfig, max_positions: int | None) -> tuple[int, int]:
+    max_length = config.max_length
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, max_positions or DEFAULT_MAX_LENGTH)
+    stride = config.stride if config.stride is not None else max_length
+    check_window_settings(max_length, stride, max_positions)
+    return max_length, stride
+
+
+def gpu_info() -> list[dict[str, Any]] | None:
+    """NVIDIA GPUs as ``nvidia-smi`` sees them, or None where there is none."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            memory = int(parts[1]) if parts[1].isdigit() else None
+            gpus.append({"name": parts[0], "memory_total_mib": memory, "driver": parts[2]})
+    return gpus or None
+
+
+def results_environment() -> dict[str, Any]:
+    from quantkit.environment import environment_info
+
+    return {**environment_info(), "gpu": gpu_info()}
+
+
+class _Progress:
+    """A rich progress bar over windows on stderr; a no-op when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._progress: Any = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("windows"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def task(self, description: str, total: int) -> Callable[[int], None] | None:
+        if self._progress is None:
+            return None
+        task_id = self._progress.add_task(description, total=total)
+        progress = self._progress
+
+        def advance(n: int) -> None:
+            progress.advance(task_id, n)
+
+        return advance
+
+
+def evaluate_engine(
+    info: EngineInfo,
+    tokens: TokenizedText,
+    max_length: int,
+    stride: int,
+    config: EvalConfig,
+    on_batch: Callable[[int], None] | None = None,
+) -> EngineResult:
+    """Perplexity and latency of one engine, with its peak memory (deltas left empty)."""
+    options: dict[str, Any] = {}
+    if config.threads is not None and info.engine.backend in CPU_THREADED_BACKENDS:
+        options["threads"] = config.threads
+    vocab = info.vocab_size or len(info.tokenizer)
+    with PeakMemory() as memory, info.engine.runner(**options) as runner:
+        ppl = evaluate_perplexity(
+            runner, tokens, max_length, stride, config.batch_size,
+            use_nll=config.use_nll, vocab_size=vocab, on_batch=on_batch,
+        )
+        latency = measure_latency(
+            runner, config.latency_grid, vocab, config.warmup, config.iterations
+        )
+        described = runner.describe()
+    manifest = info.manifest
+    coverage = manifest.get("int8_coverage")
+    size = manifest.get("size_bytes")
+    return EngineResult(
+        name=info.name,
+        path=str(Path(info.engine.path).resolve()),
+        backend=info.engine.backend,
+        precision=info.engine.precision,
+        int8_coverage=float(coverage) if isinstance(coverage, (int, float)) else None,
+        source_model_hash=str(manifest["source_model_hash"]),
+        size_bytes=int(size) if isinstance(size, int) else None,
+        perplexity=ppl.perplexity,
+        nll_mean=ppl.nll_mean,
+        nll_sum=ppl.nll_sum,
+        num_scored_tokens=ppl.num_scored_tokens,
+        eval_output=ppl.output,
+        eval_batch_size=ppl.batch_size,
+        eval_seconds=ppl.seconds,
+        eval_tokens_per_s=ppl.num_input_tokens / ppl.seconds if ppl.seconds > 0 else 0.0,
+        delta_vs_fp32=None,
+        delta_vs_fp16=None,
+        latency=tuple(latency),
+        peak_rss_bytes=memory.peak_bytes,
+        rss_baseline_bytes=memory.baseline_bytes,
+        peak_rss_delta_bytes=memory.delta_bytes,
+        peak_rss_method=memory.method,
+        runner=dict(described),
+    )
+
+
+def evaluate_engines(
+    engine_dirs: Sequence[Path],
+    config: EvalConfig,
+    *,
+    command: str | None = None,
+    progress: bool = False,
+) -> EvalResults:
+    """Check everything, then evaluate each engine on the same tokens; return the results."""
+    from quantkit.data import resolve_text_source
+    from quantkit.eval.text import load_evaluation_text
+
+    config.check()
+    infos = load_engines(engine_dirs)
+    limits = [i.max_positions for i in infos if i.max_positions is not None]
+    max_positions = min(limits) if limits else None
+    max_length, stride = resolve_windows(config, max_positions)
+    check_grid(config.latency_grid, max_positions)
+
+    source = resolve_text_source(config.dataset, config.dataset_config, config.split,
+                                 config.text_column)
+    text = load_evaluation_text(source)
+    tokens = tokenize_text(infos[0].tokenizer, text.text, config.limit_tokens,
+                           text.num_documents)
+    windows = plan_windows(tokens.num_tokens, max_length, stride)
+
+    engines = []
+    with _Progress(progress) as bar:
+        for info in infos:
+            advance = bar.task(f"{info.name} ({info.engine.precision})", len(windows))
+            engines.append(evaluate_engine(info, tokens, max_length, stride, config, advance))
+    engines_with_deltas, reference = with_deltas(engines)
+    dataset = {
+        "source": source.describe(),
+        "split": source.split,
+        **{k: v for k, v in text.describe().items() if k in ("num_documents", "num_chars",
+                                                                 "joined_with")},
+        "text_sha256": tokens.text_sha256,
+        "tokenizer_sha256": infos[0].tokenizer_sha256,
+        "add_special_tokens": False,
+        "total_tokens": tokens.total_tokens,
+        "limit_tokens": config.limit_tokens,
+        "num_tokens": tokens.num_tokens,
+        "tokens_sha256": tokens.tokens_sha256,
+        "max_length": max_length,
+        "stride": stride,
+        "num_windows": len(windows),
+        "num_scored_tokens": sum(w.num_scored for w in windows),
+    }
+    settings = {
+        "batch_size": config.batch_size,
+        "threads": config.threads,
+        "warmup": config.warmup,
+        "iterations": config.iterations,
+        "latency_grid": [str(p) for p in config.latency_grid],
+        "latency_seed": LATENCY_SEED,
+        "cpu_threads_available": os.cpu_count(),
+    }
+    return EvalResults(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        commands=(command,) if command else (),
+        environment=results_environment(),
+        dataset=dataset,
+        settings=settings,
+        reference=reference,
+        engines=engines_with_deltas,
+    )
+
+
+__all__ = [
+    "EvalConfig",
+    "EngineInfo",
+    "check_compatible",
+    "evaluate_engine",
+    "evaluate_engines",
+    "load_engines",
+    "resolve_windows",
+]

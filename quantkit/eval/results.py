@@ -1,0 +1,373 @@
+"""Evaluation results: the ``results.json`` that ``quantkit eval`` writes and reports read.
+
+Schema ``quantkit.results/1`` (every key below is present; ``null`` only where marked)::
+
+    {
+      "schema": "quantkit.results/1",
+      "created": "2025-01-01T00:00:00+00:00",          # UTC, ISO 8601
+      "commands": ["quantkit eval --engine ... --out results.json"],   # exact command line(s)
+      "environment": {                                   # where it was measured
+        "python", "platform", "cpu" (model name), "cpu_count",
+        "libraries": {"quantkit", "numpy", "onnx", "onnxruntime", "torch", "transformers",
+                      "tensorrt": version or null},
+        "commit": git commit of quantkit ("-dirty" if modified) or null,
+        "gpu": [{"name", "memory_total_mib", "driver"}] or null (no NVIDIA GPU)
+      },
+      "dataset": {
+        "source": {"kind": "hub"|"local", "name", "config", "split", "column"},
+        "split", "num_documents", "num_chars", "joined_with": "\\n\\n" (the separator itself),
+        "text_sha256",            # sha256 of the joined text (UTF-8)
+        "tokenizer_sha256",       # quantkit.models.tokenizer_fingerprint of the engines' tokenizer
+        "add_special_tokens": false,
+        "total_tokens",           # tokens of the whole text
+        "limit_tokens": int or null,
+        "num_tokens",             # tokens evaluated (first limit_tokens of the text)
+        "tokens_sha256",          # sha256 of the evaluated ids as little-endian int64
+        "max_length", "stride", "num_windows",
+        "num_scored_tokens"       # num_tokens - 1 if stride < max_length,
+                                  # else num_tokens - num_windows (see quantkit.eval.perplexity)
+      },
+      "settings": {"batch_size", "threads": int or null (null: every core), "warmup",
+                   "iterations", "latency_grid": ["1x128", ...], "latency_seed"},
+      "reference": {"fp32": engine name or null, "fp16": engine name or null},
+      "engines": [                                       # in the order given, at least one
+        {
+          "name",                 # unique in the file (the directory name, "-2" etc. if repeated)
+          "path", "backend", "precision",            # precision: fp32 | fp16 | int8 | mixed | ...
+          "int8_coverage": float or null,             # share of quantizable ops run in INT8
+          "source_model_hash", "size_bytes": int or null,
+          "perplexity", "nll_mean", "nll_sum", "num_scored_tokens",
+          "eval_output": "nll" | "logits",           # fused per-token NLL, or logits reduced here
+          "eval_batch_size", "eval_seconds", "eval_tokens_per_s",   # whole perplexity loop
+          "delta_vs_fp32": {"abs": ppl - ppl_fp32, "pct": 100 * abs / ppl_fp32} or null,
+          "delta_vs_fp16": same against the fp16 reference, or null,
+          "latency": [{"batch", "seq", "warmup", "iterations", "p50_ms", "p90_ms", "p99_ms",
+                       "mean_ms", "min_ms", "max_ms", "tokens_per_s"}],  # [] if no grid
+          "peak_rss_bytes": int or null, "rss_baseline_bytes": int or null,
+          "peak_rss_delta_bytes": int or null, "peak_rss_method": str,
+          "runner": {...}         # Runner.describe(): providers, threads, device, versions
+        }
+      ]
+    }
+
+Reference engines are the first engine of precision ``fp32`` (and ``fp16``) in the run; a reference
+engine's delta against itself is 0. ``load_results`` checks all of the above and raises
+``QuantkitError`` naming the first offending key, e.g. ``engines[1].latency[0].p50_ms``. Readers
+should refuse other schema strings; additive, backward-compatible changes keep ``/1``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.eval.latency import LatencyPoint
+
+SCHEMA = "quantkit.results/1"
+SCHEMA_PREFIX = "quantkit.results/"
+
+
+@dataclass(frozen=True)
+class Delta:
+    abs: float
+    pct: float
+
+    @classmethod
+    def between(cls, value: float, reference: float) -> Delta:
+        diff = value - reference
+        return cls(abs=diff, pct=100.0 * diff / reference)
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    name: str
+    path: str
+    backend: str
+    precision: str
+    int8_coverage: float | None
+    source_model_hash: str
+    size_bytes: int | None
+    perplexity: float
+    nll_mean: float
+    nll_sum: float
+    num_scored_tokens: int
+    eval_output: str
+    eval_batch_size: int
+    eval_seconds: float
+    eval_tokens_per_s: float
+    delta_vs_fp32: Delta | None
+    delta_vs_fp16: Delta | None
+    latency: tuple[LatencyPoint, ...]
+    peak_rss_bytes: int | None
+    rss_baseline_bytes: int | None
+    peak_rss_delta_bytes: int | None
+    peak_rss_method: str
+    runner: dict[str, Any] = field(default_factory=dict)
+
+    def latency_at(self, batch: int, seq: int) -> LatencyPoint | None:
+        return next((p for p in self.latency if (p.batch, p.seq) == (batch, seq)), None)
+
+
+@dataclass(frozen=True)
+class EvalResults:
+    created: str
+    commands: tuple[str, ...]
+    environment: dict[str, Any]
+    dataset: dict[str, Any]
+    settings: dict[str, Any]
+    reference: dict[str, str | None]
+    engines: tuple[EngineResult, ...]
+    schema: str = SCHEMA
+
+    def engine(self, name: str) -> EngineResult:
+        for eng in self.engines:
+            if eng.name == name:
+                return eng
+        raise QuantkitError(
+            f"no engine '{name}' in these results", f"engines: {', '.join(self.names)}"
+        )
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.engines]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        ordered = {"schema": data.pop("schema")}
+        ordered.update(data)
+        ordered["commands"] = list(self.commands)
+        for eng in ordered["engines"]:
+            eng["latency"] = list(eng["latency"])
+        ordered["engines"] = list(ordered["engines"])
+        return ordered
+
+    @classmethod
+    def from_dict(cls, data: Any) -> EvalResults:
+        """Validate and convert; raises QuantkitError naming the first bad key."""
+        return _parse_results(data)
+
+
+def with_deltas(engines: Sequence[EngineResult]) -> tuple[tuple[EngineResult, ...],
+                                                           dict[str, str | None]]:
+    """Fill ``delta_vs_fp32`` / ``delta_vs_fp16`` from the first engine of each precision."""
+    from dataclasses import replace
+
+    refs: dict[str, EngineResult | None] = {
+        p: next((e for e in engines if e.precision == p), None) for p in ("fp32", "fp16")
+    }
+    out = []
+    for eng in engines:
+        deltas = {
+            f"delta_vs_{p}": (Delta.between(eng.perplexity, ref.perplexity) if ref else None)
+            for p, ref in refs.items()
+        }
+        out.append(replace(eng, **deltas))
+    return tuple(out), {p: (ref.name if ref else None) for p, ref in refs.items()}
+
+
+def write_results(results: EvalResults, path: Path, force: bool = False) -> Path:
+    """Write atomically; refuse to replace an existing file unless ``force``."""
+    from quantkit.artifacts import atomic_write_json, check_can_write
+
+    data = results.to_dict()
+    _parse_results(json.loads(json.dumps(data)))  # never write a file the reader rejects
+    check_can_write(Path(path), force)
+    atomic_write_json(Path(path), data)
+    return Path(path)
+
+
+def load_results(path: Path) -> EvalResults:
+    """Read and validate a ``results.json``; errors name the file and the offending key."""
+    from quantkit.artifacts import read_json
+
+    path = Path(path)
+    data = read_json(path)
+    try:
+        return _parse_results(data)
+    except QuantkitError as exc:
+        raise QuantkitError(f"{path}: {exc.message}", exc.hint) from None
+
+
+# -- validation ------------------------------------------------------------------------------
+class _Checker:
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, Mapping):
+            raise QuantkitError(f"{where or 'results'}: expected an object, "
+                                f"got {type(data).__name__}")
+        self.data = data
+        self.where = where
+
+    def _path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kinds: tuple[type, ...], nullable: bool = False,
+            what: str | None = None) -> Any:
+        if key not in self.data:
+            raise QuantkitError(f"{self._path(key)} is missing")
+        value = self.data[key]
+        if value is None and nullable:
+            return None
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            expected = what or " or ".join(k.__name__ for k in kinds)
+            raise QuantkitError(
+                f"{self._path(key)}: expected {expected}{' or null' if nullable else ''}, "
+                f"got {json.dumps(value)[:60]}"
+            )
+        return value
+
+    def string(self, key: str, nullable: bool = False) -> Any:
+        return self.get(key, (str,), nullable)
+
+    def integer(self, key: str, nullable: bool = False, minimum: int | None = 0) -> Any:
+        value = self.get(key, (int,), nullable, "an integer")
+        if value is not None and minimum is not None and value < minimum:
+            raise QuantkitError(f"{self._path(key)}: expected at least {minimum}, got {value}")
+        return value
+
+    def number(self, key: str, nullable: bool = False, finite: bool = True) -> Any:
+        value = self.get(key, (int, float), nullable, "a number")
+        if value is not None and finite and not math.isfinite(value):
+            raise QuantkitError(f"{self._path(key)}: expected a finite number, got {value}")
+        return None if value is None else float(value)
+
+    def obj(self, key: str, nullable: bool = False) -> Any:
+        value = self.get(key, (dict,), nullable, "an object")
+        return None if value is None else _Checker(value, self._path(key))
+
+    def array(self, key: str) -> list[Any]:
+        return list(self.get(key, (list,), False, "an array"))
+
+
+_LATENCY_INTS = ("batch", "seq", "warmup", "iterations")
+_LATENCY_FLOATS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "tokens_per_s")
+
+
+def _parse_latency(data: Any, where: str) -> LatencyPoint:
+    c = _Checker(data, where)
+    ints = {k: c.integer(k) for k in _LATENCY_INTS}
+    floats = {k: c.number(k) for k in _LATENCY_FLOATS}
+    if ints["batch"] < 1 or ints["seq"] < 1 or ints["iterations"] < 1:
+        raise QuantkitError(f"{where}: batch, seq and iterations must be at least 1")
+    return LatencyPoint(**ints, **floats)
+
+
+def _parse_delta(c: _Checker, key: str) -> Delta | None:
+    d = c.obj(key, nullable=True)
+    return None if d is None else Delta(abs=d.number("abs"), pct=d.number("pct"))
+
+
+def _parse_engine(data: Any, where: str) -> EngineResult:
+    c = _Checker(data, where)
+    output = c.string("eval_output")
+    if output not in ("nll", "logits"):
+        raise QuantkitError(f"{where}.eval_output: expected 'nll' or 'logits', got '{output}'")
+    perplexity = c.number("perplexity")
+    if perplexity < 1.0:
+        raise QuantkitError(f"{where}.perplexity: expected at least 1, got {perplexity}")
+    latency = tuple(
+        _parse_latency(item, f"{where}.latency[{i}]") for i, item in enumerate(c.array("latency"))
+    )
+    return EngineResult(
+        name=c.string("name"),
+        path=c.string("path"),
+        backend=c.string("backend"),
+        precision=c.string("precision"),
+        int8_coverage=c.number("int8_coverage", nullable=True),
+        source_model_hash=c.string("source_model_hash"),
+        size_bytes=c.integer("size_bytes", nullable=True),
+        perplexity=perplexity,
+        nll_mean=c.number("nll_mean"),
+        nll_sum=c.number("nll_sum"),
+        num_scored_tokens=c.integer("num_scored_tokens", minimum=1),
+        eval_output=output,
+        eval_batch_size=c.integer("eval_batch_size", minimum=1),
+        eval_seconds=c.number("eval_seconds"),
+        eval_tokens_per_s=c.number("eval_tokens_per_s"),
+        delta_vs_fp32=_parse_delta(c, "delta_vs_fp32"),
+        delta_vs_fp16=_parse_delta(c, "delta_vs_fp16"),
+        latency=latency,
+        peak_rss_bytes=c.integer("peak_rss_bytes", nullable=True),
+        rss_baseline_bytes=c.integer("rss_baseline_bytes", nullable=True),
+        peak_rss_delta_bytes=c.integer("peak_rss_delta_bytes", nullable=True),
+        peak_rss_method=c.string("peak_rss_method"),
+        runner=dict(c.obj("runner").data),
+    )
+
+
+_DATASET_INTS = ("total_tokens", "num_tokens", "max_length", "stride", "num_windows",
+                 "num_scored_tokens", "num_documents", "num_chars")
+
+
+def _parse_results(data: Any) -> EvalResults:
+    c = _Checker(data, "")
+    schema = c.string("schema")
+    if schema != SCHEMA:
+        if schema.startswith(SCHEMA_PREFIX):
+            raise QuantkitError(
+                f"results schema '{schema}' is not supported (this quantkit reads '{SCHEMA}')",
+                "use the quantkit version that wrote it",
+            )
+        raise QuantkitError(f"not a quantkit results file (schema '{schema}')")
+    commands = c.array("commands")
+    if not all(isinstance(x, str) for x in commands):
+        raise QuantkitError("commands: expected an array of strings")
+    env = c.obj("environment")
+    for key in ("cpu", "platform", "python"):
+        env.string(key)
+    env.integer("cpu_count", nullable=True)
+    env.obj("libraries")
+    env.string("commit", nullable=True)
+    env.get("gpu", (list,), nullable=True, what="an array")
+    dataset = c.obj("dataset")
+    dataset.obj("source")
+    for key in ("text_sha256", "tokens_sha256", "tokenizer_sha256"):
+        dataset.string(key)
+    for key in _DATASET_INTS:
+        dataset.integer(key, minimum=1)
+    dataset.integer("limit_tokens", nullable=True)
+    settings = c.obj("settings")
+    for key in ("batch_size", "iterations"):
+        settings.integer(key, minimum=1)
+    settings.integer("warmup")
+    settings.integer("threads", nullable=True, minimum=1)
+    settings.array("latency_grid")
+    reference = c.obj("reference")
+    refs = {p: reference.string(p, nullable=True) for p in ("fp32", "fp16")}
+    items = c.array("engines")
+    if not items:
+        raise QuantkitError("engines: expected at least one engine")
+    engines = tuple(_parse_engine(item, f"engines[{i}]") for i, item in enumerate(items))
+    names = [e.name for e in engines]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise QuantkitError(f"engines: duplicate names {', '.join(duplicates)}")
+    for precision, name in refs.items():
+        if name is not None and name not in names:
+            raise QuantkitError(f"reference.{precision}: no engine named '{name}'")
+    return EvalResults(
+        schema=schema,
+        created=c.string("created"),
+        commands=tuple(commands),
+        environment=dict(env.data),
+        dataset=dict(dataset.data),
+        settings=dict(settings.data),
+        reference=refs,
+        engines=engines,
+    )
+
+
+__all__ = [
+    "SCHEMA",
+    "Delta",
+    "EngineResult",
+    "EvalResults",
+    "load_results",
+    "with_deltas",
+    "write_results",
+]

@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from calib_graphs import float_input_model, lm_batches, toy_lm
+
+from quantkit.calib import calibrate
+from quantkit.calib.collect import collect_activation_stats
+from quantkit.calib.histogram import StreamingHistogram
+from quantkit.calib.stats import ActivationStats
+from quantkit.errors import QuantkitError
+from quantkit.export import onnx_model_hash
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return toy_lm(tmp_path_factory.mktemp("toy") / "toy.onnx")
+
+
+def test_all_mode_calibrates_activations_and_skips_masks_and_constants(lm):
+    stats = collect_activation_stats(lm, lm_batches(3))
+    measured = {"emb", "q", "k", "v", "scores", "scaled", "tril", "probs", "ctx", "out",
+                "logits"}
+    assert measured <= set(stats.histograms)
+    # rearranged tensors share their source's histogram
+    assert stats.aliases == {"kt": "k", "ctx_flat": "ctx"}
+    assert stats.histograms["kt"] is stats.histograms["k"]
+    assert stats.histograms["ctx_flat"] is stats.histograms["ctx"]
+    # masks and constant-like tensors: skipped, with the reason
+    assert stats.skipped["masked"].startswith("mask: holds -3.403e+38")
+    assert stats.skipped["ones"] == "constant: every element is 1"
+    assert stats.skipped["zeros"] == "constant: every element is 0"
+    assert stats.skipped["zeros2"] == "constant: every element is 0"
+    assert stats.skipped["mask_f"] == "constant: every element is 1"
+    assert set(stats.histograms) | set(stats.skipped) == measured | {
+        "kt", "ctx_flat", "masked", "ones", "zeros", "zeros2", "mask_f"}
+    # weights, shape computations and int tensors are not activations
+    for name in ("E", "Wq", "scale", "neg", "ids_shape", "seq", "keep"):
+        assert name not in stats.histograms and name not in stats.skipped
+    assert (stats.num_batches, stats.num_samples, stats.num_tokens) == (3, 9, 108)
+    assert stats.model_hash == onnx_model_hash(lm)
+
+
+def test_padding_makes_the_float_mask_an_activation(lm):
+    stats = collect_activation_stats(lm, lm_batches(2, pad=True))
+    assert "mask_f" in stats.histograms and stats.histograms["mask_f"].amax == 1.0
+    assert stats.num_tokens == 2 * (3 * 12 - 6)
+
+
+def test_quantizable_mode_takes_the_activation_inputs_of_matmuls(lm):
+    stats = collect_activation_stats(lm, lm_batches(2), tensors="quantizable")
+    # q/k/v projections, both attention batched MatMuls, o_proj and lm_head; no weights
+    assert set(stats.histograms) == {"emb", "q", "kt", "probs", "v", "ctx_flat", "out"}
+    assert stats.aliases == {"kt": "k", "ctx_flat": "ctx"}
+    assert stats.skipped == {}
+
+
+def reference_histograms(model_path, batches, names, num_bins=2048):
+    """Every tensor exposed as a graph output of one session, histogrammed row by row."""
+    model = onnx.load(str(model_path))
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    hists = {n: StreamingHistogram(num_bins) for n in names}
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            feed = {k: v[row:row + 1] for k, v in batch.items()}
+            for name, value in zip(names, sess.run(names, feed), strict=True):
+                hists[name].update(value)
+    return hists
+
+
+@pytest.mark.parametrize("max_tensors", [1, 3, 1000])
+def test_histograms_equal_a_direct_computation(lm, max_tensors):
+    batches = lm_batches(3, seed=1)
+    # a 1-byte budget makes every run one row, like the reference
+    stats = collect_activation_stats(lm, batches, max_tensors_per_segment=max_tensors,
+                                     activation_budget=1)
+    names = sorted(stats.histograms)
+    ref = reference_histograms(lm, batches, names)
+    for name in names:
+        got, want = stats.histograms[name], ref[name]
+        assert got.bin_width == want.bin_width, name
+        np.testing.assert_array_equal(got.counts, want.counts, err_msg=name)
+        assert (got.amax, got.total) == (want.amax, want.total), name
+
+
+def test_sub_batch_size_does_not_change_totals_or_ranges(lm):
+    batches = lm_batches(2, batch=5, seed=2)
+    small = collect_activation_stats(lm, batches, activation_budget=1)
+    large = collect_activation_stats(lm, batches, activation_budget=1 << 30)
+    assert set(small.histograms) == set(large.histograms)
+    assert small.num_samples == large.num_samples == 10
+    for name, hist in small.histograms.items():
+        assert hist.amax == pytest.approx(large.histograms[name].amax, rel=1e-6)
+        if name != "tril":  # the only tensor without a batch dimension: counted once per run
+            assert hist.total == large.histograms[name].total, name
+
+
+def test_memory_does_not_grow_with_the_number_of_batches(lm):
+    one = lm_batches(1, batch=4, seed=3)
+    few = collect_activation_stats(lm, one * 2)
+    many = collect_activation_stats(lm, one * 12)
+    assert many.num_batches == 12
+    assert many.nbytes == few.nbytes  # histogram state: fixed size
+    assert many.peak_activation_bytes == few.peak_activation_bytes  # one sub-batch at a time
+    # with a small budget only one row's activations are alive at once
+    tight = collect_activation_stats(lm, one * 3, activation_budget=1)
+    assert tight.peak_activation_bytes < few.peak_activation_bytes
+
+
+def test_nan_activations_name_the_tensor(tmp_path):
+    model = float_input_model(tmp_path / "sqrt.onnx", "Sqrt")
+    batch = {"x": np.array([[1.0, 4.0, -1.0, 9.0]], dtype=np.float32)}
+    with pytest.raises(QuantkitError, match="tensor 'y' has NaN values"):
+        collect_activation_stats(model, [batch])
+
+
+def test_inf_activations_name_the_tensor(tmp_path):
+    model = float_input_model(tmp_path / "recip.onnx", "Reciprocal")
+    batch = {"x": np.array([[1.0, 0.0, 2.0, 3.0]], dtype=np.float32)}
+    with pytest.raises(QuantkitError, match="tensor 'y' has \\+Inf values"):
+        collect_activation_stats(model, [batch])
+
+
+def test_float_graph_inputs_are_calibrated(tmp_path):
+    model = float_input_model(tmp_path / "sqrt.onnx", "Sqrt")
+    batch = {"x": np.array([[1.0, 4.0, 0.25, 9.0], [16.0, 0.0, 2.0, 1.0]], dtype=np.float32)}
+    stats = collect_activation_stats(model, [batch])
+    assert set(stats.histograms) == {"x", "y", "z"}
+    assert stats.histograms["x"].amax == 16.0 and stats.histograms["z"].amax == 8.0
+    assert stats.num_tokens == 8
+
+
+def test_bad_input(lm):
+    with pytest.raises(QuantkitError, match="no calibration batches"):
+        collect_activation_stats(lm, [])
+    with pytest.raises(QuantkitError, match="lacks model input"):
+        collect_activation_stats(lm, [{"input_ids": np.zeros((1, 4), np.int64)}])
+    with pytest.raises(QuantkitError, match="'input_ids' is float32"):
+        collect_activation_stats(lm, [{"input_ids": np.zeros((1, 4), np.float32),
+                                       "attention_mask": np.ones((1, 4), np.int64)}])
+    with pytest.raises(QuantkitError, match="unknown tensor selection"):
+        collect_activation_stats(lm, lm_batches(1), tensors="some")
+    with pytest.raises(QuantkitError, match="not found"):
+        collect_activation_stats(lm.parent / "missing.onnx", lm_batches(1))
+
+
+def test_progress_reports_batches_and_tokens(lm):
+    seen = []
+    collect_activation_stats(lm, lm_batches(3, batch=2, seq=5), progress=lambda b, t:
+                             seen.append((b, t)))
+    assert seen == [(1, 10), (2, 20), (3, 30)]
+
+
+def test_calibrate_gives_a_table(lm):
+    stats = collect_activation_stats(lm, lm_batches(3))
+    for method in ("entropy", "minmax", "percentile", "mse"):
+        table = calibrate(stats, method)
+        assert set(table.amax) == set(stats.histograms)
+        assert table.skipped == stats.skipped
+        assert table.model_hash == stats.model_hash and table.num_tokens == 108
+        assert table.amax["kt"] == table.amax["k"]
+    minmax = calibrate(stats, "minmax")
+    assert minmax.amax["probs"] <= 1.0
+    assert calibrate(stats, "percentile", percentile=99.0).params == {"percentile": 99.0}
+    with pytest.raises(QuantkitError, match="no parameter"):
+        calibrate(stats, "entropy", percentile=99.0)
+
+
+def test_stats_round_trip(lm, tmp_path):
+    stats = collect_activation_stats(lm, lm_batches(2), data={"dataset": "toy"})
+    path = tmp_path / "stats.npz"
+    stats.save(path)
+    again = ActivationStats.load(path)
+    assert list(again.histograms) == list(stats.histograms)
+    assert again.histograms["kt"] is again.histograms["k"]
+    for name, hist in stats.histograms.items():
+        np.testing.assert_array_equal(again.histograms[name].counts, hist.counts)
+        assert again.histograms[name].to_dict() == hist.to_dict()
+    assert again.skipped == stats.skipped and again.data == {"dataset": "toy"}
+    assert calibrate(again, "entropy") == calibrate(stats, "entropy")
+    via_dict = ActivationStats.from_dict(stats.to_dict())
+    assert via_dict.histograms["ctx_flat"] is via_dict.histograms["ctx"]
+    path.write_bytes(b"garbage")
+    with pytest.raises(QuantkitError, match="not a quantkit activation-stats file"):
+        ActivationStats.load(path)
+
+
+def test_tiny_llama_export(tiny_llama_export, tiny_tokenizer):
+    """The real exporter's graph: causal masks are skipped, ranges come out for the rest, and
+    every TensorRT cache name is a tensor of the model."""
+    from quantkit.calib.trt_cache import check_trt_cache, table_to_trt_cache
+    from quantkit.data import TokenBlocks, resolve_text_source
+
+    blocks = TokenBlocks(resolve_text_source("sample"), tiny_tokenizer, seq_len=32,
+                         num_samples=4, batch_size=2)
+    onnx_path = tiny_llama_export.onnx_path
+    stats = collect_activation_stats(onnx_path, blocks, data=blocks.describe())
+    assert stats.num_batches == 2 and stats.num_tokens == 4 * 32
+    masks = [n for n, why in stats.skipped.items() if why.startswith("mask:")]
+    assert masks, stats.skipped  # the causal mask (finfo.min) and the scores it is added to
+    quantizable = collect_activation_stats(onnx_path, blocks, tensors="quantizable")
+    assert set(quantizable.histograms) <= set(stats.histograms)
+    # every layer's MLP down projection input is there
+    assert any("layers.1/mlp" in n for n in quantizable.histograms)
+    table = calibrate(stats, "entropy")
+    assert all(0 < v < 1e6 for v in table.amax.values())
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = {o for node in model.graph.node for o in node.output} | {
+        i.name for i in model.graph.input}
+    check_trt_cache(table_to_trt_cache(table, "10.3.0"), tensor_names=names)

@@ -1,0 +1,39 @@
+"""SmolLM2-135M: the FP32 ONNX Runtime engine gives PyTorch's perplexity within 0.1% (slow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.eval.engines import WIKITEXT_TEST
+from tests.eval.reference import hf_guide_perplexity
+
+pytestmark = pytest.mark.slow
+
+NUM_TOKENS = 2048  # 4 windows of 512
+
+
+def test_smollm2_fp32_engine_matches_pytorch(smollm2, smollm2_export, tmp_path_factory) -> None:
+    """``smollm2`` / ``smollm2_export`` are the session fixtures of tests/conftest.py."""
+    if not WIKITEXT_TEST.is_file():
+        pytest.skip(f"{WIKITEXT_TEST} not found (../shared is absent)")
+    from quantkit.backends import get_backend
+    from quantkit.backends.base import BuildRequest
+    from quantkit.data import resolve_text_source
+    from quantkit.eval.perplexity import evaluate_perplexity, tokenize_text
+    from quantkit.eval.text import load_evaluation_text
+    from quantkit.models import load_tokenizer, tokenizer_fingerprint
+
+    engine = get_backend("onnxruntime").build(
+        BuildRequest(smollm2_export.onnx_path, "fp32", None, None, {}),
+        tmp_path_factory.mktemp("smol-engine") / "fp32",
+    )
+    tokenizer = load_tokenizer(engine.path / "tokenizer")
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(smollm2.tokenizer)
+    text = load_evaluation_text(resolve_text_source(str(WIKITEXT_TEST), split="test"))
+    ids = tokenize_text(tokenizer, text.text, limit_tokens=NUM_TOKENS).ids
+    with engine.runner(threads=2) as runner:
+        result = evaluate_perplexity(runner, ids, 512, 512, batch_size=2)
+    reference = hf_guide_perplexity(smollm2.model, ids, 512, 512)
+    assert result.num_windows == 4 and result.num_scored_tokens == NUM_TOKENS - 4
+    assert result.perplexity == pytest.approx(reference, rel=1e-3)
+    assert 10 < result.perplexity < 60  # a real model on English text, not a broken pipeline
