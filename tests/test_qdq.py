@@ -31,13 +31,13 @@ from tests.build_helpers import (
 pytest_plugins = ("tests.fixtures_build",)
 
 
-def optimized(model, tmp_path):
-    """ONNX Runtime's fully optimized form of ``model`` (what its CPU provider runs)."""
+def optimized(model, tmp_path, level: str = "ORT_ENABLE_ALL"):
+    """ONNX Runtime's optimized form of ``model`` (what its CPU provider runs)."""
     import onnxruntime as ort
 
-    path = tmp_path / "optimized.onnx"
+    path = tmp_path / f"optimized-{level}.onnx"
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(path)
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return onnx.load(str(path))
@@ -243,6 +243,11 @@ def test_int8_logits_within_tolerance_and_fully_fused(which, mode, request, eval
     linear = sum(1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))
     merged = sum(len(f["members"]) - 1 for f in result.fused)
     assert sum(report["integer_ops"].values()) == linear - merged
+    # the Q/DQ fusions are ONNX Runtime's "extended" optimizations: basic leaves them undone
+    extended = fusion_report(optimized(result.model, tmp_path, "ORT_ENABLE_EXTENDED"))
+    assert extended["integer_ops"] == report["integer_ops"]
+    basic = fusion_report(optimized(result.model, tmp_path, "ORT_ENABLE_BASIC"))
+    assert not basic["integer_ops"] and len(basic["unfused_dequantized_matmuls"]) == linear - merged
     if which == "gpt2":  # Gemm biases moved to an Add so that ONNX Runtime can use QGemm
         assert report["integer_ops"].get("QGemm") == 8
         assert sum(1 for n in result.model.graph.node if n.name.endswith("/bias/Add")) == 8
