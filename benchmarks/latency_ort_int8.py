@@ -5,9 +5,9 @@ reports the p50 latency of N timed runs after warm-up (the three models are run 
 every iteration, so load from other processes hits all of them alike), the ratios, and the
 largest |logit difference| against FP32 on held-out text.
 
-Both INT8 models get the same activation ranges from the same calibration batches: MinMax,
-i.e. max|x| per tensor over the batches (quantize_static with CalibrationMethod.MinMax and
-symmetric activations; quantkit via a CalibrationTable of the same maxima). Both are W8A8 with
+Both INT8 models calibrate on the same batches with MinMax, i.e. max|x| per tensor over the
+batches (quantize_static with CalibrationMethod.MinMax and symmetric activations; quantkit with
+its own collector and the ``minmax`` algorithm). Both are W8A8 with
 symmetric int8 activations and per-channel int8 weights in QDQ format, and quantize every
 MatMul/Gemm (quantkit: configs/int8.yaml).
 
@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma list of: " + ", ".join(MODELS))
     p.add_argument("--shapes", default="1x128,1x512,4x128,4x512", help="BATCHxSEQ list")
-    p.add_argument("--iterations", type=int, default=10, help="timed runs per model and shape")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--iterations", type=int, default=6, help="timed runs per model and shape")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    p.add_argument("--calib-samples", type=int, default=8, help="calibration blocks")
-    p.add_argument("--calib-seq", type=int, default=128, help="calibration block length")
+    p.add_argument("--metric", default="wall", choices=["wall", "cpu"],
+                   help="wall: wall-clock time per run; cpu: process CPU time per run with one "
+                        "thread (robust to other load on the machine; forces --threads 1)")
+    p.add_argument("--plan", type=Path, default=REPO / "configs" / "int8.yaml",
+                   help="quantkit precision recipe (default: every MatMul/Gemm INT8)")
+    p.add_argument("--calib-samples", type=int, default=4, help="calibration blocks (batch 1)")
+    p.add_argument("--calib-seq", type=int, default=512,
+                   help="calibration block length (cover the longest benchmarked sequence)")
     p.add_argument("--smollm2-onnx", type=Path, default=None,
                    help="existing FP32 export (model.onnx or its directory) without nll")
     p.add_argument("--workdir", type=Path, default=None, help="keep exports and models here")
@@ -123,36 +128,6 @@ def token_batches(tokenizer: Any, split: str, n: int, batch: int, seq: int, voca
              "attention_mask": np.ones((batch, seq), np.int64)} for _ in range(n)]
 
 
-def minmax_amax(onnx_path: Path, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-    """max|x| over the batches of every activation input of a MatMul/Gemm (MinMax)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
-
-    model = onnx.load(str(onnx_path))
-    inits = {t.name for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    wanted: list[str] = []
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm"):
-            for name in node.input[:2]:
-                const = name in inits or (name in producers
-                                          and producers[name].op_type == "Transpose"
-                                          and producers[name].input[0] in inits)
-                if not const and name not in wanted:
-                    wanted.append(name)
-    outputs = {o.name for o in model.graph.output}
-    for name in wanted:
-        if name not in outputs:
-            model.graph.output.append(helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    amax = dict.fromkeys(wanted, 0.0)
-    for feed in batches:
-        for name, value in zip(wanted, session.run(wanted, feed), strict=True):
-            amax[name] = max(amax[name], float(np.max(np.abs(value))))
-    return {k: v for k, v in amax.items() if v > 0}
-
-
 def ort_quantize_static(onnx_path: Path, out: Path, batches: list[dict[str, np.ndarray]]) -> Path:
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -207,30 +182,28 @@ def bench_model(name: str, onnx_path: Path, tokenizer: Any, args: argparse.Names
     import onnx
 
     from quantkit.build import build_engine
-    from quantkit.calib.table import CalibrationTable
-    from quantkit.export import export_manifest, onnx_model_hash
+    from quantkit.calib import calibrate
+    from quantkit.calib.collect import collect_activation_stats
 
     vocab = int(onnx.load(str(onnx_path), load_external_data=False).graph.output[0]
                 .type.tensor_type.shape.dim[2].dim_value or 50257)
     t0 = time.perf_counter()
     calib = token_batches(tokenizer, "train", args.calib_samples, 1, args.calib_seq, vocab, 0)
-    amax = minmax_amax(onnx_path, calib)
-    manifest = export_manifest(onnx_path) or {}
-    table = CalibrationTable(
-        method="minmax", params={}, amax=amax,
-        model_hash=manifest.get("model_hash") or onnx_model_hash(onnx_path),
-        data={"source": "calib_data/sample train", "samples": args.calib_samples,
-              "seq_len": args.calib_seq},
-        num_samples=args.calib_samples, num_tokens=args.calib_samples * args.calib_seq)
+    # quantkit's own calibration (MinMax over the same batches quantize_static sees)
+    stats = collect_activation_stats(onnx_path, calib, tensors="quantizable",
+                                     data={"source": "calib_data/sample train",
+                                           "samples": args.calib_samples,
+                                           "seq_len": args.calib_seq})
+    table = calibrate(stats, "minmax")
     engine = build_engine(workdir / f"{name}-quantkit-int8", precision="int8", onnx=onnx_path,
-                          table=table, plan=REPO / "configs" / "int8.yaml",
+                          table=table, plan=args.plan,
                           options={"shared_inputs": args.shared_inputs}, force=True)
     t1 = time.perf_counter()
     ort_path = ort_quantize_static(onnx_path, workdir / f"{name}-ort-qdq.onnx", calib)
     t2 = time.perf_counter()
-    print(f"[{name}] calibration + quantkit build {t1 - t0:.0f} s "
-          f"(INT8 coverage {engine.manifest['int8_coverage']:.1%}), quantize_static {t2 - t1:.0f} s",
-          flush=True)
+    coverage = engine.manifest["int8_coverage"]
+    print(f"[{name}] calibration + quantkit build {t1 - t0:.0f} s (INT8 coverage "
+          f"{coverage:.1%}), quantize_static {t2 - t1:.0f} s", flush=True)
     paths = {"fp32": onnx_path, "quantkit": engine.path / engine.manifest["onnx"],
              "ort_qdq": ort_path}
     sessions, fusions = {}, {}
@@ -250,24 +223,30 @@ def bench_model(name: str, onnx_path: Path, tokenizer: Any, args: argparse.Names
         logits = {k: s.run(["logits"], feed)[0] for k, s in sessions.items()}
         ref = logits.pop("fp32")
         errors = {k: float(np.max(np.abs(v - ref))) for k, v in logits.items()}
+        mean_errors = {k: float(np.mean(np.abs(v - ref))) for k, v in logits.items()}
         agree = {k: float(np.mean(v.argmax(-1) == ref.argmax(-1))) for k, v in logits.items()}
         del logits
         times: dict[str, list[float]] = {k: [] for k in sessions}
+        clock = time.process_time if args.metric == "cpu" else time.perf_counter
         for i in range(args.warmup + args.iterations):
             for key, sess in sessions.items():
-                start = time.perf_counter()
+                start = clock()
                 sess.run(["logits"], feed)
                 if i >= args.warmup:
-                    times[key].append(time.perf_counter() - start)
+                    times[key].append(clock() - start)
         p50 = {k: statistics.median(v) * 1000 for k, v in times.items()}
         row = {
             "model": name, "shape": f"{batch}x{seq}", "iterations": args.iterations,
+            "metric": args.metric, "threads": args.threads,
+            "load_average": os.getloadavg()[0],
             "fp32_ms": p50["fp32"], "quantkit_ms": p50["quantkit"], "ort_qdq_ms": p50["ort_qdq"],
             "quantkit_vs_fp32": p50["quantkit"] / p50["fp32"],
             "ort_qdq_vs_fp32": p50["ort_qdq"] / p50["fp32"],
             "quantkit_vs_ort_qdq": p50["quantkit"] / p50["ort_qdq"],
             "max_abs_dlogits_quantkit": errors["quantkit"],
             "max_abs_dlogits_ort_qdq": errors["ort_qdq"],
+            "mean_abs_dlogits_quantkit": mean_errors["quantkit"],
+            "mean_abs_dlogits_ort_qdq": mean_errors["ort_qdq"],
             "max_abs_logit_fp32": float(np.max(np.abs(ref))),
             "top1_agree_quantkit": agree["quantkit"], "top1_agree_ort_qdq": agree["ort_qdq"],
             "fusion": fusions,
@@ -278,20 +257,23 @@ def bench_model(name: str, onnx_path: Path, tokenizer: Any, args: argparse.Names
 
 
 HEADER = (f"{'model':13s} {'shape':6s} {'fp32 ms':>8s} {'quantkit':>9s} {'x fp32':>6s} "
-          f"{'ort qdq':>8s} {'x fp32':>6s} {'qk/ort':>6s} {'max|dl| qk':>10s} "
-          f"{'max|dl| ort':>11s} {'top1 qk':>7s} {'top1 ort':>8s}")
+          f"{'ort qdq':>8s} {'x fp32':>6s} {'qk/ort':>6s} {'max|dl| qk/ort':>15s} "
+          f"{'mean|dl| qk/ort':>15s} {'top1 qk/ort':>13s}")
 
 
 def format_row(r: dict[str, Any]) -> str:
     return (f"{r['model']:13s} {r['shape']:6s} {r['fp32_ms']:8.1f} {r['quantkit_ms']:9.1f} "
             f"{r['quantkit_vs_fp32']:6.2f} {r['ort_qdq_ms']:8.1f} {r['ort_qdq_vs_fp32']:6.2f} "
-            f"{r['quantkit_vs_ort_qdq']:6.2f} {r['max_abs_dlogits_quantkit']:10.3f} "
-            f"{r['max_abs_dlogits_ort_qdq']:11.3f} {r['top1_agree_quantkit']:7.1%} "
-            f"{r['top1_agree_ort_qdq']:8.1%}")
+            f"{r['quantkit_vs_ort_qdq']:6.2f} "
+            f"{r['max_abs_dlogits_quantkit']:7.3f}/{r['max_abs_dlogits_ort_qdq']:<7.3f} "
+            f"{r['mean_abs_dlogits_quantkit']:7.4f}/{r['mean_abs_dlogits_ort_qdq']:<7.4f} "
+            f"{r['top1_agree_quantkit']:6.1%}/{r['top1_agree_ort_qdq']:<6.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.metric == "cpu":
+        args.threads = 1
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -301,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment_info()
     print(f"CPU: {env.get('cpu')} ({os.cpu_count()} cores), threads {args.threads}, "
-          f"p50 of {args.iterations} runs after {args.warmup} warm-up", flush=True)
+          f"{args.metric} time p50 of {args.iterations} runs after {args.warmup} warm-up, "
+          f"load average {os.getloadavg()[0]:.1f}, quantkit plan {args.plan.name}", flush=True)
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="quantkit-bench-")

@@ -382,10 +382,12 @@ class _Rewriter:
                     s_name = self._add_init(scale, f"{base}/scale")
                     zp_name = self._add_init(np.zeros(scale.shape, np.int8), f"{base}/zero_point")
                     dq_out = self._unique(f"{base}/DequantizeLinear_output_0")
-                    dq_kwargs = {"axis": axis} if scale.ndim == 1 else {}
-                    nodes.append(helper.make_node(
+                    dq = helper.make_node(
                         "DequantizeLinear", [q_name, s_name, zp_name], [dq_out],
-                        name=self._unique(f"{base}/DequantizeLinear"), **dq_kwargs))
+                        name=self._unique(f"{base}/DequantizeLinear"))
+                    if scale.ndim == 1:  # per output channel
+                        dq.attribute.append(helper.make_attribute("axis", axis))
+                    nodes.append(dq)
                     counts["weight"] += 1
                 else:
                     scale = symmetric_scale(float(self._amax(tensor)))

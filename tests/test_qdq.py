@@ -31,13 +31,13 @@ from tests.build_helpers import (
 pytest_plugins = ("tests.fixtures_build",)
 
 
-def optimized(model, tmp_path):
-    """ONNX Runtime's fully optimized form of ``model`` (what its CPU provider runs)."""
+def optimized(model, tmp_path, level: str = "ORT_ENABLE_ALL"):
+    """ONNX Runtime's optimized form of ``model`` (what its CPU provider runs)."""
     import onnxruntime as ort
 
-    path = tmp_path / "optimized.onnx"
+    path = tmp_path / f"optimized-{level}.onnx"
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     options.optimized_model_filepath = str(path)
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return onnx.load(str(path))
@@ -140,6 +140,41 @@ def test_qdq_exactly_where_the_plan_says(llama_model, llama_table, mode):
             assert not numpy_helper.to_array(zero_point).any()  # symmetric: zero point 0
     assert result.as_built["/model/layers.0/mlp/down_proj/MatMul"] == "fp16"
     assert result.as_built["/lm_head/MatMul"] == "fp32"
+    feed = {"input_ids": np.arange(40, dtype=np.int64).reshape(2, 20),
+            "attention_mask": np.ones((2, 20), np.int64)}
+    assert relative_error(run_onnx(result.model, feed), run_onnx(llama_model, feed)) < (
+        INT8_LOGIT_TOLERANCE)
+
+
+def test_gemm_with_transposed_weight_and_scaled_bias(tmp_path):
+    """Gemm(A, B[N, K], C, alpha, beta, transB=1): weight scales along axis 0, the bias
+    (times beta) moves to an Add, and ONNX Runtime runs it as QGemm."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    k, n = 32, 24
+    weight = rng.normal(size=(n, k)).astype(np.float32)
+    bias = rng.normal(size=(n,)).astype(np.float32)
+    gemm = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="/fc/Gemm", transB=1,
+                            alpha=0.5, beta=2.0)
+    graph = helper.make_graph(
+        [gemm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.normal(size=(5, k)).astype(np.float32)
+    plan = resolve_plan(PlanRecipe(), model)
+    result = rewrite_model(model, plan, {"x": float(np.abs(x).max())})
+    onnx.checker.check_model(result.model, full_check=True)
+    dq = next(n for n in result.model.graph.node if n.name == "/fc/Gemm/input_1/DequantizeLinear")
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 0
+    add = next(n for n in result.model.graph.node if n.op_type == "Add")
+    folded = next(t for t in result.model.graph.initializer if t.name == add.input[1])
+    np.testing.assert_allclose(numpy_helper.to_array(folded), 2.0 * bias)
+    ref = 0.5 * x @ weight.T + 2.0 * bias
+    out = run_onnx(result.model, {"x": x}, output="y")
+    assert 0 < relative_error(out, ref) < 0.02
+    assert fusion_report(optimized(result.model, tmp_path))["integer_ops"] == {"QGemm": 1}
 
 
 def test_weights_stored_int8_per_output_channel(llama_model, gpt2_model, llama_table, gpt2_table):
@@ -208,6 +243,11 @@ def test_int8_logits_within_tolerance_and_fully_fused(which, mode, request, eval
     linear = sum(1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))
     merged = sum(len(f["members"]) - 1 for f in result.fused)
     assert sum(report["integer_ops"].values()) == linear - merged
+    # the Q/DQ fusions are ONNX Runtime's "extended" optimizations: basic leaves them undone
+    extended = fusion_report(optimized(result.model, tmp_path, "ORT_ENABLE_EXTENDED"))
+    assert extended["integer_ops"] == report["integer_ops"]
+    basic = fusion_report(optimized(result.model, tmp_path, "ORT_ENABLE_BASIC"))
+    assert not basic["integer_ops"] and len(basic["unfused_dequantized_matmuls"]) == linear - merged
     if which == "gpt2":  # Gemm biases moved to an Add so that ONNX Runtime can use QGemm
         assert report["integer_ops"].get("QGemm") == 8
         assert sum(1 for n in result.model.graph.node if n.name.endswith("/bias/Add")) == 8

@@ -159,3 +159,19 @@ def test_plan_show_errors(tiny_llama_export, tmp_path):
     assert "blocks in this graph: layers.0-1" in line
     line = one_line_error(invoke("plan", "show", "--onnx", tmp_path / "nothing"))
     assert "not found" in line
+
+
+def test_build_from_a_model_exports_it_first(tiny_llama, tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "engine"
+    result = invoke("build", "--model", model_dir, "--precision", "fp32", "--out", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["vocab_size"] == 512
+    assert (out / "tokenizer").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine", "model"]  # export removed
+    both = one_line_error(invoke("build", "--model", model_dir, "--onnx", out, "--precision",
+                                 "fp32", "--out", tmp_path / "x"))
+    assert "exactly one of --onnx and --model" in both
