@@ -8,27 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from quantkit.backends.tensorrt._trt import tensorrt_available
-from quantkit.cli.main import cli
+from tests.cli.cli_helpers import invoke, one_line_error
 
 pytest_plugins = ("tests.fixtures_build",)
 MISSING = "Error: tensorrt is not installed (install it with: pip install 'quantkit[tensorrt]')"
 no_tensorrt = pytest.mark.skipif(tensorrt_available(),
                                  reason="checks the error where TensorRT is not installed")
 
-
-def invoke(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
