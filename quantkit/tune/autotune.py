@@ -414,10 +414,10 @@ def autotune(tune: TuneSettings, settings: AutotuneSettings, out: Path, *, force
         if "holdout" not in context.subsets:
             context.notes.append("no held-out windows: the result is not verified on unseen text")
         result, sensitivity = run_search(context, settings, on_step, sensitivity_progress)
-        context.close()  # the probe's memory is not needed for the engines
         with atomic_output_dir(Path(out), force) as tmp:
             if settings.objective == "latency":
                 choose_fastest(context, settings, result, tmp, say)
+            context.close()  # the probe's memory is not needed for the final engine
             table = tuned_table(context, result.methods)
             recipe = plan_recipe(context, result.int8_groups, settings.budget)
             recipe.save(tmp / PLAN_NAME)
@@ -475,6 +475,15 @@ def choose_fastest(context: TuneContext, settings: AutotuneSettings, result: Aut
     result.int8_groups = [g.name for g in context.groups if g.name in chosen]
     result.fp32_groups = [g.name for g in context.groups if g.name not in chosen]
     result.coverage = context.coverage(chosen)
+    result.methods = {t: m for t, m in result.methods.items()
+                      if t in {x for g in chosen for x in context.probe.group_tensors[g]}}
+    subset = "search" if "search" in context.subsets else "rank"
+    result.search_perplexity = context.measurer.measure(subset, best[1],
+                                                        result.methods).perplexity
+    if limit_h is not None:
+        result.holdout_perplexity = context.measurer.measure("holdout", best[1],
+                                                             result.methods).perplexity
+        result.met_on_holdout = result.holdout_perplexity <= limit_h
 
 
 def verify(context: TuneContext, settings: AutotuneSettings, result: AutotuneResult,

@@ -98,3 +98,15 @@ def test_autotune_bad_input(tune_settings, tmp_path) -> None:
         autotune(replace(tune_settings, search_windows=5000), AutotuneSettings(),
                  tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_latency_objective_times_feasible_plans(tune_settings, tmp_path) -> None:
+    settings = AutotuneSettings(budget=Budget.parse("1%"), objective="latency", max_evals=30,
+                                methods=("minmax",), latency_candidates=2, latency_iterations=2)
+    result = autotune(tune_settings, settings, tmp_path / "tuned")
+    timed = [c for c in result.latency if c.get("p50_ms") is not None]
+    assert 1 <= len(timed) <= 2 and all(c["p50_ms"] > 0 for c in timed)
+    fastest = min(timed, key=lambda c: c["p50_ms"])
+    assert len(result.int8_groups) == fastest["int8_groups"]
+    assert result.engine is not None and result.engine["within_budget"]
+    assert not (tmp_path / "tuned" / "latency-candidate").exists()
