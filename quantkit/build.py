@@ -11,18 +11,60 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantkit.artifacts import check_can_write
 from quantkit.errors import QuantkitError
-from quantkit.plan import PlanRecipe, PrecisionPlan, resolve_plan
+from quantkit.plan import PlanRecipe, Precision, PrecisionPlan, resolve_plan
 
 if TYPE_CHECKING:
     from quantkit.backends.base import Engine
     from quantkit.calib.table import CalibrationTable
 
 PRECISION_LABELS = ("fp32", "fp16", "int8", "mixed")
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Token blocks for a TensorRT 10 INT8 build that calibrates itself (the implicit path):
+    the same text settings as ``quantkit calibrate``, tokenized with the export's tokenizer."""
+
+    dataset: str
+    dataset_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    num_samples: int = 512
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise QuantkitError(f"--{name.replace('_', '-')} must be at least 1, got "
+                                    f"{getattr(self, name)}")
+
+    def blocks(self, onnx_path: Path) -> Any:
+        """The TokenBlocks, tokenized with the tokenizer saved beside ``onnx_path``."""
+        from quantkit.data import TokenBlocks, resolve_text_source
+        from quantkit.export import TOKENIZER_DIR
+        from quantkit.models import load_tokenizer
+
+        tokenizer_dir = Path(onnx_path).parent / TOKENIZER_DIR
+        if not tokenizer_dir.is_dir():
+            raise QuantkitError(
+                f"no tokenizer beside {onnx_path} to tokenize the calibration text",
+                "build from an export directory written by 'quantkit export'",
+            )
+        source = resolve_text_source(self.dataset, self.dataset_config, self.split,
+                                     self.text_column)
+        blocks = TokenBlocks(source, load_tokenizer(tokenizer_dir), seq_len=self.seq_len,
+                             num_samples=self.num_samples, batch_size=self.batch_size,
+                             seed=self.seed)
+        blocks.describe()  # choose the blocks now: too little text fails before the build
+        return blocks
 
 
 def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -91,9 +133,14 @@ def build_engine(
     options: Mapping[str, Any] | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
+    calibration: CalibrationData | None = None,
 ) -> Engine:
     """Build one engine into ``out`` from ``onnx`` (an export directory or .onnx file) or from
-    ``model`` (exported first, into a temporary directory that is removed afterwards)."""
+    ``model`` (exported first, into a temporary directory that is removed afterwards).
+
+    ``calibration``: text for TensorRT's own INT8 calibration (TensorRT 10, implicit path),
+    instead of a ``table``. For ``backend="tensorrt"`` TensorRT and a CUDA GPU are checked before
+    anything is exported, read or written."""
     from quantkit.backends import get_backend
     from quantkit.backends.base import BuildRequest
     from quantkit.export import find_onnx
@@ -106,7 +153,17 @@ def build_engine(
     except ImportError as exc:  # the backend's module or its library is missing
         raise QuantkitError(f"the {backend} backend is not available here: {exc}") from None
     recipe = load_recipe(precision, plan)  # fail on a bad plan before any export
+    if calibration is not None:
+        check_calibration_request(backend, precision, recipe, table)
     calib_table = load_table(table)
+    if backend == "tensorrt":
+        from quantkit.backends.tensorrt import TensorRTBuildOptions, require_tensorrt_gpu
+        from quantkit.backends.tensorrt.backend import check_int8_sources
+
+        trt_options = TensorRTBuildOptions.from_dict(options)  # unknown/bad options: now
+        if _uses_int8(recipe):
+            check_int8_sources(trt_options, table_given=table is not None, data=calibration)
+        require_tensorrt_gpu()
     workdir: Path | None = None
     try:
         if model is not None:
@@ -124,9 +181,36 @@ def build_engine(
         if isinstance(plan, (str, Path)):
             resolved = PrecisionPlan(resolved.default, resolved.decisions,
                                      {**resolved.source, "path": str(plan)})
+        if calibration is not None:
+            from quantkit.backends.tensorrt import TensorRTBackend
+
+            assert isinstance(engine_backend, TensorRTBackend)
+            engine_backend.set_calibration_data(calibration.blocks(onnx_path))
         request = BuildRequest(onnx_path=onnx_path, precision=precision, plan=resolved,
                                table=calib_table, options=dict(options or {}))
         return engine_backend.build(request, Path(out), force=force)
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_calibration_request(backend: str, precision: str, recipe: PlanRecipe,
+                              table: Path | CalibrationTable | None) -> None:
+    """Calibration text in a build: TensorRT's calibrator only, INT8 only, never with a table."""
+    if backend != "tensorrt":
+        raise QuantkitError(
+            f"calibration text (--dataset) is read by TensorRT's INT8 calibrator; {backend} "
+            "builds take a table",
+            "run 'quantkit calibrate' and pass --table OUT/table.json",
+        )
+    if table is not None:
+        raise QuantkitError("give --table or calibration text (--dataset), not both",
+                            "the table's scales would make TensorRT skip its calibration")
+    if precision not in ("int8", "mixed") or not _uses_int8(recipe):
+        raise QuantkitError(f"calibration text (--dataset) is for INT8 builds; this one is "
+                            f"{precision} without INT8", "drop --dataset and its options")
+
+
+def _uses_int8(recipe: PlanRecipe) -> bool:
+    return recipe.default is Precision.INT8 or any(
+        rule.precision is Precision.INT8 for rule in recipe.rules)

@@ -150,6 +150,21 @@ def weight_axis(op_type: str, input_index: int, rank: int, attrs: Mapping[str, A
     return rank - 1 if input_index == 1 else max(rank - 2, 0)
 
 
+def range_source(tensor: str, amax: Mapping[str, float],
+                 producers: Mapping[str, Any]) -> str | None:
+    """The table entry that holds the range of ``tensor``: itself, or the tensor it is a
+    Reshape/Transpose/... view of (such ops move values without changing them); None if neither
+    is calibrated."""
+    seen = 0
+    while tensor not in amax:
+        node = producers.get(tensor)
+        if node is None or node.op_type not in _ALIAS_OPS or seen > 64:
+            return None
+        tensor = node.input[0]
+        seen += 1
+    return tensor
+
+
 # -- the rewrite -------------------------------------------------------------------------------
 def rewrite_model(
     model: Any,
@@ -291,14 +306,8 @@ class _Rewriter:
         """The calibrated range of ``tensor``, or of the tensor it is a reshaped/transposed view
         of (such ops move values without changing them, so the range is the same)."""
         assert self.amax is not None
-        seen = 0
-        while tensor not in self.amax:
-            node = self.producers.get(tensor)
-            if node is None or node.op_type not in _ALIAS_OPS or seen > 64:
-                return None
-            tensor = node.input[0]
-            seen += 1
-        return float(self.amax[tensor])
+        key = range_source(tensor, self.amax, self.producers)
+        return None if key is None else float(self.amax[key])
 
     # -- sibling fusion --------------------------------------------------------------------
     def _fuse_siblings(self, int8_nodes: list[Any]) -> None:

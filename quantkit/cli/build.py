@@ -16,7 +16,8 @@ from quantkit.cli.options import force_option, trust_remote_code_option
 @click.option("--model", metavar="MODEL",
               help="Export this model first (Hub id, HF directory, .gguf, 'smollm2-135m').")
 @click.option("--table", type=click.Path(path_type=Path),
-              help="Calibration table (JSON) from 'quantkit calibrate'; needed for int8/mixed.")
+              help="Calibration table (JSON) from 'quantkit calibrate'; needed for int8/mixed "
+                   "(TensorRT 10 can calibrate itself instead: --dataset).")
 @click.option("--precision", required=True, metavar="fp32|fp16|int8|mixed",
               help="Engine precision; 'mixed' needs --plan.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
@@ -37,21 +38,55 @@ from quantkit.cli.options import force_option, trust_remote_code_option
                    "else CPU).")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="Backend build option (repeatable; VALUE is read as YAML), e.g. for tensorrt "
-                   "--option mode=explicit --option qdq_onnx=ENGINE/engine.onnx.")
+                   "--option workspace_mib=4096 --option calibrator=minmax.")
+@click.option("--profile", "profiles", multiple=True, metavar="MIN:OPT:MAX",
+              help="Optimization profile as BATCHxSEQ triples, e.g. 1x1:1x512:8x512 "
+                   "(repeatable) [default: 1x1:1x512:8x512].")
+@click.option("--mode", "trt_mode", default=None, metavar="auto|implicit|explicit",
+              help="Quantization path: implicit (TensorRT 10 calibrator / table as cache), "
+                   "explicit (strongly typed Q/DQ ONNX; the only one on TensorRT 11) "
+                   "[default: auto].")
+@click.option("--constraints", default=None, metavar="obey|prefer",
+              help="Implicit path: per-layer precisions are obeyed (a layer that cannot run so "
+                   "fails the build) or preferred [default: obey].")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Timing cache file, read before and extended after each build.")
+@click.option("--dataset", default=None,
+              help="Calibrate inside the TensorRT 10 build (instead of --table) on this text: "
+                   "'sample', a local .txt/.raw/.jsonl/.parquet file or folder, or a Hub id.")
+@click.option("--dataset-config", default=None, help="Hub dataset config, with --dataset.")
+@click.option("--split", default=None, help="Split of --dataset [default: train].")
+@click.option("--text-column", default=None, help="Text column of --dataset [default: text].")
+@click.option("--num-samples", type=int, default=None,
+              help="Token blocks to calibrate on, with --dataset [default: 512].")
+@click.option("--seq-len", type=int, default=None,
+              help="Tokens per block (the calibration shape's seq), with --dataset "
+                   "[default: 512].")
+@click.option("--batch-size", type=int, default=None,
+              help="Blocks per calibration batch (the calibration shape's batch), with "
+                   "--dataset [default: 8].")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the block sampling, with --dataset [default: 0].")
 @trust_remote_code_option
 @force_option
 def command(onnx_path: Path | None, model: str | None, table: Path | None, precision: str,
             plan_path: Path | None, backend: str, out: Path, per_tensor_weights: bool,
             shared_inputs: str | None, fp16_fallback: bool, provider: str | None,
-            extra: tuple[str, ...], trust_remote_code: bool, force: bool) -> None:
+            extra: tuple[str, ...], profiles: tuple[str, ...], trt_mode: str | None,
+            constraints: str | None, timing_cache: Path | None, dataset: str | None,
+            dataset_config: str | None, split: str | None, text_column: str | None,
+            num_samples: int | None, seq_len: int | None, batch_size: int | None,
+            seed: int | None, trust_remote_code: bool, force: bool) -> None:
     """Build an engine for ONNX Runtime or TensorRT from an FP32 export.
 
     \b
     quantkit build --onnx out/export --precision int8 --table out/table.json --out out/int8
     quantkit build --onnx out/export --precision mixed --plan configs/mixed-safe.yaml \\
         --table out/table.json --out out/mixed
+    quantkit build --backend tensorrt --onnx out/export --precision int8 \\
+        --dataset wiki.test.raw --num-samples 64 --seq-len 512 --batch-size 8 --out out/trt-int8
     """
-    from quantkit.build import build_engine, parse_options
+    from quantkit.build import CalibrationData, build_engine, parse_options
     from quantkit.errors import QuantkitError
 
     options: dict[str, Any] = {}
@@ -67,11 +102,45 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
         raise QuantkitError(
             f"--per-tensor-weights/--shared-inputs/--fp16-fallback/--provider are onnxruntime "
             f"options, not {backend} ones", "pass backend options with --option KEY=VALUE")
-    options.update(parse_options(extra))
+    trt_options: dict[str, Any] = {}
+    if profiles:
+        trt_options["profiles"] = [parse_profile(p) for p in profiles]
+    for key, value in (("mode", trt_mode), ("constraints", constraints),
+                       ("timing_cache", str(timing_cache) if timing_cache else None)):
+        if value is not None:
+            trt_options[key] = value
+    text = {"dataset_config": dataset_config, "split": split, "text_column": text_column,
+            "num_samples": num_samples, "seq_len": seq_len, "batch_size": batch_size,
+            "seed": seed}
+    given_text = {k: v for k, v in text.items() if v is not None}
+    if given_text and dataset is None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given_text)
+        raise QuantkitError(f"{flags} describe calibration text and need --dataset",
+                            "add --dataset, or drop them (a --table needs none)")
+    if (trt_options or dataset is not None) and backend != "tensorrt":
+        raise QuantkitError(
+            "--profile/--mode/--constraints/--timing-cache/--dataset are tensorrt options, not "
+            f"{backend} ones",
+            "pass --backend tensorrt; ONNX Runtime INT8 builds take --table from 'quantkit "
+            "calibrate'")
+    extra_options = parse_options(extra)
+    clash = sorted(set(extra_options) & set(trt_options))
+    if clash:
+        raise QuantkitError(f"--option {', '.join(clash)} repeats a dedicated flag",
+                            "give each setting once")
+    options.update(trt_options)
+    options.update(extra_options)
+    calibration = None
+    if dataset is not None:
+        calibration = CalibrationData(dataset=dataset, **given_text)
     engine = build_engine(out, precision=precision.lower(), onnx=onnx_path, model=model,
                           table=table, plan=plan_path, backend=backend, options=options,
-                          force=force, trust_remote_code=trust_remote_code)
+                          force=force, trust_remote_code=trust_remote_code,
+                          calibration=calibration)
     m = engine.manifest
+    if engine.backend == "tensorrt":
+        _print_tensorrt(engine.path, m)
+        return
     line = f"Built {engine.backend} {engine.precision} engine in {engine.path}"
     if "int8_coverage" in m:
         line += f": INT8 coverage {100 * float(m['int8_coverage']):.1f}% of linear-layer MACs"
@@ -86,3 +155,45 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
         kernels = ", ".join(f"{k} {v}" for k, v in sorted(fusion["integer_ops"].items()))
         click.echo(f"ONNX Runtime integer kernels: {kernels or 'none'}; Q/DQ left unfused: "
                    f"{len(fusion['unfused_dequantized_matmuls'])}")
+
+
+def parse_profile(text: str) -> dict[str, list[int]]:
+    """``"1x1:1x512:8x512"`` -> ``{"min": [1, 1], "opt": [1, 512], "max": [8, 512]}``."""
+    from quantkit.errors import QuantkitError
+
+    parts = text.split(":")
+    shapes: list[list[int]] = []
+    for part in parts:
+        batch, sep, seq = part.strip().lower().partition("x")
+        if len(parts) != 3 or not sep or not batch.isdigit() or not seq.isdigit():
+            raise QuantkitError(f"--profile '{text}' is not MIN:OPT:MAX of BATCHxSEQ",
+                                "write e.g. --profile 1x1:1x512:8x512")
+        shapes.append([int(batch), int(seq)])
+    return {"min": shapes[0], "opt": shapes[1], "max": shapes[2]}
+
+
+def _print_tensorrt(path: Path, m: Any) -> None:
+    info = m.get("tensorrt") or {}
+    line = (f"Built tensorrt {m.get('precision')} engine in {path}: TensorRT "
+            f"{info.get('version')}, {info.get('path')} path")
+    if info.get("strongly_typed"):
+        line += " (strongly typed)"
+    if "size_bytes" in m:
+        line += f", {int(m['size_bytes']) / 1e6:.1f} MB"
+    click.echo(line)
+    precisions = (info.get("layer_precisions") or {}).get("by_precision") or {}
+    if precisions:
+        click.echo("Engine layers by precision (engine inspector): "
+                   + ", ".join(f"{k} {v}" for k, v in precisions.items()))
+    coverage = m.get("int8_coverage")
+    if coverage is not None:
+        click.echo(f"INT8 coverage: {100 * float(coverage):.1f}% of the plan's INT8 nodes run in "
+                   "INT8 engine layers")
+    calibration = info.get("calibration")
+    if calibration:
+        how = ("scales from the given table/cache" if calibration.get("used_cache") else
+               f"{calibration.get('batches_fed')} batches through TensorRT's "
+               f"{calibration.get('algorithm')}")
+        click.echo(f"Calibration: {how}")
+    if info.get("warnings"):
+        click.echo(f"TensorRT warnings: {info['warnings']} (see {path / 'build_log.txt'})")

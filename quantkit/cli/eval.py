@@ -63,6 +63,7 @@ def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None,
     from quantkit.eval.results import write_results
 
     check_can_write(out, force)
+    _check_tensorrt_engines(engines)
     config = EvalConfig(
         dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
         max_length=max_length, stride=stride, limit_tokens=limit_tokens, batch_size=batch_size,
@@ -76,6 +77,25 @@ def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None,
     write_results(results, out, force=force)
     _print_table(results)
     click.echo(f"Wrote {out}")
+
+
+def _check_tensorrt_engines(engines: tuple[Path, ...]) -> None:
+    """TensorRT engines need TensorRT and a CUDA GPU: say so before any text is read. Other
+    problems with the directories are reported, in order, by the evaluation itself."""
+    from quantkit.artifacts import MANIFEST_NAME, read_json
+    from quantkit.errors import QuantkitError
+
+    for path in engines:
+        manifest = Path(path) / MANIFEST_NAME
+        try:
+            data = read_json(manifest) if manifest.is_file() else {}
+        except QuantkitError:  # a broken manifest is reported by the evaluation's own checks
+            data = {}
+        if isinstance(data, dict) and data.get("backend") == "tensorrt":
+            from quantkit.backends.tensorrt import require_tensorrt_gpu
+
+            require_tensorrt_gpu()
+            return
 
 
 def _command_line(ctx: click.Context) -> str:

@@ -33,15 +33,27 @@ class QuantkitGroup(click.Group):
 def cli() -> None:
     """INT8 quantization and calibration for LLM inference, with measured accuracy and speed.
 
-    Typical flow: export -> calibrate -> build -> eval -> report (or 'run' for a whole recipe).
+    Typical flow: export -> calibrate -> build -> eval -> report (or 'run' for a whole recipe);
+    sensitivity and autotune find a mixed-precision plan within a perplexity budget.
     """
 
 
 def _register() -> None:
-    from quantkit.cli import build, calibrate, demo, export, plan, report, run
+    from quantkit.cli import (
+        autotune,
+        build,
+        calibrate,
+        demo,
+        export,
+        plan,
+        report,
+        run,
+        sensitivity,
+    )
     from quantkit.cli import eval as eval_command
 
-    for module in (export, calibrate, build, plan, eval_command, report, run, demo):
+    for module in (export, calibrate, build, plan, eval_command, report, run, demo,
+                   sensitivity, autotune):
         cli.add_command(module.command)
 
 

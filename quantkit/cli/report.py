@@ -18,11 +18,13 @@ from quantkit.cli.options import force_option
               help="Calibration directory (quantkit calibrate) to summarise.")
 @click.option("--histogram-tensor", default=None, metavar="NAME",
               help="Tensor whose histogram is drawn [default: the one with the largest amax].")
+@click.option("--tuning", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="quantkit autotune (or sensitivity) directory: ranking and search path.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), metavar="DIR",
               help="Output directory for report.md, report.html, report.json and the plots.")
 @force_option
 def command(results: tuple[Path, ...], calibration: Path | None, histogram_tensor: str | None,
-            out: Path, force: bool) -> None:
+            tuning: Path | None, out: Path, force: bool) -> None:
     """Write an accuracy/speed report of the engines in RESULTS.json (from quantkit eval).
 
     Several results files are merged when they scored the same text with the same windows.
@@ -36,7 +38,8 @@ def command(results: tuple[Path, ...], calibration: Path | None, histogram_tenso
         raise click.UsageError("--histogram-tensor needs --calibration")
     command_line = shlex.join(["quantkit", *sys.argv[1:]])
     report = build_report(list(results), out, calibration=calibration,
-                          histogram_tensor=histogram_tensor, force=force, command=command_line)
+                          histogram_tensor=histogram_tensor, tuning=tuning, force=force,
+                          command=command_line)
     front = report.data["pareto"]["front"]
     click.echo(f"{len(report.data['engines'])} engines; Pareto front: "
                f"{', '.join(front) if front else 'none'}")

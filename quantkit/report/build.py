@@ -28,6 +28,8 @@ under a temporary name and renamed into place, so a reader never sees half a rep
      "calibration": {"directory", "method", "params", "num_samples", "num_tokens", "num_tensors",
                      "skipped", "largest_amax": [{"tensor", "amax"}],
                      "histogram": {"tensor", "amax", "image", "note", ...}} | null,
+     "tuning": {"directory", "sensitivity": <quantkit.sensitivity/1>,
+                "autotune": <quantkit.autotune/1> | null} | null,
      "notes": [text]}
 """
 
@@ -67,6 +69,7 @@ from quantkit.report.document import (
 from quantkit.report.inputs import ResultsFile, check_comparable, read_results, resolve_engine_dir
 from quantkit.report.layers import OUTSIDE_BLOCKS, precision_map
 from quantkit.report.tables import build_tables
+from quantkit.report.tuning import read_tuning, tuning_images, tuning_section
 
 REPORT_SCHEMA = "quantkit.report/1"
 REPORT_MD, REPORT_HTML, REPORT_JSON = "report.md", "report.html", "report.json"
@@ -104,6 +107,7 @@ def build_report(
     *,
     calibration: Path | None = None,
     histogram_tensor: str | None = None,
+    tuning: Path | None = None,
     force: bool = False,
     command: str | None = None,
 ) -> ReportOutput:
@@ -112,6 +116,8 @@ def build_report(
     ``results`` are ``quantkit.results/1`` files; several are merged when their perplexities are
     comparable. ``calibration`` is a directory written by ``quantkit calibrate``; its histogram of
     ``histogram_tensor`` (default: the tensor with the largest amax) is drawn with the threshold.
+    ``tuning`` is a ``quantkit autotune`` (or ``quantkit sensitivity``) output directory: its
+    ranking and search path become a section of their own.
     """
     if not results:
         raise QuantkitError("no results files given", "pass at least one results.json")
@@ -120,7 +126,8 @@ def build_report(
     files = [read_results(Path(p)) for p in results]
     check_comparable(files)
     calib = _read_calibration(calibration) if calibration is not None else None
-    data, images = report_data(files, calib, histogram_tensor, command)
+    tune = read_tuning(tuning) if tuning is not None else None
+    data, images = report_data(files, calib, histogram_tensor, command, tune)
     blocks = report_blocks(data, images)
     with atomic_output_dir(out, force=force) as tmp:
         for name, png in images.items():
@@ -142,6 +149,7 @@ def report_data(
     calib: Mapping[str, Any] | None = None,
     histogram_tensor: str | None = None,
     command: str | None = None,
+    tuning: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """report.json's content, and the PNG images by file name."""
     from quantkit.report import plots
@@ -192,8 +200,11 @@ def report_data(
         "pareto": pareto,
         "precision_maps": maps,
         "calibration": calibration,
+        "tuning": tuning,
         "notes": notes,
     }
+    if tuning is not None:
+        images.update(tuning_images(tuning))
     return data, images
 
 
@@ -279,6 +290,7 @@ def report_blocks(data: Mapping[str, Any], images: Mapping[str, bytes]) -> list[
     blocks += _latency_section(engines)
     blocks += _maps_section(data["precision_maps"], images)
     blocks += _calibration_section(data["calibration"], images)
+    blocks += tuning_section(data.get("tuning"), images)
     blocks += _dataset_section(data["dataset"])
     blocks += _environment_section(data["sources"], data["generator"])
     if data["notes"]:

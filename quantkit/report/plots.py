@@ -177,3 +177,61 @@ def histogram_png(hist: Mapping[str, Any], tensor: str, threshold: float, method
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(True, alpha=0.3)
     return _png(fig)
+
+
+KIND_COLOURS = {"qkv": "#1f77b4", "attn_matmul": "#ff7f0e", "attn_out": "#2ca02c",
+                "mlp_in": "#9467bd", "mlp_down": "#d62728", "lm_head": "#8c564b",
+                "other": "#7f7f7f"}
+
+
+def sensitivity_png(sensitivity: Mapping[str, Any], top: int) -> bytes:
+    """Horizontal bars: Δppl % of the ``top`` most sensitive groups, coloured by op kind."""
+    groups = list(sensitivity["groups"])[:top]
+    fig = _figure(7.5, 0.9 + 0.22 * max(1, len(groups)))
+    ax = fig.add_subplot()
+    ys = list(range(len(groups)))[::-1]
+    ax.barh(ys, [g["delta_pct"] for g in groups],
+            color=[KIND_COLOURS.get(g["kind"], "#7f7f7f") for g in groups])
+    ax.set_yticks(ys, [g["name"] for g in groups], fontsize=7.5)
+    ax.axvline(0.0, color="#888888", linewidth=0.8)
+    ax.set_xlabel("Δ perplexity vs FP32 when only this group is INT8, %")
+    kinds = list(dict.fromkeys(g["kind"] for g in groups))
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=KIND_COLOURS.get(k, "#7f7f7f"), label=k) for k in kinds],
+              fontsize=7.5, loc="lower right")
+    return _png(fig)
+
+
+def search_path_png(autotune: Mapping[str, Any]) -> bytes:
+    """Every measured plan of an autotune search: Δppl % against the FP32 perplexity of the
+    subset it was measured on, over INT8 coverage, by stage; the budget as dashed lines."""
+    stages = {"bisect": "#1f77b4", "greedy": "#2ca02c", "tighten": "#ff7f0e",
+              "holdout": "#9467bd", "verify": "#d62728"}
+    base = autotune["baseline"]
+
+    def delta(step: Mapping[str, Any]) -> float:
+        return 100.0 * (step["perplexity"] / base[step["subset"]] - 1.0)
+
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    shown = [s for s in autotune["path"] if s["stage"] in stages and s["subset"] in base]
+    for stage, colour in stages.items():
+        steps = [s for s in shown if s["stage"] == stage]
+        if steps:
+            ax.scatter([100 * s["coverage"] for s in steps], [delta(s) for s in steps],
+                       s=[42 if s["within"] else 18 for s in steps], color=colour, label=stage,
+                       edgecolor=["black" if s["within"] else "none" for s in steps], zorder=3)
+    limits = {k: 100.0 * (v / base[k] - 1.0) for k, v in autotune["limits"].items() if k in base}
+    for subset, style in (("search", "--"), ("holdout", ":")):
+        if subset in limits:
+            ax.axhline(limits[subset], color="#444444", linestyle=style, linewidth=1,
+                       label=f"budget ({subset})")
+    ax.axhline(0.0, color="#bbbbbb", linewidth=0.8)
+    ax.set_xlabel("INT8 coverage, % of linear-layer MACs")
+    ax.set_ylabel("Δ perplexity vs FP32 of the subset, %")
+    values = [delta(s) for s in shown]
+    if values and max(values) > 20 * max(max(limits.values(), default=1.0), 0.1):
+        ax.set_yscale("symlog", linthresh=max(max(limits.values(), default=1.0), 0.1))
+    ax.legend(fontsize=7.5)
+    return _png(fig)

@@ -7,9 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from quantkit.cli.main import cli
+from tests.cli.cli_helpers import invoke, one_line_error
 
 pytest_plugins = ("tests.fixtures_build",)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -21,17 +20,6 @@ def table_file(tmp_path_factory, llama_table):
     llama_table.save(path)
     return path
 
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_build_int8_and_mixed(tiny_llama_export, table_file, tmp_path):

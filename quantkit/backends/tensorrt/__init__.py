@@ -12,7 +12,11 @@ functions that need it, and a missing installation raises one
 
 from __future__ import annotations
 
-from quantkit.backends.tensorrt._trt import require_tensorrt, tensorrt_available
+from quantkit.backends.tensorrt._trt import (
+    require_tensorrt,
+    require_tensorrt_gpu,
+    tensorrt_available,
+)
 from quantkit.backends.tensorrt.backend import TensorRTBackend, wanted_precisions
 from quantkit.backends.tensorrt.buffers import DeviceBatchFeeder
 from quantkit.backends.tensorrt.calibrator import (
@@ -46,6 +50,7 @@ __all__ = [
     "calibrator_class",
     "make_calibrator",
     "require_tensorrt",
+    "require_tensorrt_gpu",
     "select_path",
     "tensorrt_available",
     "wanted_precisions",

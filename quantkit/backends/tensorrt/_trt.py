@@ -11,7 +11,7 @@ import functools
 from importlib import metadata
 from types import ModuleType
 
-from quantkit.errors import MissingDependencyError
+from quantkit.errors import MissingDependencyError, QuantkitError
 
 
 @functools.cache
@@ -48,3 +48,17 @@ def installed_tensorrt_version() -> str | None:
 def runtime_tensorrt_version() -> str:
     """``tensorrt.__version__`` of the imported module (raises the missing-dependency error)."""
     return str(require_tensorrt().__version__)
+
+
+def require_tensorrt_gpu() -> ModuleType:
+    """TensorRT, and a CUDA GPU that torch sees (builds and runs need both): checked up front by
+    the CLI, so a machine without them fails before any export, tokenizing or output."""
+    module = require_tensorrt()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QuantkitError(
+            f"TensorRT {module.__version__} is installed, but torch sees no CUDA GPU",
+            "TensorRT engines build and run on an NVIDIA GPU with a CUDA build of torch",
+        )
+    return module

@@ -24,7 +24,7 @@ from quantkit.backends.tensorrt.calibrator import (
 from quantkit.backends.tensorrt.layers import compare_with_plan, summarize_engine_layers
 from quantkit.backends.tensorrt.options import CalibratorKind, TensorRTBuildOptions
 from quantkit.backends.tensorrt.runner import ENGINE_FILE, TensorRTRunner
-from quantkit.backends.tensorrt.version import QuantPath, TrtVersion, select_path
+from quantkit.backends.tensorrt.version import BuildMode, QuantPath, TrtVersion, select_path
 from quantkit.errors import QuantkitError
 from quantkit.plan import Precision, PrecisionPlan
 
@@ -32,6 +32,7 @@ LAYERS_FILE = "layers.json"
 LOG_FILE = "build_log.txt"
 CACHE_FILE = "calibration.cache"
 TABLE_FILE = "calibration_table.json"
+QDQ_FILE = "model.qdq.onnx"
 
 
 def wanted_precisions(precision: str, plan: PrecisionPlan | None) -> set[Precision]:
@@ -80,6 +81,43 @@ def calibration_shape(
     return options.profiles[0].opt
 
 
+def check_int8_sources(options: TensorRTBuildOptions, *, table_given: bool, data: Any) -> None:
+    """An INT8 build needs scales from somewhere, and calibration data must make at least one
+    calibration batch. ``data``: token blocks, or anything with their ``num_samples``,
+    ``seq_len`` and ``batch_size`` (the CLI checks its options with this before any work)."""
+    scales_given = table_given or options.calibration_cache is not None
+    if options.qdq_onnx is None and not scales_given and data is None:
+        raise QuantkitError(
+            "an INT8 TensorRT build needs scales: calibration data (token blocks), a "
+            "calibration table or cache, or a Q/DQ ONNX; none was given",
+            "pass --table from 'quantkit calibrate', or --dataset (with --num-samples, "
+            "--seq-len, --batch-size) to let TensorRT 10 calibrate",
+        )
+    if data is None or scales_given or options.qdq_onnx is not None:
+        return
+    if options.mode is BuildMode.EXPLICIT:
+        raise QuantkitError(
+            "the explicit (Q/DQ) path takes its scales from a calibration table; calibration "
+            "data is only read by TensorRT 10's calibrator (implicit path)",
+            "run 'quantkit calibrate' and pass --table, or use mode 'auto'/'implicit'",
+        )
+    batch, seq = calibration_shape(options, data)
+    rows, data_seq = getattr(data, "num_samples", None), getattr(data, "seq_len", None)
+    if isinstance(data_seq, int) and data_seq != seq:
+        raise QuantkitError(
+            f"the calibration shape's seq is {seq}, the token blocks are {data_seq} tokens "
+            "long",
+            "make calibration_shape's seq equal to --seq-len, or drop calibration_shape",
+        )
+    if isinstance(rows, int) and rows < batch:
+        raise QuantkitError(
+            f"INT8 calibration would receive zero batches: {rows} token block(s), fewer than "
+            f"one calibration batch of {batch}",
+            f"use --num-samples {batch} or more, or a smaller calibration batch "
+            "(--batch-size / calibration_shape)",
+        )
+
+
 class TensorRTBackend(Backend):
     """Builds TensorRT engines (implicit calibrator path on TensorRT 10, explicit strongly typed
     Q/DQ path on 10 and 11). ``calibration_data``: re-iterable token batches (``TokenBlocks``)
@@ -113,6 +151,12 @@ class TensorRTBackend(Backend):
                 "a Q/DQ ONNX builds on the explicit path, not with the calibrator",
                 "use mode 'explicit' (or 'auto') with qdq_onnx",
             )
+        if Precision.INT8 in wanted_precisions(request.precision, request.plan):
+            check_int8_sources(options, table_given=request.table is not None,
+                               data=self.calibration_data)
+        # last, so that every check above also runs (and is tested) where TensorRT is missing;
+        # still before anything is written
+        require_tensorrt()
 
     # -- the build --------------------------------------------------------------------------------
     def _build_impl(self, request: BuildRequest, out_dir: Path) -> dict[str, Any]:
@@ -126,8 +170,15 @@ class TensorRTBackend(Backend):
         path = select_path(version, options.mode, has_qdq_onnx=options.qdq_onnx is not None)
         wanted = wanted_precisions(request.precision, request.plan)
         onnx_path = Path(request.onnx_path)
+        onnx_built = str(onnx_path)
+        qdq_rewrite: dict[str, Any] | None = None
         if path is QuantPath.EXPLICIT and options.qdq_onnx is not None:
             onnx_path = Path(options.qdq_onnx)
+            onnx_built = str(onnx_path)
+        elif path is QuantPath.EXPLICIT and wanted & {Precision.INT8, Precision.FP16}:
+            # no Q/DQ ONNX given: write the plan's own (the form ONNX Runtime also runs)
+            qdq_rewrite = write_qdq_onnx(request, out_dir / QDQ_FILE, version)
+            onnx_path, onnx_built = out_dir / QDQ_FILE, QDQ_FILE
 
         fields = copy_export_context(Path(request.onnx_path), out_dir)
         model_hash = fields.get("source_model_hash")
@@ -181,7 +232,8 @@ class TensorRTBackend(Backend):
                 "version": version_text,
                 "path": path.value,
                 "strongly_typed": outcome.strongly_typed,
-                "onnx_built": str(onnx_path),
+                "onnx_built": onnx_built,
+                "qdq_rewrite": qdq_rewrite,
                 "flags": outcome.flags,
                 "constraints": _constraints_used(outcome.flags),
                 "profiles": [p.to_dict() for p in options.profiles],
@@ -276,6 +328,38 @@ class TensorRTBackend(Backend):
 
     def _runner_impl(self, engine: Engine, **options: Any) -> Runner:
         return TensorRTRunner(engine, **options)
+
+
+def write_qdq_onnx(request: BuildRequest, target: Path, version: TrtVersion) -> dict[str, Any]:
+    """The explicit path's ONNX when none was given: the FP32 export rewritten for the plan by
+    :mod:`quantkit.qdq` (Q/DQ on INT8 MatMul/Gemm inputs with the table's scales, per-channel
+    int8 weights, Cast-bounded FP16 regions). ``shared_inputs="dedicated"`` keeps every ONNX node
+    name, so the engine inspector's layers map back onto the plan. Returns the rewrite summary."""
+    import onnx
+
+    from quantkit.backends.onnxruntime import check_table, effective_plan, save_onnx
+    from quantkit.qdq import QdqOptions, rewrite_model
+
+    source = Path(request.onnx_path)
+    graph = onnx.load(str(source), load_external_data=False)
+    plan = effective_plan(request, graph)
+    table = request.table
+    if plan.nodes_with(Precision.INT8):
+        if table is None:
+            why = (f"TensorRT {version.major} has no INT8 calibrator"
+                   if not version.has_implicit_quantization
+                   else "the explicit path does not calibrate")
+            raise QuantkitError(
+                f"{why}: an explicit INT8 build takes its scales from a calibration table",
+                "run 'quantkit calibrate' (CPU is fine) and pass --table OUT/table.json",
+            )
+        check_table(table, source, graph)
+    options = QdqOptions(per_channel=True, shared_inputs="dedicated")
+    model = onnx.load(str(source), load_external_data=True)
+    result = rewrite_model(model, plan, table.amax if table is not None else None, options,
+                           table.skipped if table is not None else None)
+    save_onnx(result.model, target)
+    return {"file": target.name, "options": options.to_dict(), **result.summary()}
 
 
 def _constraints_used(flags: list[str]) -> str | None:

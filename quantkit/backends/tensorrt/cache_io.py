@@ -22,7 +22,9 @@ from quantkit.calib.trt_cache import (
     table_from_trt_cache,
     table_to_trt_cache,
     trt_version_number,
+    trt_version_string,
 )
+from quantkit.errors import QuantkitError
 
 # CalibrationTable.params["source"] of a table made from a TensorRT cache (quantkit.calib)
 TRT_CACHE_SOURCE = "tensorrt-calibration-cache"
@@ -78,6 +80,18 @@ def cache_bytes_from_file(
 ) -> bytes:
     """A TensorRT cache file, checked; re-headed for this TensorRT if a mismatch is accepted."""
     cache = TrtCache.read(Path(path))
+    want = trt_version_number(trt_version)
+    if cache.version != want and not accept_version_mismatch:
+        theirs, ours = trt_version_string(cache.version), trt_version_string(want)
+        same_major = theirs.split(".")[0] == ours.split(".")[0]
+        raise QuantkitError(
+            f"calibration cache {path} is from TensorRT {theirs} (header TRT-{cache.version}-"
+            f"{cache.algorithm}), this is TensorRT {ours}"
+            + ("" if same_major else ", another major version")
+            + "; TensorRT would ignore it and recalibrate",
+            "recalibrate with this TensorRT, or pass --option accept_cache_version_mismatch=true "
+            "to use its scales anyway (the header is rewritten for this version)",
+        )
     check_trt_cache(
         cache,
         algorithm=algorithm,

@@ -170,8 +170,9 @@ def diagnose_build_failure(
         return QuantkitError(
             f"TensorRT has no implementation of layer '{layer}'{node_text} in the precision the "
             f"plan asks for, and precision constraints are OBEY{more}",
-            "rebuild with constraints 'prefer' (TensorRT then falls back to another precision "
-            "for that layer, with a warning), or give that node fp16/fp32 in the plan",
+            "rebuild with constraints 'prefer' (quantkit build --constraints prefer; TensorRT "
+            "then falls back to another precision for that layer, with a warning), or give that "
+            "node fp16/fp32 in the plan",
         )
     if blamed:
         return QuantkitError(

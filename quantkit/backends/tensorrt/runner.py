@@ -141,6 +141,9 @@ class TensorRTRunner(Runner):
         import torch
 
         context: trt.IExecutionContext = self._context
+        # torch tensors fed in were written on the caller's stream: TensorRT, on the runner's own
+        # stream, must not read them before that work is done
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             for spec in self._inputs:
                 name = spec["name"]

@@ -23,6 +23,8 @@ from quantkit.calib.table import CalibrationTable
 from quantkit.errors import MissingDependencyError, QuantkitError
 from quantkit.plan import Precision, PrecisionPlan
 
+pytest_plugins = ("tests.fixtures_build",)
+
 no_tensorrt = pytest.mark.skipif(
     tensorrt_available(), reason="checks the error where TensorRT is not installed"
 )
@@ -177,3 +179,106 @@ def test_runner_needs_a_tensorrt_manifest(tmp_path):
     engine = Engine(tmp_path, {"kind": "engine", "backend": "tensorrt", "precision": "fp16"})
     with pytest.raises(QuantkitError, match="no TensorRT I/O description"):
         TensorRTRunner(engine)
+
+
+# -- INT8 sources, checked before TensorRT is needed ----------------------------------------------
+
+class Blocks(list):
+    """Token blocks as the backend sees them: batches plus num_samples / seq_len / batch_size."""
+
+    def __init__(self, num_samples: int, batch_size: int, seq_len: int = 16) -> None:
+        import numpy as np
+
+        ids = np.zeros((num_samples, seq_len), dtype=np.int64)
+        super().__init__({"input_ids": ids[i:i + batch_size]}
+                         for i in range(0, num_samples, batch_size))
+        self.num_samples, self.batch_size, self.seq_len = num_samples, batch_size, seq_len
+
+
+def test_zero_calibration_batches_are_refused_before_building(onnx_file, tmp_path):
+    backend = TensorRTBackend(calibration_data=Blocks(num_samples=3, batch_size=3))
+    with pytest.raises(QuantkitError, match="would receive zero batches: 3 token block\\(s\\), "
+                                            "fewer than one calibration batch of 4"):
+        backend.build(request(onnx_file, calibration_shape=[4, 16]), tmp_path / "engine")
+    assert not (tmp_path / "engine").exists()
+
+
+def test_int8_without_any_scales(onnx_file, tmp_path):
+    with pytest.raises(QuantkitError, match="an INT8 TensorRT build needs scales"):
+        TensorRTBackend().build(request(onnx_file), tmp_path / "engine")
+
+
+def test_explicit_path_does_not_take_calibration_data(onnx_file, tmp_path):
+    backend = TensorRTBackend(calibration_data=Blocks(num_samples=8, batch_size=4))
+    with pytest.raises(QuantkitError, match="takes its scales from a calibration table"):
+        backend.build(request(onnx_file, mode="explicit"), tmp_path / "engine")
+
+
+def test_check_int8_sources_accepts_what_makes_a_batch():
+    from quantkit.backends.tensorrt.backend import check_int8_sources
+    from quantkit.build import CalibrationData
+
+    options = TensorRTBuildOptions()
+    check_int8_sources(options, table_given=False,
+                       data=CalibrationData("sample", num_samples=8, seq_len=16, batch_size=8))
+    check_int8_sources(options, table_given=True, data=None)
+    check_int8_sources(TensorRTBuildOptions(qdq_onnx="x.onnx"), table_given=False, data=None)
+    with pytest.raises(QuantkitError, match="zero batches: 7 token block"):
+        check_int8_sources(options, table_given=False,
+                           data=CalibrationData("sample", num_samples=7, seq_len=16,
+                                                batch_size=8))
+
+
+# -- the explicit path's Q/DQ ONNX, written from the plan when none is given ----------------------
+
+def test_explicit_path_writes_the_plans_qdq_onnx(tiny_llama_export, llama_table, tmp_path):
+    import onnx
+
+    from quantkit.backends.tensorrt.backend import write_qdq_onnx
+    from quantkit.backends.tensorrt.version import TrtVersion
+    from quantkit.build import plan_for
+
+    plan = plan_for(tiny_llama_export.onnx_path, "int8", None)
+    req = request(tiny_llama_export.onnx_path, "int8", plan, llama_table)
+    summary = write_qdq_onnx(req, tmp_path / "model.qdq.onnx", TrtVersion(11, 0))
+    model = onnx.load(str(tmp_path / "model.qdq.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    names = {n.name for n in model.graph.node}
+    # dedicated pairs: every planned MatMul keeps its name, so the inspector maps back to the plan
+    assert set(plan.nodes_with(Precision.INT8)) <= names
+    assert summary["options"] == {"per_channel": True, "shared_inputs": "dedicated"}
+    assert summary["qdq_pairs"] > 0 and summary["file"] == "model.qdq.onnx"
+
+    fp16 = plan_for(tiny_llama_export.onnx_path, "fp16", None)
+    write_qdq_onnx(request(tiny_llama_export.onnx_path, "fp16", fp16, None),
+                   tmp_path / "fp16.onnx", TrtVersion(11, 0))
+    half = onnx.load(str(tmp_path / "fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in half.graph.initializer)
+
+
+def test_explicit_int8_without_a_table_says_why(tiny_llama_export, tmp_path):
+    from quantkit.backends.tensorrt.backend import write_qdq_onnx
+    from quantkit.backends.tensorrt.version import TrtVersion
+    from quantkit.build import plan_for
+
+    plan = plan_for(tiny_llama_export.onnx_path, "int8", None)
+    with pytest.raises(QuantkitError, match="TensorRT 11 has no INT8 calibrator: an explicit "
+                                            "INT8 build takes its scales from a calibration"):
+        write_qdq_onnx(request(tiny_llama_export.onnx_path, "int8", plan, None),
+                       tmp_path / "q.onnx", TrtVersion(11, 0))
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_explicit_int8_refuses_a_table_of_another_model(tiny_llama_export, llama_table, tmp_path):
+    from dataclasses import replace
+
+    from quantkit.backends.tensorrt.backend import write_qdq_onnx
+    from quantkit.backends.tensorrt.version import TrtVersion
+    from quantkit.build import plan_for
+
+    plan = plan_for(tiny_llama_export.onnx_path, "int8", None)
+    other = replace(llama_table, model_hash="0" * 64)
+    with pytest.raises(QuantkitError, match="made for another model"):
+        write_qdq_onnx(request(tiny_llama_export.onnx_path, "int8", plan, other),
+                       tmp_path / "q.onnx", TrtVersion(10, 13))

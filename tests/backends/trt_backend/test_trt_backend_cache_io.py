@@ -169,3 +169,14 @@ def test_round_trip_table_to_calibrator_to_table():
 def test_the_written_cache_must_come_from_this_version_and_calibrator():
     with pytest.raises(QuantkitError, match="MinMaxCalibration"):
         cache_io.table_from_cache_bytes(WRITTEN_BY_TENSORRT, MINMAX, TRT)
+
+
+def test_cache_file_of_another_major_version_says_so(tmp_path):
+    path = tmp_path / "trt8.cache"
+    path.write_bytes(TrtCache(8601, ENTROPY2, {"input_ids": 0.5}).to_bytes())
+    with pytest.raises(QuantkitError) as info:
+        cache_io.cache_bytes_from_file(path, ENTROPY2, TRT)
+    assert str(info.value).startswith(
+        f"calibration cache {path} is from TensorRT 8.6.1 (header TRT-8601-EntropyCalibration2), "
+        "this is TensorRT 10.13.0, another major version; TensorRT would ignore it")
+    assert "--option accept_cache_version_mismatch=true" in info.value.hint

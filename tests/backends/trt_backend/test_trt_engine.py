@@ -20,6 +20,8 @@ from quantkit.data import TokenBlocks, resolve_text_source  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.plan import NodeDecision, Precision, PrecisionPlan  # noqa: E402
 
+pytest_plugins = ("tests.fixtures_build",)
+
 pytestmark = [
     pytest.mark.tensorrt,
     pytest.mark.gpu,
@@ -286,6 +288,63 @@ def test_explicit_path_refuses_a_float_onnx_labelled_int8(export, tmp_path):
     with pytest.raises(QuantkitError, match="no QuantizeLinear/DequantizeLinear nodes"):
         TensorRTBackend().build(
             BuildRequest(export.onnx_path, "int8", None, None,
-                         {"mode": "explicit", "profiles": [PROFILE]}),
+                         {"mode": "explicit", "profiles": [PROFILE],
+                          "qdq_onnx": str(export.onnx_path)}),
             tmp_path / "e",
         )
+
+
+def test_explicit_int8_from_a_table_writes_and_builds_the_qdq_onnx(export, llama_table,
+                                                                   tmp_path):
+    plan = plan_for(export.onnx_path)
+    req = BuildRequest(export.onnx_path, "int8", plan, llama_table,
+                       {"mode": "explicit", "profiles": [PROFILE]})
+    engine = TensorRTBackend().build(req, tmp_path / "explicit-int8")
+    info = engine.manifest["tensorrt"]
+    assert info["path"] == "explicit" and info["onnx_built"] == "model.qdq.onnx"
+    assert info["qdq_rewrite"]["qdq_pairs"] > 0
+    assert layers_json(engine)["summary"]["by_precision"].get("int8", 0) > 0
+    feeds = token_feeds(512)
+    expected = ort_run(engine.path / "model.qdq.onnx", feeds)["logits"]
+    with engine.runner() as runner:
+        got = runner.run(feeds)["logits"]
+    valid = feeds["attention_mask"].astype(bool)
+    assert np.corrcoef(got[valid].ravel(), expected[valid].ravel())[0, 1] > 0.95
+
+
+def test_torch_inputs_written_on_another_stream_are_waited_for(export, tmp_path):
+    req = BuildRequest(export.onnx_path, "fp32", None, None, {"profiles": [PROFILE]})
+    engine = TensorRTBackend().build(req, tmp_path / "fp32")
+    feeds = token_feeds(512)
+    with engine.runner() as runner:
+        expected = runner.run(feeds)["logits"]
+        on_gpu = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
+        torch.cuda._sleep(10_000_000)  # keep the caller's stream busy, then write the inputs
+        for tensor in on_gpu.values():
+            tensor.add_(0)
+        got = runner.run_device(on_gpu)["logits"].cpu().numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+@trt10
+def test_cli_build_with_calibration_text_then_eval(export, tmp_path):
+    from click.testing import CliRunner
+
+    from quantkit.cli.main import cli
+
+    out = tmp_path / "trt-int8"
+    result = CliRunner().invoke(cli, [
+        "build", "--backend", "tensorrt", "--onnx", str(export.directory), "--precision", "int8",
+        "--dataset", "sample", "--num-samples", "8", "--seq-len", "16", "--batch-size", "4",
+        "--profile", "1x1:1x16:2x64", "--constraints", "prefer", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Calibration: 2 batches through TensorRT's EntropyCalibration2" in result.output
+    results = tmp_path / "results.json"
+    result = CliRunner().invoke(cli, [
+        "eval", "--engine", str(out), "--dataset", "sample", "--split", "test", "--max-length",
+        "64", "--limit-tokens", "300", "--batch-size", "2", "--latency-grid", "1x16",
+        "--warmup", "1", "--iterations", "3", "--out", str(results)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(results.read_text())
+    (engine_result,) = data["engines"]
+    assert engine_result["backend"] == "tensorrt" and np.isfinite(engine_result["perplexity"])

@@ -1,0 +1,543 @@
+"""Automatic mixed precision to a perplexity budget.
+
+The search runs on the probe (``quantkit.tune.probe``) and on two subsets of the evaluation
+text, ``rank`` and ``search``:
+
+1. **Sensitivity** of every group alone on ``rank`` (``quantkit.tune.sensitivity``; cached
+   measurements are free, so a ``quantkit sensitivity`` run before costs nothing twice).
+2. **Calibration method per tensor**: for the most sensitive groups, the group alone is measured
+   on ``rank`` with its tensors' ranges from each other method (entropy / percentile / mse /
+   minmax, from the histograms in ``stats.npz``); the best method is kept where it beats the
+   table's.
+3. **Order**: groups by sensitivity per linear-layer MAC (cheapest accuracy per unit of INT8
+   work first), so the coverage objective gets the most MACs for the budget.
+4. **Bisection** over the prefix of that order for the longest prefix within the budget on
+   ``search``, then a **greedy** pass that tries each remaining group once and keeps it if the
+   plan stays within.
+5. **Held-out check** (the ``holdout`` subset, never used by the steps above): if the plan
+   exceeds the budget there, the search target is tightened and groups are dropped (least
+   efficient first) on the search subset until it meets the tighter target, then checked again.
+6. ``objective=latency``: the feasible plans seen on the way are built and timed; the fastest
+   one that meets the budget on the held-out subset wins.
+7. **Verification**: the chosen plan is built as a real engine (ONNX Runtime backend) and its
+   perplexity measured on the held-out subset; that number, not the probe's, is the result.
+
+Every step is recorded (``path`` in ``autotune.json``). ``max_evals`` bounds the model runs of
+steps 2-5; measurements are reproducible from the seed that chose the subsets.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.tune.context import DEFAULT_METHODS, TuneContext, TuneSettings, load_context
+from quantkit.tune.sensitivity import SensitivityResult, measure_sensitivity
+
+SCHEMA = "quantkit.autotune/1"
+AUTOTUNE_NAME = "autotune.json"
+PLAN_NAME = "plan.yaml"
+TABLE_NAME = "table.json"
+ENGINE_DIR = "engine"
+SENSITIVITY_NAME = "sensitivity.json"
+SUMMARY_NAME = "autotune.md"
+OBJECTIVES = ("coverage", "latency")
+TIGHTEN = (0.5, 0.25, 0.0)  # share of the budget the search may use after a held-out miss
+HOLDOUT_RESERVE = 12  # model runs kept back from the greedy pass for the held-out phase
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Allowed perplexity increase over FP32: relative (``1%``) or absolute (``0.3``)."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str | float) -> Budget:
+        raw = str(text).strip()
+        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(%?)", raw)
+        if match is None:
+            raise QuantkitError(f"cannot read the perplexity budget '{raw}'",
+                                "write a relative increase such as 1% or an absolute one "
+                                "such as 0.3")
+        return cls(float(match.group(1)), bool(match.group(2)))
+
+    def limit(self, baseline: float, share: float = 1.0) -> float:
+        allowed = baseline * self.value / 100.0 if self.relative else self.value
+        return baseline + share * allowed
+
+    def __str__(self) -> str:
+        return f"{self.value:g}%" if self.relative else f"+{self.value:g} ppl"
+
+
+@dataclass(frozen=True)
+class AutotuneSettings:
+    budget: Budget = Budget(1.0, True)
+    objective: str = "coverage"
+    max_evals: int = 120  # model runs of the search (sensitivity not counted)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    method_groups: int = 6  # most sensitive groups whose tensors get the method search
+    latency_candidates: int = 3
+    latency_iterations: int = 5
+    build: bool = True  # build and verify the engine
+
+    def check(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise QuantkitError(f"unknown objective '{self.objective}'",
+                                f"use one of: {', '.join(OBJECTIVES)}")
+        if self.max_evals < 1:
+            raise QuantkitError("max-evals must be at least 1")
+        from quantkit.calib.algorithms import available_algorithms
+
+        unknown = [m for m in self.methods if m not in available_algorithms()]
+        if unknown:
+            raise QuantkitError(f"unknown calibration method(s): {', '.join(unknown)}",
+                                f"use some of: {', '.join(available_algorithms())}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["budget"] = str(self.budget)
+        return out
+
+
+@dataclass
+class Step:
+    stage: str  # method | bisect | greedy | holdout | tighten | latency | verify
+    action: str
+    int8_groups: int
+    coverage: float
+    perplexity: float
+    subset: str
+    within: bool
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AutotuneResult:
+    settings: dict[str, Any]
+    baseline: dict[str, float]  # subset -> FP32 perplexity
+    limits: dict[str, float]  # subset -> perplexity allowed
+    int8_groups: list[str]
+    fp32_groups: list[str]
+    methods: dict[str, str]  # tensor -> method where not the table's
+    coverage: float  # MAC share at 1 x max_length, from the probe's groups
+    search_perplexity: float
+    holdout_perplexity: float | None
+    met_on_holdout: bool | None
+    path: list[Step] = field(default_factory=list)
+    engine: dict[str, Any] | None = None  # verified engine: path, perplexity, coverage, met
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    model_runs: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    # (coverage, groups) of every plan the search found within the budget (not serialised)
+    feasible: list[tuple[float, tuple[str, ...]]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["feasible"]
+        out["schema"] = SCHEMA
+        out["path"] = [s.to_dict() for s in self.path]
+        return out
+
+
+class _Search:
+    """The search state: measured plans, their steps, the run budget."""
+
+    def __init__(self, context: TuneContext, settings: AutotuneSettings,
+                 on_step: Callable[[Step], None] | None) -> None:
+        self.context = context
+        self.settings = settings
+        self.measurer = context.measurer
+        self.on_step = on_step
+        self.path: list[Step] = []
+        self.methods: dict[str, str] = {}
+        self.runs_at_start = self.measurer.runs
+        self.feasible: list[tuple[float, tuple[str, ...]]] = []  # (coverage, groups)
+        self.subset = "search" if "search" in context.subsets else "rank"
+
+    @property
+    def runs_left(self) -> int:
+        return self.settings.max_evals - (self.measurer.runs - self.runs_at_start)
+
+    def methods_for(self, groups: Sequence[str]) -> dict[str, str]:
+        tensors = {t for g in groups for t in self.context.probe.group_tensors.get(g, ())}
+        return {t: m for t, m in self.methods.items() if t in tensors}
+
+    def measure(self, subset: str, groups: Sequence[str], stage: str, action: str,
+                limit: float, methods: Mapping[str, str] | None = None) -> Step:
+        chosen = tuple(groups)
+        result = self.measurer.measure(subset, chosen,
+                                       self.methods_for(chosen) if methods is None else methods)
+        step = Step(stage, action, len(chosen), self.context.coverage(chosen), result.perplexity,
+                    subset, result.perplexity <= limit, result.cached)
+        self.path.append(step)
+        if self.on_step is not None:
+            self.on_step(step)
+        if subset == self.subset and step.within and methods is None:
+            self.feasible.append((step.coverage, chosen))
+        return step
+
+
+def efficiency_order(context: TuneContext, deltas: Mapping[str, float]) -> list[str]:
+    """Groups by perplexity cost per MAC, cheapest first (ties: larger group first)."""
+    def key(name: str) -> tuple[float, int]:
+        macs = max(1, context.macs[name])
+        return (deltas[name] / macs, -macs)
+
+    return sorted((g.name for g in context.groups), key=key)
+
+
+def search_methods(search: _Search, sensitivity: SensitivityResult, baseline: float,
+                   deltas: dict[str, float]) -> None:
+    """Step 2: per tensor of the most sensitive groups, the calibration method that hurts least."""
+    context = search.context
+    others = [m for m in context.tables if m != context.table.method]
+    if not others:
+        return
+    candidates = [g for g in sensitivity.groups if g.delta > 0][: search.settings.method_groups]
+    for entry in candidates:
+        tensors = context.probe.group_tensors.get(entry.name, [])
+        if not tensors:
+            continue
+        best_delta, best_method = deltas[entry.name], None
+        for method in others:
+            if search.runs_left <= 0:
+                return
+            overrides = {t: method for t in tensors}
+            step = search.measure(sensitivity.subset, [entry.name], "method",
+                                  f"{entry.name}: {method} ranges", math.inf, overrides)
+            if step.perplexity - baseline < best_delta:
+                best_delta, best_method = step.perplexity - baseline, method
+        if best_method is not None:
+            search.methods.update({t: best_method for t in tensors})
+            deltas[entry.name] = best_delta
+
+
+def bisect_and_greedy(search: _Search, order: list[str], limit: float) -> list[str]:
+    """Steps 4: the longest feasible prefix of ``order``, then each other group tried once."""
+    n = len(order)
+    subset = search.subset
+    if search.measure(subset, order, "bisect", f"all {n} groups", limit).within:
+        return list(order)
+    lo, hi = 0, n  # prefix lo is within the budget (FP32), prefix hi is not
+    while hi - lo > 1 and search.runs_left > 0:
+        mid = (lo + hi) // 2
+        if search.measure(subset, order[:mid], "bisect", f"first {mid} groups",
+                          limit).within:
+            lo = mid
+        else:
+            hi = mid
+    chosen = list(order[:lo])
+    reserve = HOLDOUT_RESERVE if "holdout" in search.context.subsets else 0
+    for name in order[lo:]:
+        if search.runs_left <= reserve:
+            break
+        trial = [*chosen, name]
+        if search.measure(subset, trial, "greedy", f"+ {name}", limit).within:
+            chosen = trial
+    return chosen
+
+
+def tighten(search: _Search, chosen: list[str], order: list[str], limit: float) -> list[str]:
+    """Drop groups, least efficient first, until the search subset meets ``limit``."""
+    rank = {name: i for i, name in enumerate(order)}
+    current = sorted(chosen, key=lambda g: rank[g])
+    while current and search.runs_left > 0:
+        step = search.measure(search.subset, current, "tighten", f"{len(current)} groups",
+                              limit)
+        if step.within:
+            break
+        current = current[:-1]
+    return current
+
+
+def run_search(context: TuneContext, settings: AutotuneSettings,
+               on_step: Callable[[Step], None] | None = None,
+               sensitivity_progress: Callable[[int, int], None] | None = None,
+               ) -> tuple[AutotuneResult, SensitivityResult]:
+    """Steps 1-5 on the probe. Latency and verification (steps 6-7) need engines: ``autotune``."""
+    started = time.perf_counter()
+    settings.check()
+    runs0 = context.measurer.runs
+    sensitivity = measure_sensitivity(context, "rank", progress=sensitivity_progress)
+    search = _Search(context, settings, on_step)
+    deltas = {g.name: g.delta for g in sensitivity.groups}
+    search_methods(search, sensitivity, sensitivity.baseline, deltas)
+    order = efficiency_order(context, deltas)
+    baseline = context.measurer.measure(search.subset, ()).perplexity
+    limit = settings.budget.limit(baseline)
+    chosen = bisect_and_greedy(search, order, limit)
+    has_holdout = "holdout" in context.subsets
+    baselines = {"rank": sensitivity.baseline, "search": baseline}
+    limits = {"search": limit}
+    holdout_ppl: float | None = None
+    met: bool | None = None
+    if has_holdout:
+        base_h = context.measurer.measure("holdout", ()).perplexity
+        baselines["holdout"] = base_h
+        limits["holdout"] = settings.budget.limit(base_h)
+        for share in (None, *TIGHTEN):
+            if share is not None:
+                tight = settings.budget.limit(baseline, share)
+                chosen = tighten(search, chosen, order, tight)
+            step = search.measure("holdout", chosen, "holdout",
+                                  f"{len(chosen)} groups on the held-out subset",
+                                  limits["holdout"])
+            holdout_ppl, met = step.perplexity, step.within
+            if met or search.runs_left <= 0:
+                break
+    final = search.measurer.measure(search.subset, tuple(chosen), search.methods_for(chosen))
+    in_plan = set(chosen)
+    result = AutotuneResult(
+        settings=settings.to_dict(), baseline=baselines, limits=limits,
+        int8_groups=[g.name for g in context.groups if g.name in in_plan],
+        fp32_groups=[g.name for g in context.groups if g.name not in in_plan],
+        methods=search.methods_for(chosen), coverage=context.coverage(chosen),
+        search_perplexity=final.perplexity, holdout_perplexity=holdout_ppl,
+        met_on_holdout=met, path=search.path, notes=list(context.notes))
+    result.model_runs = context.measurer.runs - runs0
+    result.seconds = time.perf_counter() - started
+    result.feasible = search.feasible
+    return result, sensitivity
+
+
+def plan_recipe(context: TuneContext, int8_groups: Sequence[str], budget: Budget) -> Any:
+    """The plan as a recipe for ``quantkit build --plan``: INT8 by default, the groups left out
+    named node by node as FP32."""
+    from quantkit.plan import PlanRecipe, PlanRule, Precision
+
+    keep = set(int8_groups)
+    rules = tuple(PlanRule(precision=Precision.FP32, node=node)
+                  for g in context.groups if g.name not in keep for node in g.nodes)
+    return PlanRecipe(default=Precision.INT8, rules=rules, fallback=Precision.FP32,
+                      name="autotune",
+                      description=f"quantkit autotune: {len(keep)} of {len(context.groups)} "
+                                  f"groups INT8 within {budget} perplexity of FP32")
+
+
+def tuned_table(context: TuneContext, methods: Mapping[str, str]) -> Any:
+    """The calibration table with the chosen per-tensor methods' ranges."""
+    from quantkit.calib.table import CalibrationTable
+
+    base = context.table
+    amax = dict(base.amax)
+    amax.update(context.measurer.amax_for(methods))
+    params = dict(base.params)
+    if methods:
+        params["per_tensor_method"] = dict(sorted(methods.items()))
+    return CalibrationTable(method=base.method, params=params, amax=amax,
+                            model_hash=base.model_hash, data=dict(base.data),
+                            skipped=dict(base.skipped), num_samples=base.num_samples,
+                            num_tokens=base.num_tokens)
+
+
+def build_plan_engine(context: TuneContext, int8_groups: Sequence[str], table: Any,
+                      budget: Budget, out: Path) -> Any:
+    from quantkit.build import build_engine
+
+    precision = "fp32" if not int8_groups else (
+        "int8" if len(int8_groups) == len(context.groups) else "mixed")
+    recipe = plan_recipe(context, int8_groups, budget) if precision == "mixed" else None
+    return build_engine(out, precision=precision, onnx=context.onnx_path,
+                        table=table if int8_groups else None, plan=recipe, force=True)
+
+
+def engine_perplexity(context: TuneContext, engine: Any, subset: str) -> float:
+    from quantkit.eval.perplexity import evaluate_perplexity
+
+    options = {"threads": context.settings.threads} if context.settings.threads else {}
+    with engine.runner(**options) as runner:
+        result = evaluate_perplexity(runner, context.subsets[subset],
+                                     context.settings.max_length, context.settings.max_length,
+                                     context.settings.batch_size)
+    return result.perplexity
+
+
+def engine_latency(context: TuneContext, engine: Any, iterations: int) -> float:
+    """p50 milliseconds of one 1 x max_length forward pass."""
+
+    from quantkit.eval.latency import GridPoint, measure_latency
+
+    vocab = context.vocab_size
+    options = {"threads": context.settings.threads} if context.settings.threads else {}
+    with engine.runner(**options) as runner:
+        rows = measure_latency(runner, (GridPoint(1, context.settings.max_length),), vocab,
+                               2, iterations)
+    return float(rows[0].p50_ms)
+
+
+def latency_candidates(result: AutotuneResult, count: int) -> list[tuple[str, ...]]:
+    """Up to ``count`` distinct feasible plans of the search, spread over their coverage."""
+    seen: dict[tuple[str, ...], float] = {}
+    for coverage, groups in result.feasible:
+        seen.setdefault(tuple(sorted(groups)), coverage)
+    final = tuple(sorted(result.int8_groups))
+    seen.setdefault(final, result.coverage)
+    ranked = sorted(seen.items(), key=lambda kv: -kv[1])
+    if len(ranked) <= count:
+        return [k for k, _ in ranked]
+    picks = [ranked[round(i * (len(ranked) - 1) / max(1, count - 1))][0] for i in range(count)]
+    return list(dict.fromkeys([final, *picks]))[:count]
+
+
+def autotune(tune: TuneSettings, settings: AutotuneSettings, out: Path, *, force: bool = False,
+             say: Callable[[str], None] | None = None,
+             on_step: Callable[[Step], None] | None = None,
+             sensitivity_progress: Callable[[int, int], None] | None = None) -> AutotuneResult:
+    """``quantkit autotune``: search, then write OUT (atomically): plan.yaml, table.json,
+    engine/, autotune.json, sensitivity.json, autotune.md, manifest.json."""
+    from quantkit.artifacts import (
+        atomic_output_dir,
+        atomic_write_json,
+        atomic_write_text,
+        check_can_write,
+        make_manifest,
+        write_manifest,
+    )
+
+    settings.check()
+    check_can_write(Path(out), force)
+    started = time.perf_counter()
+    context = load_context(tune, settings.methods, say=say)
+    try:
+        if "holdout" not in context.subsets:
+            context.notes.append("no held-out windows: the result is not verified on unseen text")
+        result, sensitivity = run_search(context, settings, on_step, sensitivity_progress)
+        with atomic_output_dir(Path(out), force) as tmp:
+            if settings.objective == "latency":
+                choose_fastest(context, settings, result, tmp, say)
+            context.close()  # the probe's memory is not needed for the final engine
+            table = tuned_table(context, result.methods)
+            recipe = plan_recipe(context, result.int8_groups, settings.budget)
+            recipe.save(tmp / PLAN_NAME)
+            table.save(tmp / TABLE_NAME)
+            if settings.build:
+                if say is not None:
+                    say("Building and verifying the engine ...")
+                verify(context, settings, result, table, tmp / ENGINE_DIR)
+            result.seconds = time.perf_counter() - started
+            atomic_write_json(tmp / AUTOTUNE_NAME, result.to_dict())
+            atomic_write_json(tmp / SENSITIVITY_NAME, sensitivity.to_dict())
+            atomic_write_text(tmp / SUMMARY_NAME, summary_markdown(result, context))
+            inputs = {**sensitivity.inputs, "autotune": settings.to_dict()}
+            write_manifest(tmp, make_manifest(
+                "autotune", inputs, files={"plan": PLAN_NAME, "table": TABLE_NAME,
+                                           "engine": ENGINE_DIR if settings.build else None,
+                                           "autotune": AUTOTUNE_NAME,
+                                           "sensitivity": SENSITIVITY_NAME}))
+        if result.engine is not None:
+            result.engine["path"] = str(Path(out) / ENGINE_DIR)
+        return result
+    finally:
+        context.close()
+
+
+def choose_fastest(context: TuneContext, settings: AutotuneSettings, result: AutotuneResult,
+                   workdir: Path, say: Callable[[str], None] | None) -> None:
+    """Step 6: build the candidate plans that meet the held-out budget; keep the fastest."""
+    import shutil
+
+    limit_h = result.limits.get("holdout")
+    table = tuned_table(context, result.methods)
+    best: tuple[float, tuple[str, ...]] | None = None
+    for groups in latency_candidates(result, settings.latency_candidates):
+        if limit_h is not None:
+            ppl = context.measurer.measure("holdout", groups,
+                                           {t: m for t, m in result.methods.items()}).perplexity
+            if ppl > limit_h:
+                result.latency.append({"int8_groups": len(groups), "holdout_perplexity": ppl,
+                                       "p50_ms": None, "skipped": "over the held-out budget"})
+                continue
+        if say is not None:
+            say(f"Timing a plan with {len(groups)} INT8 groups ...")
+        engine_dir = workdir / "latency-candidate"
+        engine = build_plan_engine(context, groups, table, settings.budget, engine_dir)
+        p50 = engine_latency(context, engine, settings.latency_iterations)
+        shutil.rmtree(engine_dir, ignore_errors=True)
+        result.latency.append({"int8_groups": len(groups), "coverage": context.coverage(groups),
+                               "p50_ms": p50})
+        if best is None or p50 < best[0]:
+            best = (p50, groups)
+    if best is None:
+        return
+    chosen = set(best[1])
+    result.int8_groups = [g.name for g in context.groups if g.name in chosen]
+    result.fp32_groups = [g.name for g in context.groups if g.name not in chosen]
+    result.coverage = context.coverage(chosen)
+    result.methods = {t: m for t, m in result.methods.items()
+                      if t in {x for g in chosen for x in context.probe.group_tensors[g]}}
+    subset = "search" if "search" in context.subsets else "rank"
+    result.search_perplexity = context.measurer.measure(subset, best[1],
+                                                        result.methods).perplexity
+    if limit_h is not None:
+        result.holdout_perplexity = context.measurer.measure("holdout", best[1],
+                                                             result.methods).perplexity
+        result.met_on_holdout = result.holdout_perplexity <= limit_h
+
+
+def verify(context: TuneContext, settings: AutotuneSettings, result: AutotuneResult,
+           table: Any, engine_dir: Path) -> None:
+    """Step 7: build the engine of the final plan; its own perplexity on the held-out subset."""
+    engine = build_plan_engine(context, result.int8_groups, table, settings.budget, engine_dir)
+    subset = "holdout" if "holdout" in context.subsets else (
+        "search" if "search" in context.subsets else "rank")
+    ppl = engine_perplexity(context, engine, subset)
+    limit = result.limits[subset]
+    coverage = engine.manifest.get("int8_coverage")
+    result.engine = {"precision": engine.precision, "subset": subset, "perplexity": ppl,
+                     "baseline": result.baseline[subset], "limit": limit,
+                     "delta_pct": 100.0 * (ppl / result.baseline[subset] - 1.0),
+                     "within_budget": ppl <= limit,
+                     "int8_coverage": float(coverage) if coverage is not None else None}
+    result.path.append(Step("verify", f"{engine.precision} engine built and evaluated",
+                            len(result.int8_groups), result.coverage, ppl, subset, ppl <= limit))
+
+
+def summary_markdown(result: AutotuneResult, context: TuneContext) -> str:
+    """autotune.md: the outcome and the path the search took."""
+    base_s = result.baseline["search"]
+    lines = ["# quantkit autotune", "",
+             f"Budget: {result.settings['budget']} over FP32 perplexity; objective "
+             f"{result.settings['objective']}.", "",
+             "| subset | FP32 ppl | allowed | plan ppl |", "| --- | --- | --- | --- |",
+             f"| search | {base_s:.4f} | {result.limits['search']:.4f} | "
+             f"{result.search_perplexity:.4f} |"]
+    if result.holdout_perplexity is not None:
+        lines.append(f"| holdout | {result.baseline['holdout']:.4f} | "
+                     f"{result.limits['holdout']:.4f} | {result.holdout_perplexity:.4f} |")
+    lines += ["", f"INT8 groups: {len(result.int8_groups)} of {len(context.groups)}; INT8 "
+                  f"coverage {100 * result.coverage:.1f}% of linear-layer MACs."]
+    if result.engine is not None:
+        e = result.engine
+        lines.append(f"Verified engine ({e['precision']}, {e['subset']} subset): perplexity "
+                     f"{e['perplexity']:.4f} vs FP32 {e['baseline']:.4f} "
+                     f"({e['delta_pct']:+.2f}%), {'within' if e['within_budget'] else 'OVER'} "
+                     "the budget.")
+    if result.methods:
+        counts: dict[str, int] = {}
+        for method in result.methods.values():
+            counts[method] = counts.get(method, 0) + 1
+        lines.append("Calibration method changed for " + ", ".join(
+            f"{n} tensor(s) to {m}" for m, n in sorted(counts.items())) + ".")
+    if result.fp32_groups:
+        lines += ["", "Kept in FP32: " + ", ".join(result.fp32_groups)]
+    lines += ["", "## Search path", "", "| # | stage | action | INT8 groups | coverage | subset | "
+              "ppl | within |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, s in enumerate(result.path, 1):
+        lines.append(f"| {i} | {s.stage} | {s.action} | {s.int8_groups} | "
+                     f"{100 * s.coverage:.1f}% | {s.subset} | {s.perplexity:.4f} | "
+                     f"{'yes' if s.within else 'no'} |")
+    for note in result.notes:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,139 @@
+"""Quantization groups: the MatMul/Gemm nodes of an FP32 graph, grouped per transformer block x
+op kind (or one node each), the unit that sensitivity analysis measures and autotune switches.
+
+Kinds follow the module paths that the exporter keeps in node names (GPT-2 and Llama families):
+
+| kind          | Llama                           | GPT-2              |
+| ------------- | ------------------------------- | ------------------ |
+| ``qkv``       | ``q_proj``, ``k_proj``, ``v_proj`` | ``attn/c_attn``  |
+| ``attn_matmul`` | the two batched attention MatMuls (no constant weight) | the same |
+| ``attn_out``  | ``o_proj``                       | ``attn/c_proj``    |
+| ``mlp_in``    | ``gate_proj``, ``up_proj``       | ``mlp/c_fc``       |
+| ``mlp_down``  | ``down_proj``                    | ``mlp/c_proj``     |
+| ``lm_head``   | ``lm_head``                      | ``lm_head``        |
+
+A quantizable node that fits none of them is its block's ``other`` group, so every MatMul/Gemm
+belongs to exactly one group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.plan import QUANTIZABLE_OP_TYPES
+
+GRANULARITIES = ("group", "op")
+KIND_ORDER = ("qkv", "attn_matmul", "attn_out", "mlp_in", "mlp_down", "other", "lm_head")
+_BLOCK = re.compile(r"/(layers|h|blocks|layer|decoder\.layers)\.(\d+)/")
+_KIND_SEGMENTS = {
+    "qkv": {"q_proj", "k_proj", "v_proj", "c_attn", "qkv_proj", "query_key_value", "Wqkv",
+            "query", "key", "value"},
+    "attn_out": {"o_proj", "out_proj", "dense"},
+    "mlp_in": {"gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "gate_up_proj",
+               "dense_h_to_4h"},
+    "mlp_down": {"down_proj", "fc2", "w2", "dense_4h_to_h"},
+}
+
+
+@dataclass(frozen=True)
+class QuantGroup:
+    """Nodes that are switched to INT8 together. ``block`` is None outside transformer blocks."""
+
+    name: str  # e.g. "layers.3.mlp_down", "lm_head", or a node name at op granularity
+    kind: str
+    block: int | None
+    nodes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "block": self.block,
+                "nodes": list(self.nodes)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantGroup:
+        block = data.get("block")
+        return cls(str(data["name"]), str(data["kind"]),
+                   None if block is None else int(block), tuple(data["nodes"]))
+
+
+def node_kind(name: str, has_constant_weight: bool) -> str:
+    """The op kind of a MatMul/Gemm node from its module path (see the module docstring)."""
+    segments = [s for s in name.split("/") if s]
+    if any(s == "lm_head" or s.startswith("lm_head") for s in segments):
+        return "lm_head"
+    in_attn = any(s in {"attn", "self_attn", "attention", "self_attention"} for s in segments)
+    in_mlp = any(s in {"mlp", "feed_forward", "ffn"} for s in segments)
+    if not has_constant_weight:
+        return "attn_matmul" if in_attn or not in_mlp else "other"
+    for segment in reversed(segments):
+        if segment == "c_proj":
+            return "attn_out" if in_attn else "mlp_down"
+        for kind, names in _KIND_SEGMENTS.items():
+            if segment in names:
+                return kind
+    return "other"
+
+
+def block_of(name: str) -> tuple[str, int] | None:
+    """``("layers", 3)`` for a node under ``/layers.3/``; None outside transformer blocks."""
+    match = _BLOCK.search(name)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def quantizable_nodes(model: Any) -> list[tuple[str, bool]]:
+    """``(node name, has a constant weight)`` for every MatMul/Gemm of ``model``, in graph order.
+    A weight is constant when it is an initializer or a Transpose of one (a tied LM head)."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def constant(tensor: str) -> bool:
+        if tensor in inits:
+            return True
+        node = producers.get(tensor)
+        return node is not None and node.op_type == "Transpose" and node.input[0] in inits
+
+    out = []
+    for node in graph.node:
+        if node.op_type in QUANTIZABLE_OP_TYPES:
+            out.append((node.name, any(constant(t) for t in node.input[:2])))
+    return out
+
+
+def make_groups(nodes: Iterable[tuple[str, bool]], granularity: str = "group") -> list[QuantGroup]:
+    """Groups in a stable order: blocks ascending, kinds in ``KIND_ORDER``, then the rest."""
+    if granularity not in GRANULARITIES:
+        raise QuantkitError(f"unknown granularity '{granularity}'",
+                            f"use one of: {', '.join(GRANULARITIES)}")
+    members: dict[tuple[int, int, str], list[str]] = {}
+    meta: dict[tuple[int, int, str], tuple[str, str, int | None]] = {}
+    for name, constant in nodes:
+        kind = node_kind(name, constant)
+        block = block_of(name)
+        index = block[1] if block is not None else None
+        order = (index if index is not None else 1 << 30, KIND_ORDER.index(kind))
+        if granularity == "op":
+            key = (*order, name)
+            group_name = name
+        else:
+            prefix = f"{block[0]}.{block[1]}." if block is not None else ""
+            group_name = f"{prefix}{kind}"
+            key = (*order, group_name)
+        members.setdefault(key, []).append(name)
+        meta[key] = (group_name, kind, index)
+    if not members:
+        raise QuantkitError("the model has no MatMul/Gemm nodes to quantize")
+    groups = []
+    for key in sorted(members):
+        group_name, kind, index = meta[key]
+        groups.append(QuantGroup(group_name, kind, index, tuple(members[key])))
+    return groups
+
+
+def groups_of_model(model: Any, granularity: str = "group") -> list[QuantGroup]:
+    return make_groups(quantizable_nodes(model), granularity)

@@ -1,0 +1,128 @@
+"""Fixed evaluation subsets and cached perplexity measurements of probe configurations.
+
+The evaluation text is tokenized once and cut into consecutive windows of ``max_length`` tokens;
+a seeded permutation assigns them to named, disjoint subsets (``search`` and ``holdout``). A
+subset is scored as its windows back to back with ``stride == max_length``, so each window scores
+all of its tokens but the first, exactly as ``quantkit eval`` does.
+
+Every measurement (subset, INT8 groups, per-tensor method overrides) is cached in one JSON file
+per probe key (the model, table, stats, groups and windows it depends on), written atomically
+after each new measurement: a rerun or an interrupted search costs no repeated model runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.artifacts import atomic_write_json, sha256_json
+from quantkit.errors import QuantkitError
+from quantkit.eval.perplexity import evaluate_perplexity
+
+CACHE_SCHEMA = "quantkit.tune-cache/1"
+
+
+def choose_windows(ids: np.ndarray, max_length: int, counts: Mapping[str, int],
+                   seed: int) -> dict[str, np.ndarray]:
+    """Disjoint subsets of whole windows: name -> the subset's token ids, windows back to back."""
+    need = sum(counts.values())
+    available = int(ids.shape[0]) // max_length
+    if available < need:
+        raise QuantkitError(
+            f"the evaluation text has {int(ids.shape[0])} tokens, {available} window(s) of "
+            f"{max_length}; the subsets need {need}",
+            "use more text (--dataset/--split/--limit-tokens), fewer windows or a shorter "
+            "--max-length",
+        )
+    windows = np.asarray(ids[: available * max_length], dtype=np.int64).reshape(available,
+                                                                                max_length)
+    order = np.random.default_rng(seed).permutation(available)
+    out: dict[str, np.ndarray] = {}
+    start = 0
+    for name, count in counts.items():
+        picked = np.sort(order[start : start + count])
+        out[name] = windows[picked].reshape(-1)
+        start += count
+    return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    subset: str
+    groups: tuple[str, ...]
+    methods: tuple[tuple[str, str], ...]  # (tensor, method) overrides, sorted
+    perplexity: float
+    nll_sum: float
+    num_scored_tokens: int
+    cached: bool
+
+
+class Measurer:
+    """Perplexity of probe configurations on the subsets, cached.
+
+    ``tables`` maps a calibration method to its amax per tensor (the base method first); an
+    override ``tensor -> method`` takes that tensor's range from the method's table."""
+
+    def __init__(self, probe: Any, subsets: Mapping[str, np.ndarray], max_length: int,
+                 batch_size: int, tables: Mapping[str, Mapping[str, float]],
+                 cache_path: Path | None, key_inputs: Mapping[str, Any]) -> None:
+        self.probe = probe
+        self.subsets = dict(subsets)
+        self._subset_keys = {name: hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes())
+                             .hexdigest() for name, ids in self.subsets.items()}
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.tables = {k: dict(v) for k, v in tables.items()}
+        self.base_method = next(iter(self.tables))
+        self.key = sha256_json(dict(key_inputs))
+        self.cache_path = cache_path
+        self.runs = 0  # measurements that ran the model (not cached)
+        self._cache: dict[str, dict[str, Any]] = {}
+        if cache_path is not None and cache_path.is_file():
+            try:
+                data = json.loads(cache_path.read_text(encoding="utf-8"))
+                if data.get("schema") == CACHE_SCHEMA and data.get("key") == self.key:
+                    self._cache = dict(data.get("measurements", {}))
+            except (OSError, ValueError):
+                self._cache = {}
+
+    def amax_for(self, methods: Mapping[str, str]) -> dict[str, float]:
+        """The ranges of the overridden tensors."""
+        out: dict[str, float] = {}
+        for tensor, method in methods.items():
+            try:
+                out[tensor] = self.tables[method][tensor]
+            except KeyError:
+                raise QuantkitError(f"no {method} range for {tensor}") from None
+        return out
+
+    def measure(self, subset: str, groups: Iterable[str],
+                methods: Mapping[str, str] | None = None) -> Measurement:
+        chosen = tuple(sorted(set(groups)))
+        overrides = tuple(sorted((methods or {}).items()))
+        entry_key = sha256_json({"tokens": self._subset_keys[subset], "groups": chosen,
+                                 "methods": overrides})
+        hit = self._cache.get(entry_key)
+        if hit is not None:
+            return Measurement(subset, chosen, overrides, float(hit["perplexity"]),
+                               float(hit["nll_sum"]), int(hit["num_scored_tokens"]), True)
+        self.probe.configure(chosen, self.amax_for(dict(overrides)))
+        result = evaluate_perplexity(self.probe, self.subsets[subset], self.max_length,
+                                     self.max_length, self.batch_size)
+        if not math.isfinite(result.perplexity):
+            raise QuantkitError("a probe configuration gave a non-finite perplexity")
+        self.runs += 1
+        self._cache[entry_key] = {"perplexity": result.perplexity, "nll_sum": result.nll_sum,
+                                  "num_scored_tokens": result.num_scored_tokens}
+        if self.cache_path is not None:
+            atomic_write_json(self.cache_path, {"schema": CACHE_SCHEMA, "key": self.key,
+                                                "measurements": self._cache})
+        return Measurement(subset, chosen, overrides, result.perplexity, result.nll_sum,
+                           result.num_scored_tokens, False)

@@ -1,0 +1,236 @@
+"""A switchable fake-quantized copy of the FP32 graph: one ONNX Runtime session that evaluates any
+choice of INT8 groups and activation ranges without being rebuilt.
+
+For every MatMul/Gemm of a group, each operand is routed through ``Where(flag, dequantized, x)``:
+
+* activations: ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` with the scale ``s`` a graph
+  input per calibrated tensor (per-tensor symmetric int8, as ``quantkit.qdq`` builds it), so
+  ranges from another calibration method are a feed, not a rebuild;
+* constant weights: the int8 weight (per output channel, as ``quantkit.qdq`` stores it) and its
+  ``DequantizeLinear``;
+* ``flag`` is a boolean graph input per group: False gives the FP32 operand unchanged.
+
+The values a switched-on group sees are the ones its Q/DQ engine computes (quantize, round, clip,
+dequantize); only the order of the float accumulation differs from an integer kernel. Engines
+that autotune writes are still built by the ONNX Runtime backend and verified on their own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.errors import QuantkitError
+from quantkit.qdq import quantize_weight, range_source, symmetric_scale, weight_axis
+from quantkit.tune.groups import QuantGroup
+
+FLAG_PREFIX = "quantkit_probe/flag/"
+SCALE_PREFIX = "quantkit_probe/scale/"
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def build_probe_model(
+    model: Any,
+    groups: Sequence[QuantGroup],
+    amax: Mapping[str, float],
+    *,
+    per_channel: bool = True,
+) -> tuple[Any, dict[str, list[str]]]:
+    """The switchable graph (a new ModelProto) and, per group, the calibrated tensors whose scale
+    inputs it reads. ``model`` must hold its weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    owner = {node: g for g in groups for node in g.nodes}
+    names = {n.name for n in graph.node} | set(inits) | {o for n in graph.node for o in n.output}
+    new_inits: list[Any] = []
+    scale_inputs: dict[str, str] = {}  # table key -> graph input
+    weight_cache: dict[tuple[str, tuple[int, ...] | None, int | None], tuple[str, str, str]] = {}
+    group_tensors: dict[str, list[str]] = {g.name: [] for g in groups}
+    missing: list[str] = []
+
+    def unique(name: str) -> str:
+        candidate, i = name, 1
+        while candidate in names:
+            candidate, i = f"{name}_{i}", i + 1
+        names.add(candidate)
+        return candidate
+
+    def add_init(array: np.ndarray, name: str) -> str:
+        name = unique(name)
+        new_inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    zero = add_init(np.zeros((), np.int8), "quantkit_probe/zero_point")
+
+    def constant_weight(tensor: str) -> tuple[str, tuple[int, ...] | None] | None:
+        if tensor in inits:
+            return tensor, None
+        node = producers.get(tensor)
+        if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
+            rank = len(inits[node.input[0]].dims)
+            perm = _attrs(node).get("perm") or list(reversed(range(rank)))
+            return node.input[0], tuple(int(p) for p in perm)
+        return None
+
+    nodes: list[Any] = []
+    for node in graph.node:
+        group = owner.get(node.name)
+        if group is None:
+            nodes.append(node)
+            continue
+        flag = FLAG_PREFIX + group.name
+        attrs = _attrs(node)
+        for index in range(min(2, len(node.input))):
+            tensor = node.input[index]
+            base = f"{node.name}/probe_input_{index}"
+            weight = constant_weight(tensor)
+            if weight is not None:
+                source, perm = weight
+                value = np.asarray(numpy_helper.to_array(inits[source]))
+                if value.dtype != np.float32:
+                    raise QuantkitError(f"weight {source} of {node.name} is {value.dtype}, "
+                                        "not float32")
+                if perm is not None:
+                    value = np.transpose(value, perm)
+                axis = weight_axis(node.op_type, index, value.ndim, attrs)
+                per_axis = axis if per_channel else None
+                key = (source, perm, per_axis)
+                if key not in weight_cache:
+                    q, scale = quantize_weight(value, per_axis)
+                    zp = zero if per_axis is None else add_init(
+                        np.zeros(scale.shape, np.int8), f"{source}/probe_zero_point")
+                    weight_cache[key] = (add_init(q, f"{source}/probe_int8"),
+                                         add_init(scale, f"{source}/probe_scale"), zp)
+                q_name, s_name, zp = weight_cache[key]
+                dq_out = unique(f"{base}/dq")
+                dq = helper.make_node("DequantizeLinear", [q_name, s_name, zp], [dq_out],
+                                      name=unique(f"{base}/DequantizeLinear"))
+                if per_axis is not None:
+                    dq.attribute.append(helper.make_attribute("axis", axis))
+                nodes.append(dq)
+            else:
+                table_key = range_source(tensor, amax, producers)
+                if table_key is None:
+                    missing.append(tensor)
+                    continue
+                if table_key not in scale_inputs:
+                    scale_inputs[table_key] = SCALE_PREFIX + table_key
+                if table_key not in group_tensors[group.name]:
+                    group_tensors[group.name].append(table_key)
+                s_name = scale_inputs[table_key]
+                q_out, dq_out = unique(f"{base}/q"), unique(f"{base}/dq")
+                nodes.append(helper.make_node("QuantizeLinear", [tensor, s_name, zero], [q_out],
+                                              name=unique(f"{base}/QuantizeLinear")))
+                nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, zero],
+                                              [dq_out], name=unique(f"{base}/DequantizeLinear")))
+            selected = unique(f"{base}/selected")
+            nodes.append(helper.make_node("Where", [flag, dq_out, tensor], [selected],
+                                          name=unique(f"{base}/Where")))
+            node.input[index] = selected
+        nodes.append(node)
+    if missing:
+        missing = list(dict.fromkeys(missing))
+        raise QuantkitError(
+            f"the calibration table has no range for {len(missing)} activation tensor(s) of "
+            f"quantizable nodes: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
+            "calibrate this ONNX model (quantkit calibrate --tensors all or quantizable)",
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    for g in groups:
+        graph.input.append(helper.make_tensor_value_info(FLAG_PREFIX + g.name, TensorProto.BOOL,
+                                                         []))
+    for input_name in scale_inputs.values():
+        graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.FLOAT, []))
+    outputs = [o for o in graph.output if o.name == "nll"] or \
+              [o for o in graph.output if o.name == "logits"]
+    if not outputs:
+        raise QuantkitError("the model has neither an 'nll' nor a 'logits' output")
+    del graph.output[:]
+    graph.output.extend(outputs)
+    del graph.value_info[:]
+    return out, group_tensors
+
+
+class ProbeSession:
+    """Runner-like (``output_names``, ``run``) view of the probe graph, so
+    ``quantkit.eval.perplexity.evaluate_perplexity`` scores any configuration of it.
+
+    ``configure(int8_groups, amax)`` chooses which groups are INT8 and the activation ranges
+    (defaults: none, and the table the probe was built with)."""
+
+    def __init__(self, onnx_path: Path, groups: Sequence[QuantGroup], amax: Mapping[str, float],
+                 *, per_channel: bool = True, threads: int | None = None) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(onnx_path))
+        probe, self.group_tensors = build_probe_model(model, groups, amax,
+                                                      per_channel=per_channel)
+        del model
+        self.groups = list(groups)
+        self.base_amax = dict(amax)
+        self._tmp = Path(tempfile.mkdtemp(prefix="quantkit-probe-"))
+        try:
+            path = self._tmp / "probe.onnx"
+            onnx.save(probe, str(path), save_as_external_data=True, location="probe.onnx.data")
+            del probe
+            options = ort.SessionOptions()
+            if threads is not None:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=["CPUExecutionProvider"])
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.scale_tensors = sorted({t for ts in self.group_tensors.values() for t in ts})
+        self._extra: dict[str, np.ndarray] = {}
+        self.configure(())
+
+    def configure(self, int8_groups: Iterable[str],
+                  amax: Mapping[str, float] | None = None) -> None:
+        chosen = set(int8_groups)
+        unknown = chosen - {g.name for g in self.groups}
+        if unknown:
+            raise QuantkitError(f"unknown quantization group(s): {', '.join(sorted(unknown))}")
+        ranges = {**self.base_amax, **(amax or {})}
+        extra = {FLAG_PREFIX + g.name: np.array(g.name in chosen) for g in self.groups}
+        for tensor in self.scale_tensors:
+            extra[SCALE_PREFIX + tensor] = symmetric_scale(float(ranges[tensor])).reshape(())
+        self._extra = extra
+
+    def run(self, feeds: Mapping[str, np.ndarray],
+            outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(outputs) if outputs is not None else self.output_names
+        values = self.session.run(names, {**feeds, **self._extra})
+        return dict(zip(names, values, strict=True))
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> ProbeSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
