@@ -3,12 +3,16 @@
 The search runs on the probe (``quantkit.tune.probe``) and on two subsets of the evaluation
 text, ``rank`` and ``search``:
 
-1. **Sensitivity** of every group alone on ``rank`` (``quantkit.tune.sensitivity``; cached
-   measurements are free, so a ``quantkit sensitivity`` run before costs nothing twice).
+1. **Calibration method per op kind**: for each kind (qkv, attention MatMuls, ...), every group
+   of that kind in INT8 at once with its input tensors' ranges from each method (entropy /
+   percentile / mse / minmax, recomputed from the histograms in ``stats.npz``, no model run);
+   the method with the lowest perplexity on ``search`` becomes that kind's. (One method suits
+   softmax outputs, another the outlier-heavy MLP products: no single method is best for all.)
+   **Sensitivity** of every group alone on ``rank`` with those ranges
+   (``quantkit.tune.sensitivity``; cached measurements are free).
 2. **Calibration method per tensor**: for the most sensitive groups, the group alone is measured
-   on ``rank`` with its tensors' ranges from each other method (entropy / percentile / mse /
-   minmax, from the histograms in ``stats.npz``); the best method is kept where it beats the
-   table's.
+   on ``rank`` with its tensors' ranges from each other method; the best is kept where it beats
+   the kind's.
 3. **Order**: groups by sensitivity per linear-layer MAC (cheapest accuracy per unit of INT8
    work first), so the coverage objective gets the most MACs for the budget.
 4. **Bisection** over the prefix of that order for the longest prefix within the budget on
@@ -83,7 +87,7 @@ class AutotuneSettings:
     objective: str = "coverage"
     max_evals: int = 120  # model runs of the search (sensitivity not counted)
     methods: tuple[str, ...] = DEFAULT_METHODS
-    method_groups: int = 6  # most sensitive groups whose tensors get the method search
+    method_groups: int = 6  # most sensitive groups whose tensors get the per-tensor search
     latency_candidates: int = 3
     latency_iterations: int = 5
     build: bool = True  # build and verify the engine
@@ -198,20 +202,50 @@ def efficiency_order(context: TuneContext, deltas: Mapping[str, float]) -> list[
     return sorted((g.name for g in context.groups), key=key)
 
 
+def search_kind_methods(search: _Search) -> None:
+    """Step 1: per op kind, the calibration method whose ranges hurt least with every group of
+    that kind in INT8 (measured on the search subset)."""
+    context = search.context
+    base = context.table.method
+    others = [m for m in context.tables if m != base]
+    if not others:
+        return
+    kinds = list(dict.fromkeys(g.kind for g in context.groups))
+    for kind in kinds:
+        groups = [g.name for g in context.groups if g.kind == kind]
+        tensors = sorted({t for g in groups for t in context.probe.group_tensors.get(g, ())})
+        if not tensors:
+            continue
+        best_ppl, best_method = math.inf, base
+        for method in (base, *others):
+            if search.runs_left <= 0:
+                break
+            overrides = {} if method == base else {t: method for t in tensors}
+            step = search.measure(search.subset, groups, "method",
+                                  f"all {kind} ({len(groups)}): {method} ranges", math.inf,
+                                  overrides)
+            if step.perplexity < best_ppl:
+                best_ppl, best_method = step.perplexity, method
+        if best_method != base:
+            search.methods.update({t: best_method for t in tensors})
+
+
 def search_methods(search: _Search, sensitivity: SensitivityResult, baseline: float,
                    deltas: dict[str, float]) -> None:
     """Step 2: per tensor of the most sensitive groups, the calibration method that hurts least."""
     context = search.context
-    others = [m for m in context.tables if m != context.table.method]
-    if not others:
+    if len(context.tables) < 2:
         return
     candidates = [g for g in sensitivity.groups if g.delta > 0][: search.settings.method_groups]
     for entry in candidates:
         tensors = context.probe.group_tensors.get(entry.name, [])
         if not tensors:
             continue
+        current = {t: search.methods.get(t, context.table.method) for t in tensors}
         best_delta, best_method = deltas[entry.name], None
-        for method in others:
+        for method in context.tables:
+            if set(current.values()) == {method}:
+                continue
             if search.runs_left <= 0:
                 return
             overrides = {t: method for t in tensors}
@@ -270,8 +304,10 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
     started = time.perf_counter()
     settings.check()
     runs0 = context.measurer.runs
-    sensitivity = measure_sensitivity(context, "rank", progress=sensitivity_progress)
     search = _Search(context, settings, on_step)
+    search_kind_methods(search)
+    sensitivity = measure_sensitivity(context, "rank", progress=sensitivity_progress,
+                                      methods=search.methods)
     deltas = {g.name: g.delta for g in sensitivity.groups}
     search_methods(search, sensitivity, sensitivity.baseline, deltas)
     order = efficiency_order(context, deltas)

@@ -5,7 +5,7 @@ else FP32), on a fixed evaluation subset; the ranking autotune starts from and t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,19 +87,23 @@ def rank(entries: list[GroupSensitivity]) -> list[GroupSensitivity]:
 
 
 def measure_sensitivity(context: TuneContext, subset: str = "rank",
-                        progress: Callable[[int, int], None] | None = None) -> SensitivityResult:
-    """One measurement per group (cached) plus the FP32 baseline."""
+                        progress: Callable[[int, int], None] | None = None,
+                        methods: Mapping[str, str] | None = None) -> SensitivityResult:
+    """One measurement per group (cached) plus the FP32 baseline. ``methods`` (tensor ->
+    calibration method) overrides the table's ranges where given."""
     started = time.perf_counter()
     measurer = context.measurer
     runs_before = measurer.runs
     baseline = measurer.measure(subset, ()).perplexity
     entries: list[GroupSensitivity] = []
     for i, group in enumerate(context.groups):
-        ppl = measurer.measure(subset, (group.name,)).perplexity
+        tensors = context.probe.group_tensors.get(group.name, [])
+        own = {t: m for t, m in (methods or {}).items() if t in tensors}
+        ppl = measurer.measure(subset, (group.name,), own).perplexity
         delta = ppl - baseline
         entries.append(GroupSensitivity(group.name, group.kind, group.block, group.nodes,
                                         context.macs[group.name], ppl, delta,
-                                        100.0 * delta / baseline))
+                                        100.0 * delta / baseline, own))
         if progress is not None:
             progress(i + 1, len(context.groups))
     return SensitivityResult(
