@@ -308,6 +308,7 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
     search_kind_methods(search)
     sensitivity = measure_sensitivity(context, "rank", progress=sensitivity_progress,
                                       methods=search.methods)
+    search.runs_at_start += sensitivity.runs  # max_evals bounds the search, not sensitivity
     deltas = {g.name: g.delta for g in sensitivity.groups}
     search_methods(search, sensitivity, sensitivity.baseline, deltas)
     order = efficiency_order(context, deltas)

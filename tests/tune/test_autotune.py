@@ -110,3 +110,14 @@ def test_latency_objective_times_feasible_plans(tune_settings, tmp_path) -> None
     assert len(result.int8_groups) == fastest["int8_groups"]
     assert result.engine is not None and result.engine["within_budget"]
     assert not (tmp_path / "tuned" / "latency-candidate").exists()
+
+
+def test_max_evals_bounds_the_search_not_the_sensitivity_pass(tune_settings, tmp_path) -> None:
+    """Sensitivity needs one run per group (12 here); max_evals=10 still leaves the search its
+    own 10 runs."""
+    settings = AutotuneSettings(budget=Budget.parse("1%"), max_evals=10, methods=("minmax",),
+                                build=False)
+    result = autotune(tune_settings, settings, tmp_path / "tuned")
+    searched = [s for s in result.path if s.stage in ("bisect", "greedy") and not s.cached]
+    assert len(searched) >= 3
+    assert result.model_runs <= 12 + 10 + 2  # sensitivity + search + held-out baseline/check
