@@ -99,6 +99,7 @@ def tuning_section(tuning: Mapping[str, Any] | None, images: Mapping[str, bytes]
                                     "coverage; the dashed lines are the budgets."))
     blocks.append(Table(["#", "stage", "action", "coverage", "subset", "ppl", "within"], [
         [str(i), s["stage"], s["action"], f"{100 * s['coverage']:.1f}%", s["subset"],
-         f"{s['perplexity']:.4f}", "yes" if s["within"] else "no"]
+         f"{s['perplexity']:.4f}",
+         "—" if s["stage"] == "method" else "yes" if s["within"] else "no"]
         for i, s in enumerate(tune["path"], 1)], align="rllrlrl"))
     return blocks

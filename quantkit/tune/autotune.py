@@ -574,7 +574,7 @@ def summary_markdown(result: AutotuneResult, context: TuneContext) -> str:
     for i, s in enumerate(result.path, 1):
         lines.append(f"| {i} | {s.stage} | {s.action} | {s.int8_groups} | "
                      f"{100 * s.coverage:.1f}% | {s.subset} | {s.perplexity:.4f} | "
-                     f"{'yes' if s.within else 'no'} |")
+                     f"{'—' if s.stage == 'method' else 'yes' if s.within else 'no'} |")
     for note in result.notes:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
