@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from quantkit.cli.options import force_option
+from quantkit.cli.options import force_option, typed_command
 
 
 @click.command("eval")
@@ -72,7 +71,7 @@ def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None,
     )
     if progress is None:
         progress = sys.stderr.isatty()
-    command_line = _command_line(click.get_current_context())
+    command_line = typed_command(click.get_current_context())
     results = evaluate_engines(list(engines), config, command=command_line, progress=progress)
     write_results(results, out, force=force)
     _print_table(results)
@@ -96,30 +95,6 @@ def _check_tensorrt_engines(engines: tuple[Path, ...]) -> None:
 
             require_tensorrt_gpu()
             return
-
-
-def _command_line(ctx: click.Context) -> str:
-    """The command as typed (``sys.argv``); when invoked in-process (tests, scripts), the
-    equivalent command spelled out from the parsed options, defaults included."""
-    argv = sys.argv[1:]
-    if argv and argv[0] == ctx.info_name:
-        return shlex.join(["quantkit", *argv])
-    parts = ["quantkit", str(ctx.info_name)]
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name is None:
-            continue
-        value = ctx.params.get(param.name)
-        if value is None or value is False:
-            continue
-        flag = max(param.opts, key=len)
-        if param.is_flag:
-            parts.append(flag if value is True else f"--no-{flag.lstrip('-')}")
-        elif param.multiple:
-            for item in value:
-                parts += [flag, str(item)]
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
 
 
 def _print_table(results: Any) -> None:

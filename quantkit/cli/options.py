@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 import click
 
 force_option = click.option(
@@ -18,3 +21,31 @@ trust_remote_code_option = click.option(
     is_flag=True,
     help="Allow the model's own code from the Hub (off by default).",
 )
+
+
+def typed_command(ctx: click.Context) -> str:
+    """The command as typed (``sys.argv``); when invoked in-process (tests, scripts), the
+    equivalent command spelled out from the parsed arguments and options, defaults included."""
+    argv = sys.argv[1:]
+    if argv and argv[0] == ctx.info_name:
+        return shlex.join(["quantkit", *argv])
+    parts = ["quantkit", str(ctx.info_name)]
+    for param in ctx.command.params:
+        if param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            items = value if isinstance(value, (tuple, list)) else [value]
+            parts += [str(v) for v in items if v is not None]
+            continue
+        if not isinstance(param, click.Option) or value is None or value is False:
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            parts.append(flag if value is True else f"--no-{flag.lstrip('-')}")
+        elif param.multiple:
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)

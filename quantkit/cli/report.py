@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import click
 
-from quantkit.cli.options import force_option
+from quantkit.cli.options import force_option, typed_command
 
 
 @click.command("report")
@@ -36,7 +34,7 @@ def command(results: tuple[Path, ...], calibration: Path | None, histogram_tenso
 
     if histogram_tensor is not None and calibration is None:
         raise click.UsageError("--histogram-tensor needs --calibration")
-    command_line = shlex.join(["quantkit", *sys.argv[1:]])
+    command_line = typed_command(click.get_current_context())
     report = build_report(list(results), out, calibration=calibration,
                           histogram_tensor=histogram_tensor, tuning=tuning, force=force,
                           command=command_line)
