@@ -49,18 +49,12 @@ class CalibrationData:
     def blocks(self, onnx_path: Path) -> Any:
         """The TokenBlocks, tokenized with the tokenizer saved beside ``onnx_path``."""
         from quantkit.data import TokenBlocks, resolve_text_source
-        from quantkit.export import TOKENIZER_DIR
-        from quantkit.models import load_tokenizer
+        from quantkit.export import tokenizer_beside
 
-        tokenizer_dir = Path(onnx_path).parent / TOKENIZER_DIR
-        if not tokenizer_dir.is_dir():
-            raise QuantkitError(
-                f"no tokenizer beside {onnx_path} to tokenize the calibration text",
-                "build from an export directory written by 'quantkit export'",
-            )
+        tokenizer = tokenizer_beside(onnx_path)
         source = resolve_text_source(self.dataset, self.dataset_config, self.split,
                                      self.text_column)
-        blocks = TokenBlocks(source, load_tokenizer(tokenizer_dir), seq_len=self.seq_len,
+        blocks = TokenBlocks(source, tokenizer, seq_len=self.seq_len,
                              num_samples=self.num_samples, batch_size=self.batch_size,
                              seed=self.seed)
         blocks.describe()  # choose the blocks now: too little text fails before the build

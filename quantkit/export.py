@@ -294,6 +294,19 @@ def find_onnx(path: Path) -> Path:
     return path
 
 
+def tokenizer_beside(onnx_path: Path) -> Any:
+    """The tokenizer saved beside an export's ONNX file (``tokenizer/``), loaded offline."""
+    from quantkit.models import load_tokenizer
+
+    directory = Path(onnx_path).parent / TOKENIZER_DIR
+    if not directory.is_dir():
+        raise QuantkitError(
+            f"no tokenizer beside {onnx_path} (looked for {directory})",
+            "use an export directory written by 'quantkit export', or pass --model",
+        )
+    return load_tokenizer(directory)
+
+
 def export_manifest(onnx_path: Path) -> dict[str, Any] | None:
     """The export manifest beside an ONNX file, if it was written by ``export_model``."""
     directory = Path(onnx_path).parent

@@ -165,6 +165,20 @@ def range_source(tensor: str, amax: Mapping[str, float],
     return tensor
 
 
+def constant_weight(tensor: str, inits: Mapping[str, Any], producers: Mapping[str, Any]
+                    ) -> tuple[str, tuple[int, ...] | None] | None:
+    """(initializer, transpose perm or None) if ``tensor`` is a weight that can be quantized: an
+    initializer, or a Transpose of one (a tied LM head)."""
+    if tensor in inits:
+        return tensor, None
+    node = producers.get(tensor)
+    if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
+        rank = len(inits[node.input[0]].dims)
+        perm = node_attrs(node).get("perm") or list(reversed(range(rank)))
+        return node.input[0], tuple(int(p) for p in perm)
+    return None
+
+
 # -- the rewrite -------------------------------------------------------------------------------
 def rewrite_model(
     model: Any,
@@ -256,15 +270,7 @@ class _Rewriter:
         return None
 
     def _constant_weight(self, tensor: str) -> tuple[str, tuple[int, ...] | None] | None:
-        """(initializer, transpose perm or None) if ``tensor`` is a weight we can quantize."""
-        if tensor in self.inits:
-            return tensor, None
-        node = self.producers.get(tensor)
-        if node is not None and node.op_type == "Transpose" and node.input[0] in self.inits:
-            rank = len(self.inits[node.input[0]].dims)
-            perm = _attrs(node).get("perm") or list(reversed(range(rank)))
-            return node.input[0], tuple(int(p) for p in perm)
-        return None
+        return constant_weight(tensor, self.inits, self.producers)
 
     def _check_plan_covers_graph(self) -> None:
         names = [n.name for n in self.graph.node]
@@ -380,7 +386,7 @@ class _Rewriter:
                 nodes.append(node)
                 continue
             counts = {"activation": 0, "weight": 0}
-            attrs = _attrs(node)
+            attrs = node_attrs(node)
             for index in range(min(2, len(node.input))):
                 tensor = node.input[index]
                 base = f"{node.name}/input_{index}"
@@ -629,7 +635,7 @@ def _fused_name(members: list[str]) -> str:
     return f"{prefix}/{'+'.join(stems)}/{op}"
 
 
-def _attrs(node: Any) -> dict[str, Any]:
+def node_attrs(node: Any) -> dict[str, Any]:
     from onnx import helper
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -690,7 +696,7 @@ def linear_layer_macs(model_path: Path, seq_len: int, batch: int = 1) -> dict[st
 
 def _matmul_macs(node: Any, a: list[int], b: list[int]) -> int:
     if node.op_type == "Gemm":
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
         n = b[0] if attrs.get("transB", 0) else b[1]
         return m * k * n

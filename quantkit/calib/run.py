@@ -104,7 +104,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
     """
     from quantkit.calib.collect import collect_activation_stats
     from quantkit.data import TokenBlocks, resolve_text_source
-    from quantkit.export import find_onnx, onnx_model_hash
+    from quantkit.export import find_onnx, onnx_model_hash, tokenizer_beside
 
     request.validate()
     out = Path(out)
@@ -122,7 +122,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
         else:
             assert request.onnx is not None
             onnx_path = find_onnx(request.onnx)
-            tokenizer = _tokenizer_beside(onnx_path)
+            tokenizer = tokenizer_beside(onnx_path)
             model_info = {"onnx": str(onnx_path.resolve())}
         model_hash = onnx_model_hash(onnx_path)
         blocks = TokenBlocks(source, tokenizer, seq_len=request.seq_len,
@@ -198,19 +198,6 @@ def _onnx_reference(request: CalibrationRequest, onnx_path: Path) -> str:
     if request.model is not None:
         return f"{EXPORT_DIR}/{onnx_path.name}"
     return str(onnx_path.resolve())
-
-
-def _tokenizer_beside(onnx_path: Path) -> Any:
-    from quantkit.export import TOKENIZER_DIR
-    from quantkit.models import load_tokenizer
-
-    directory = onnx_path.parent / TOKENIZER_DIR
-    if not directory.is_dir():
-        raise QuantkitError(
-            f"no tokenizer beside {onnx_path} (looked for {directory})",
-            "calibrate an export directory written by 'quantkit export', or pass --model",
-        )
-    return load_tokenizer(directory)
 
 
 def _installed_tensorrt() -> str | None:

@@ -121,8 +121,8 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     from quantkit.data import resolve_text_source
     from quantkit.eval.perplexity import tokenize_text
     from quantkit.eval.text import load_evaluation_text
-    from quantkit.export import TOKENIZER_DIR, export_manifest, find_onnx, onnx_model_hash
-    from quantkit.models import cache_dir, load_tokenizer
+    from quantkit.export import export_manifest, find_onnx, onnx_model_hash, tokenizer_beside
+    from quantkit.models import cache_dir
     from quantkit.qdq import linear_layer_macs
     from quantkit.tune.groups import groups_of_model
     from quantkit.tune.measure import Measurer, choose_windows
@@ -137,11 +137,7 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     del graph
     manifest = export_manifest(onnx_path) or {}
     model_hash = str(manifest.get("model_hash") or onnx_model_hash(onnx_path))
-    tokenizer_dir = onnx_path.parent / TOKENIZER_DIR
-    if not tokenizer_dir.is_dir():
-        raise QuantkitError(f"no tokenizer beside {onnx_path} (looked for {tokenizer_dir})",
-                            "pass an export directory written by 'quantkit export'")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = tokenizer_beside(onnx_path)
     source = resolve_text_source(settings.dataset, settings.dataset_config, settings.split,
                                  settings.text_column)
     text = load_evaluation_text(source)

@@ -88,21 +88,14 @@ def block_of(name: str) -> tuple[str, int] | None:
 def quantizable_nodes(model: Any) -> list[tuple[str, bool]]:
     """``(node name, has a constant weight)`` for every MatMul/Gemm of ``model``, in graph order.
     A weight is constant when it is an initializer or a Transpose of one (a tied LM head)."""
+    from quantkit.qdq import constant_weight
+
     graph = model.graph
-    inits = {t.name for t in graph.initializer}
+    inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-
-    def constant(tensor: str) -> bool:
-        if tensor in inits:
-            return True
-        node = producers.get(tensor)
-        return node is not None and node.op_type == "Transpose" and node.input[0] in inits
-
-    out = []
-    for node in graph.node:
-        if node.op_type in QUANTIZABLE_OP_TYPES:
-            out.append((node.name, any(constant(t) for t in node.input[:2])))
-    return out
+    return [(node.name, any(constant_weight(t, inits, producers) is not None
+                            for t in node.input[:2]))
+            for node in graph.node if node.op_type in QUANTIZABLE_OP_TYPES]
 
 
 def make_groups(nodes: Iterable[tuple[str, bool]], granularity: str = "group") -> list[QuantGroup]:

@@ -26,17 +26,18 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.qdq import quantize_weight, range_source, symmetric_scale, weight_axis
+from quantkit.qdq import (
+    constant_weight,
+    node_attrs,
+    quantize_weight,
+    range_source,
+    symmetric_scale,
+    weight_axis,
+)
 from quantkit.tune.groups import QuantGroup
 
 FLAG_PREFIX = "quantkit_probe/flag/"
 SCALE_PREFIX = "quantkit_probe/scale/"
-
-
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def build_probe_model(
@@ -78,16 +79,6 @@ def build_probe_model(
 
     zero = add_init(np.zeros((), np.int8), "quantkit_probe/zero_point")
 
-    def constant_weight(tensor: str) -> tuple[str, tuple[int, ...] | None] | None:
-        if tensor in inits:
-            return tensor, None
-        node = producers.get(tensor)
-        if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
-            rank = len(inits[node.input[0]].dims)
-            perm = _attrs(node).get("perm") or list(reversed(range(rank)))
-            return node.input[0], tuple(int(p) for p in perm)
-        return None
-
     nodes: list[Any] = []
     for node in graph.node:
         group = owner.get(node.name)
@@ -95,11 +86,11 @@ def build_probe_model(
             nodes.append(node)
             continue
         flag = FLAG_PREFIX + group.name
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         for index in range(min(2, len(node.input))):
             tensor = node.input[index]
             base = f"{node.name}/probe_input_{index}"
-            weight = constant_weight(tensor)
+            weight = constant_weight(tensor, inits, producers)
             if weight is not None:
                 source, perm = weight
                 value = np.asarray(numpy_helper.to_array(inits[source]))
