@@ -54,11 +54,16 @@ class CalibrationConfig:
     method: str = "entropy"
     params: dict[str, Any] = field(default_factory=dict)
     tensors: str = "all"
-    smoothquant: float | None = None  # SmoothQuant alpha; None = off
+    smoothquant: float | str | None = None  # SmoothQuant alpha (0..1 or "auto"); None = off
 
     def __post_init__(self) -> None:
-        if self.smoothquant is not None and not 0.0 <= float(self.smoothquant) <= 1.0:
-            raise QuantkitError("calibration.smoothquant (alpha) must be within 0..1")
+        from quantkit.smoothquant import parse_alpha
+
+        try:
+            object.__setattr__(self, "smoothquant", parse_alpha(self.smoothquant))
+        except QuantkitError as error:
+            raise QuantkitError(f"calibration.smoothquant: {error.message}",
+                                "give an alpha within 0..1 (e.g. 0.5) or 'auto'") from None
         for name in ("num_samples", "seq_len", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise QuantkitError(f"calibration.{name} must be at least 1")

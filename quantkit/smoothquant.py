@@ -7,6 +7,12 @@ smoothed graph computes the same function in FP32 (up to rounding) and its activ
 with less error. Llama MLPs get a second pair: ``up_proj`` output columns / s, ``down_proj`` input
 rows * s (``act(gate) * up`` is linear in ``up``).
 
+``alpha="auto"`` chooses alpha per group: for each alpha of ``AUTO_GRID`` the group's linears
+are fake-quantized as an engine would run them (activation per tensor with its min/max range,
+weights per output channel) on a sample of calibration tokens, and the alpha with the lowest
+relative output error wins. Outlier-heavy inputs (Llama's MLP products) want a larger alpha than
+well-behaved ones; one global alpha serves neither.
+
 A smoothed model is written as a new export directory (its own model hash), so calibration,
 builds and evaluation treat it like any other export.
 """
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import shutil
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +37,34 @@ from quantkit.export import (
     export_manifest,
     onnx_model_hash,
 )
+from quantkit.qdq import INT8_MAX, dequantize, quantize_weight, symmetric_scale
 
 _PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 MIN_SCALE = 1e-5
+AUTO = "auto"
+AUTO_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+SAMPLE_ROWS = 1024  # calibration tokens per activation the auto search scores alphas on
+MAX_SAMPLE_COLUMNS = 4096  # output channels scored per linear (quantized independently)
+
+Alpha = float | str  # a value in 0..1, or "auto"
+
+
+def parse_alpha(value: Alpha | None) -> Alpha | None:
+    """A SmoothQuant alpha as given on the command line or in a config: 0..1 or ``auto``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == AUTO:
+            return AUTO
+        try:
+            value = float(value)
+        except ValueError:
+            raise QuantkitError(f"cannot read the SmoothQuant alpha '{value}'",
+                                "give a number within 0..1 (e.g. 0.5) or 'auto'") from None
+    alpha = float(value)
+    if not 0.0 <= alpha <= 1.0:
+        raise QuantkitError(f"SmoothQuant alpha must be within 0..1 or 'auto', got {value}")
+    return alpha
 
 
 @dataclass
@@ -160,6 +191,14 @@ def _up_down_group(down: Any, producers: Mapping[str, Any],
 def channel_amax(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
                  tensors: list[str]) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max|x| of ``tensors`` over all batches, one batch alive at a time."""
+    return channel_stats(onnx_path, batches, tensors)[0]
+
+
+def channel_stats(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
+                  tensors: list[str], *, sample_rows: int = 0, seed: int = 0,
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-channel max|x| of ``tensors`` and, with ``sample_rows``, up to that many of their rows
+    (tokens) drawn uniformly from every batch (what the auto alpha search scores on)."""
     import onnx
     import onnxruntime as ort
 
@@ -172,17 +211,31 @@ def channel_amax(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    num_batches = len(batches) if isinstance(batches, Sized) else 0
+    per_batch = -(-sample_rows // num_batches) if num_batches else sample_rows
     amax: dict[str, np.ndarray] = {}
+    samples: dict[str, list[np.ndarray]] = defaultdict(list)
     seen = 0
     for batch in batches:
         feeds = {i.name: batch[i.name] for i in session.get_inputs()}
         for name, value in zip(tensors, session.run(tensors, feeds), strict=True):
-            flat = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            rows = value.reshape(-1, value.shape[-1])
+            flat = np.abs(rows).max(axis=0)
             amax[name] = flat if name not in amax else np.maximum(amax[name], flat)
+            if per_batch:
+                pick = rng.choice(len(rows), size=min(per_batch, len(rows)), replace=False)
+                samples[name].append(rows[np.sort(pick)].astype(np.float32))
         seen += 1
     if seen == 0:
         raise QuantkitError("SmoothQuant needs calibration batches; got none")
-    return amax
+    drawn: dict[str, np.ndarray] = {}
+    for name, parts in samples.items():
+        rows = np.concatenate(parts)
+        if len(rows) > sample_rows:
+            rows = rows[np.sort(rng.choice(len(rows), size=sample_rows, replace=False))]
+        drawn[name] = rows
+    return amax, drawn
 
 
 def smooth_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -> np.ndarray:
@@ -193,14 +246,59 @@ def smooth_scales(act_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -
     return np.clip(scales, MIN_SCALE, None)
 
 
+def _fake_quant_rows(x: np.ndarray, amax: float) -> np.ndarray:
+    """Per-tensor symmetric int8 fake quantization (what Q/DQ does to an activation)."""
+    scale = float(symmetric_scale(amax))
+    return np.clip(np.rint(x / scale), -INT8_MAX, INT8_MAX) * scale
+
+
+def alpha_error(sample: np.ndarray, act_amax: np.ndarray, weights: list[np.ndarray],
+                alpha: float) -> float:
+    """Relative squared output error of the group's linears, fake-quantized after smoothing
+    with ``alpha``: activation per tensor (its min/max range over the calibration data), each
+    weight ``[in, out]`` per output channel."""
+    w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    s = smooth_scales(act_amax, w_amax, alpha)
+    x = sample.astype(np.float64)
+    xq = _fake_quant_rows(x / s, float(np.max(act_amax / s)))
+    error = 0.0
+    for w in weights:
+        reference = x @ w
+        q, scale = quantize_weight(w * s[:, None], axis=1)
+        output = xq @ dequantize(q, scale, axis=1).astype(np.float64)
+        error += float(np.sum((reference - output) ** 2) / max(np.sum(reference**2), 1e-30))
+    return error / len(weights)
+
+
+def choose_alpha(sample: np.ndarray, act_amax: np.ndarray, weights: list[np.ndarray],
+                 grid: Iterable[float] = AUTO_GRID, seed: int = 0,
+                 ) -> tuple[float, dict[str, float]]:
+    """The alpha of ``grid`` with the lowest ``alpha_error`` (ties: the smaller alpha), and the
+    error of every alpha tried. Wide linears (a vocabulary-sized LM head) are scored on a fixed
+    subset of their output channels: each is quantized on its own, so the subset is unbiased."""
+    rng = np.random.default_rng(seed)
+    scored = []
+    for w in weights:
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape[1] > MAX_SAMPLE_COLUMNS:
+            w = w[:, np.sort(rng.choice(w.shape[1], MAX_SAMPLE_COLUMNS, replace=False))]
+        scored.append(w)
+    errors = {f"{a:g}": alpha_error(sample, act_amax, scored, a) for a in grid}
+    best = min(errors, key=lambda a: (errors[a], float(a)))
+    return float(best), errors
+
+
 def apply_smoothquant(model: Any, groups: list[SmoothGroup],
-                      act_amax: Mapping[str, np.ndarray], alpha: float) -> dict[str, Any]:
+                      act_amax: Mapping[str, np.ndarray], alpha: Alpha,
+                      samples: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Rewrite ``model`` in place; every scaled initializer gets its own copy, so weights the
-    exporter shared between nodes (tied embeddings, identical norm weights) stay intact."""
+    exporter shared between nodes (tied embeddings, identical norm weights) stay intact.
+    ``alpha="auto"`` needs ``samples`` (rows of each group's activation)."""
     from onnx import numpy_helper
 
-    if not 0.0 <= alpha <= 1.0:
-        raise QuantkitError(f"SmoothQuant alpha must be within 0..1, got {alpha}")
+    alpha = parse_alpha(alpha)  # type: ignore[assignment]
+    if alpha == AUTO and samples is None:
+        raise QuantkitError("SmoothQuant alpha 'auto' needs activation samples")
     graph = model.graph
     producers, _, inits = _index(graph)
     nodes = {n.name: n for n in graph.node}
@@ -231,7 +329,14 @@ def apply_smoothquant(model: Any, groups: list[SmoothGroup],
              for w, lin in zip(weights, group.linears, strict=True)],
             axis=0,
         )
-        scales = smooth_scales(act_amax[group.activation], w_amax, alpha)
+        chosen, errors = float(alpha) if alpha != AUTO else 0.0, None
+        if alpha == AUTO:
+            assert samples is not None
+            oriented = [w if lin.axis == 0 else w.T
+                        for w, lin in zip(weights, group.linears, strict=True)]
+            chosen, errors = choose_alpha(samples[group.activation], act_amax[group.activation],
+                                          oriented)
+        scales = smooth_scales(act_amax[group.activation], w_amax, chosen)
         scale_node = nodes[group.scale_node]
         for position in group.scale_inputs:
             name = scale_node.input[position]
@@ -249,11 +354,14 @@ def apply_smoothquant(model: Any, groups: list[SmoothGroup],
                 scaled = np.ascontiguousarray(scaled.T)
             node = nodes[lin.node]
             node.input[1] = fresh(scaled, node.input[1])
-        summary.append({
+        entry: dict[str, Any] = {
             "kind": group.kind, "activation": group.activation,
-            "linears": [lin.node for lin in group.linears],
+            "linears": [lin.node for lin in group.linears], "alpha": chosen,
             "scale_min": float(scales.min()), "scale_max": float(scales.max()),
-        })
+        }
+        if errors is not None:
+            entry["alpha_errors"] = errors
+        summary.append(entry)
     _drop_unused(graph)
     return {"alpha": alpha, "groups": summary}
 
@@ -280,21 +388,23 @@ def smooth_export(
     batches: Iterable[Mapping[str, np.ndarray]],
     out: Path,
     *,
-    alpha: float = 0.5,
+    alpha: Alpha = 0.5,
     data_description: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
     """Write a smoothed copy of an export directory; return the new ONNX path."""
     import onnx
 
+    alpha = parse_alpha(alpha)  # type: ignore[assignment]
     model = onnx.load(str(onnx_path))
     groups = find_smooth_groups(model)
     if not groups:
         raise QuantkitError(
             f"{onnx_path} has no normalisation -> linear pattern SmoothQuant can rewrite"
         )
-    amax = channel_amax(onnx_path, batches, sorted({g.activation for g in groups}))
-    summary = apply_smoothquant(model, groups, amax, alpha)
+    amax, samples = channel_stats(onnx_path, batches, sorted({g.activation for g in groups}),
+                                  sample_rows=SAMPLE_ROWS if alpha == AUTO else 0)
+    summary = apply_smoothquant(model, groups, amax, alpha, samples)
     source = export_manifest(onnx_path) or {}
     with atomic_output_dir(Path(out), force=force) as tmp:
         target = tmp / ONNX_NAME

@@ -9,7 +9,15 @@ import pytest
 
 from quantkit.data import TokenBlocks, resolve_text_source
 from quantkit.errors import QuantkitError
-from quantkit.smoothquant import find_smooth_groups, smooth_export, smooth_scales
+from quantkit.smoothquant import (
+    AUTO_GRID,
+    alpha_error,
+    choose_alpha,
+    find_smooth_groups,
+    parse_alpha,
+    smooth_export,
+    smooth_scales,
+)
 
 
 def _batches(tokenizer, n=4):
@@ -100,3 +108,70 @@ def test_bad_alpha_and_no_batches(tiny_llama_export, tiny_tokenizer, tmp_path):
     with pytest.raises(QuantkitError, match="needs calibration batches"):
         smooth_export(tiny_llama_export.onnx_path, [], tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _outlier_case(rng, act_outlier: float, weight_outlier: float):
+    x = rng.standard_normal((512, 64))
+    x[:, 7] *= act_outlier
+    w = rng.standard_normal((64, 48))
+    w[11] *= weight_outlier
+    return x, np.abs(x).max(axis=0), [w]
+
+
+@pytest.mark.parametrize(("act_outlier", "weight_outlier"), [(200.0, 1.0), (1.0, 200.0)])
+def test_auto_alpha_balances_activation_and_weight_outliers(act_outlier, weight_outlier):
+    """An outlier channel in the activation, or an outlier input row in the weight: the chosen
+    alpha shares the range between the two, far better than either extreme."""
+    rng = np.random.default_rng(0)
+    x, amax, weights = _outlier_case(rng, act_outlier, weight_outlier)
+    alpha, errors = choose_alpha(x, amax, weights)
+    assert set(errors) == {f"{a:g}" for a in AUTO_GRID}
+    assert errors[f"{alpha:g}"] == min(errors.values())
+    assert 0.3 <= alpha <= 0.8
+    assert errors[f"{alpha:g}"] < min(errors["0"], errors["1"]) / 3
+
+
+def test_auto_alpha_without_outliers_is_not_forced():
+    rng = np.random.default_rng(0)
+    x, amax, weights = _outlier_case(rng, 1.0, 1.0)
+    alpha, errors = choose_alpha(x, amax, weights)
+    # the errors are all small and close; the choice is still the minimum
+    assert max(errors.values()) < 3 * min(errors.values()) < 1e-3
+    assert alpha_error(x, amax, weights, alpha) == pytest.approx(min(errors.values()))
+
+
+def test_alpha_error_measures_fake_quant_output_error():
+    rng = np.random.default_rng(1)
+    x, amax, weights = _outlier_case(rng, 1.0, 1.0)
+    error = alpha_error(x, amax, weights, 0.5)
+    # int8 of gaussian data: a relative squared error of order 1e-4, not zero and not large
+    assert 1e-6 < error < 1e-2
+
+
+def test_auto_alpha_export_is_equivalent_and_records_alphas(tiny_llama_export, tiny_tokenizer,
+                                                             tmp_path):
+    out = smooth_export(tiny_llama_export.onnx_path, _batches(tiny_tokenizer), tmp_path / "sq",
+                        alpha="auto")
+    ids = np.random.default_rng(0).integers(0, 512, (2, 40), dtype=np.int64)
+    ref, new = _logits(tiny_llama_export.onnx_path, ids), _logits(out, ids)
+    assert np.abs(ref - new).max() / np.abs(ref).max() < 1e-5
+    import json
+
+    summary = json.loads((tmp_path / "sq" / "manifest.json").read_text())["smoothquant"]
+    assert summary["alpha"] == "auto"
+    assert len(summary["groups"]) == 7
+    for group in summary["groups"]:
+        assert group["alpha"] in AUTO_GRID
+        assert group["alpha_errors"][f"{group['alpha']:g}"] == min(group["alpha_errors"].values())
+
+
+@pytest.mark.parametrize(("text", "expected"), [("auto", "auto"), ("AUTO", "auto"),
+                                                ("0.25", 0.25), (0.5, 0.5), (None, None)])
+def test_parse_alpha(text, expected):
+    assert parse_alpha(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1.5", "-0.1", "high"])
+def test_parse_alpha_rejects(text):
+    with pytest.raises(QuantkitError, match="alpha"):
+        parse_alpha(text)

@@ -68,15 +68,16 @@ class CalibrationRequest:
     num_bins: int = DEFAULT_NUM_BINS
     trt_version: str | None = None
     trust_remote_code: bool = False
-    smoothquant: float | None = None  # SmoothQuant alpha: smooth the graph, then calibrate it
+    smoothquant: float | str | None = None  # SmoothQuant alpha (0..1 or "auto"): smooth first
 
     def validate(self) -> None:
         if (self.model is None) == (self.onnx is None):
             raise QuantkitError("give either a model or an ONNX file",
                                 "--model M exports M first; --onnx X uses an existing export")
         get_algorithm(self.method).resolve_params(self.params)
-        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
-            raise QuantkitError(f"SmoothQuant alpha must be within 0..1, got {self.smoothquant}")
+        from quantkit.smoothquant import parse_alpha
+
+        object.__setattr__(self, "smoothquant", parse_alpha(self.smoothquant))
         if self.tensors not in ("all", "quantizable"):
             raise QuantkitError(f"unknown tensor selection '{self.tensors}'",
                                 "use 'all' or 'quantizable'")
@@ -188,6 +189,22 @@ def _export(request: CalibrationRequest, directory: Path) -> tuple[Path, Any, di
     result = export_model(loaded, directory, with_nll=True)  # same graph as `export --with-nll`
     return result.onnx_path, loaded.tokenizer, {"model": request.model, "source": loaded.source,
                                                 "export": EXPORT_DIR}
+
+
+def calibration_onnx(table: Path) -> Path:
+    """The ONNX a calibration's table belongs to, as its manifest names it (``smoothed/`` for a
+    SmoothQuant calibration)."""
+    from quantkit.artifacts import read_manifest
+
+    directory = Path(table).parent
+    manifest = read_manifest(directory, CALIBRATION_KIND)
+    reference = (manifest.get("files") or {}).get("onnx")
+    if not reference:
+        raise QuantkitError(f"{directory} has no calibration manifest naming its ONNX model",
+                            "pass a table.json that 'quantkit calibrate' wrote, in its own "
+                            "output directory")
+    path = Path(reference)
+    return path if path.is_absolute() else directory / path
 
 
 def _onnx_reference(request: CalibrationRequest, onnx_path: Path) -> str:

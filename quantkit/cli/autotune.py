@@ -30,12 +30,17 @@ from quantkit.cli.tune_options import tune_options, tune_settings
               help="Calibration methods to choose from per tensor ('' for the table's only).")
 @click.option("--method-groups", default=6, show_default=True, type=int,
               help="How many of the most sensitive groups get the per-tensor method search.")
+@click.option("--candidate", "candidates", multiple=True, type=click.Path(path_type=Path),
+              help="Another table.json of the same model to choose from, e.g. 'quantkit "
+                   "calibrate --smoothquant' at another alpha (repeatable); its ONNX is the one "
+                   "its calibration names. The candidate whose op kinds cost least in INT8 is "
+                   "tuned.")
 @click.option("--no-build", is_flag=True, help="Write the plan and table only, no engine.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @force_option
 def command(budget: str, objective: str, search_windows: int, holdout_windows: int,
-            max_evals: int, methods: str, method_groups: int, no_build: bool, out: Path,
-            force: bool, **kw: Any) -> None:
+            max_evals: int, methods: str, method_groups: int, candidates: tuple[Path, ...],
+            no_build: bool, out: Path, force: bool, **kw: Any) -> None:
     """Search for a plan within --max-ppl-increase of FP32 and write OUT: plan.yaml (for
     'quantkit build --plan'), table.json, engine/, autotune.json, autotune.md.
 
@@ -44,6 +49,9 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
         --dataset ../shared/data/wikitext-2-raw/wiki.test.raw --split "train[40%:50%]" \\
         --max-ppl-increase 1% --out out/autotune
     """
+    import dataclasses
+
+    from quantkit.calib.run import calibration_onnx
     from quantkit.progress import progress_bar
     from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
 
@@ -53,6 +61,8 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
         method_groups=method_groups, build=not no_build)
     settings.check()
     tune = tune_settings(search_windows, holdout_windows, **kw)
+    alternatives = [dataclasses.replace(tune, onnx=calibration_onnx(t), table=t)
+                    for t in candidates]
     with progress_bar("autotune", "{task.fields[stage]}") as bar:
         tasks: dict[str, Any] = {}
 
@@ -70,7 +80,10 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
 
         result = autotune(tune, settings, out, force=force,
                           say=lambda m: bar.console.print(m), on_step=step,
-                          sensitivity_progress=sensitivity)
+                          sensitivity_progress=sensitivity, alternatives=alternatives)
+    for c in result.candidates:
+        click.echo(f"{'* ' if c['chosen'] else '  '}candidate {c['label']}: op kinds in INT8 "
+                   f"cost {c['score']:+.3f} ppl in sum ({c['table']})")
     click.echo(f"{len(result.int8_groups)} of {len(result.int8_groups) + len(result.fp32_groups)}"
                f" groups INT8, {100 * result.coverage:.1f}% of linear-layer MACs; search ppl "
                f"{result.search_perplexity:.4f} (FP32 {result.baseline['search']:.4f}); "
@@ -86,3 +99,5 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
                    f"{'within' if e['within_budget'] else 'OVER'} the budget")
     click.echo(f"Wrote {out}: plan.yaml, table.json"
                + (", engine/" if result.engine else "") + ", autotune.json, autotune.md")
+    if result.candidates:
+        click.echo(f"Build engines of this plan from {result.onnx}")

@@ -42,8 +42,9 @@ METHODS = "entropy, minmax, percentile, mse"
 @click.option("--trt-version", default=None,
               help="TensorRT version the calibration.cache is for (default: the installed "
                    "one, else 10.13.0).")
-@click.option("--smoothquant", "alpha", type=float, default=None, metavar="ALPHA",
-              help="SmoothQuant first (alpha in 0..1, e.g. 0.5): writes OUT/smoothed/, the "
+@click.option("--smoothquant", "alpha", default=None, metavar="ALPHA",
+              help="SmoothQuant first (alpha in 0..1, e.g. 0.5, or 'auto': per layer, the "
+                   "alpha whose fake-quantized output is closest): writes OUT/smoothed/, the "
                    "rewritten FP32 export the ranges belong to; build engines from it.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @trust_remote_code_option
@@ -51,7 +52,7 @@ METHODS = "entropy, minmax, percentile, mse"
 def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: str | None,
             split: str, text_column: str, num_samples: int, seq_len: int, batch_size: int,
             seed: int, method: str, percentile: float | None, tensors: str,
-            trt_version: str | None, alpha: float | None, out: Path, trust_remote_code: bool,
+            trt_version: str | None, alpha: str | None, out: Path, trust_remote_code: bool,
             force: bool) -> None:
     """Run the FP32 model over calibration text and write INT8 ranges to OUT: table.json,
     calibration.cache (TensorRT), stats.npz (histograms), summary.json and manifest.json."""
@@ -83,7 +84,7 @@ def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: 
     click.echo(f"Wrote {result.directory} (table.json, calibration.cache, stats.npz, "
                "summary.json, manifest.json)")
     if alpha is not None:
-        click.echo(f"SmoothQuant (alpha {alpha}): build engines from "
+        click.echo(f"SmoothQuant (alpha {request.smoothquant}): build engines from "
                    f"{result.directory / 'smoothed'}")
 
 

@@ -93,6 +93,7 @@ def tuning_section(tuning: Mapping[str, Any] | None, images: Mapping[str, bytes]
             f"{t}: {m}" for t, m in sorted(tune["methods"].items()))])
     rows.append(["model runs / time", f"{tune['model_runs']} / {tune['seconds']:.0f} s"])
     blocks.append(Table(["field", "value"], rows))
+    blocks.extend(candidate_blocks(tune))
     if SEARCH_PNG in images:
         blocks.append(Image(SEARCH_PNG, "Autotune search path", images[SEARCH_PNG],
                             caption="Every measured plan in order: perplexity against INT8 "
@@ -103,3 +104,20 @@ def tuning_section(tuning: Mapping[str, Any] | None, images: Mapping[str, bytes]
          "—" if s["stage"] == "method" else "yes" if s["within"] else "no"]
         for i, s in enumerate(tune["path"], 1)], align="rllrlrl"))
     return blocks
+
+
+def candidate_blocks(tune: Mapping[str, Any]) -> list[Block]:
+    """The calibrated exports autotune chose between (SmoothQuant alphas), one row each."""
+    candidates = tune.get("candidates") or []
+    if not candidates:
+        return []
+    kinds = list(dict.fromkeys(k for c in candidates for k in c["kinds"]))
+    rows = [[c["label"] + (" (tuned)" if c["chosen"] else ""), f"{c['baseline']:.4f}",
+             *[f"{c['kinds'][k]['perplexity']:.3f} {c['kinds'][k]['method']}"
+               if k in c["kinds"] else "—" for k in kinds],
+             f"{c['score']:+.3f}"] for c in candidates]
+    return [Para("Candidates: perplexity on the search subset with every group of one op kind "
+                 "in INT8 (its best calibration method); the candidate with the lowest sum of "
+                 f"increases was tuned, and its engines are built from {tune.get('onnx')}."),
+            Table(["candidate", "FP32", *kinds, "Σ increase"], rows,
+                  align="lr" + "r" * len(kinds) + "r")]

@@ -144,6 +144,8 @@ class AutotuneResult:
     model_runs: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    onnx: str = ""  # the export the plan belongs to (build engines from it)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # see choose_candidate
     # (coverage, groups) of every plan the search found within the budget (not serialised)
     feasible: list[tuple[float, tuple[str, ...]]] = field(default_factory=list, repr=False)
 
@@ -167,12 +169,15 @@ class _Search:
         self.path: list[Step] = []
         self.methods: dict[str, str] = {}
         self.runs_at_start = self.measurer.runs
+        self.first_run = self.measurer.runs
+        self.prior_runs = 0  # spent on other candidates (choose_candidate), charged here too
         self.feasible: list[tuple[float, tuple[str, ...]]] = []  # (coverage, groups)
         self.subset = "search" if "search" in context.subsets else "rank"
 
     @property
     def runs_left(self) -> int:
-        return self.settings.max_evals - (self.measurer.runs - self.runs_at_start)
+        return self.settings.max_evals - (self.measurer.runs - self.runs_at_start) \
+            - self.prior_runs
 
     def methods_for(self, groups: Sequence[str]) -> dict[str, str]:
         tensors = {t for g in groups for t in self.context.probe.group_tensors.get(g, ())}
@@ -202,14 +207,16 @@ def efficiency_order(context: TuneContext, deltas: Mapping[str, float]) -> list[
     return sorted((g.name for g in context.groups), key=key)
 
 
-def search_kind_methods(search: _Search) -> None:
+def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str, Any]]:
     """Step 1: per op kind, the calibration method whose ranges hurt least with every group of
-    that kind in INT8 (measured on the search subset)."""
+    that kind in INT8 (measured on the search subset). Returns, per kind, that method and its
+    perplexity (with a single method: that method's, so candidates stay comparable)."""
     context = search.context
     base = context.table.method
     others = [m for m in context.tables if m != base]
-    if not others:
-        return
+    best: dict[str, dict[str, Any]] = {}
+    if not others and not label:
+        return best
     kinds = list(dict.fromkeys(g.kind for g in context.groups))
     for kind in kinds:
         groups = [g.name for g in context.groups if g.kind == kind]
@@ -222,12 +229,15 @@ def search_kind_methods(search: _Search) -> None:
                 break
             overrides = {} if method == base else {t: method for t in tensors}
             step = search.measure(search.subset, groups, "method",
-                                  f"all {kind} ({len(groups)}): {method} ranges", math.inf,
-                                  overrides)
+                                  f"{label}all {kind} ({len(groups)}): {method} ranges",
+                                  math.inf, overrides)
             if step.perplexity < best_ppl:
                 best_ppl, best_method = step.perplexity, method
         if best_method != base:
             search.methods.update({t: best_method for t in tensors})
+        if math.isfinite(best_ppl):
+            best[kind] = {"method": best_method, "perplexity": best_ppl}
+    return best
 
 
 def search_methods(search: _Search, sensitivity: SensitivityResult, baseline: float,
@@ -296,16 +306,81 @@ def tighten(search: _Search, chosen: list[str], order: list[str], limit: float) 
     return current
 
 
+def candidate_label(tune: TuneSettings) -> str:
+    """How a candidate is named in the path: its SmoothQuant alpha, else its table's folder."""
+    from quantkit.export import export_manifest, find_onnx
+
+    try:
+        manifest = export_manifest(find_onnx(Path(tune.onnx))) or {}
+    except QuantkitError:
+        manifest = {}
+    smooth = manifest.get("smoothquant")
+    if isinstance(smooth, dict) and "alpha" in smooth:
+        return f"SmoothQuant alpha {smooth['alpha']}"
+    return Path(tune.table).parent.name or str(tune.table)
+
+
+def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
+                     on_step: Callable[[Step], None] | None = None,
+                     say: Callable[[str], None] | None = None,
+                     ) -> tuple[TuneContext, _Search, list[dict[str, Any]]]:
+    """Step 0, with several calibrated exports (SmoothQuant at different alphas, say): step 1 on
+    each; the candidate whose op kinds, each wholly INT8 with its best method, cost the least
+    perplexity in sum goes on. Its context and search are returned (the others are closed);
+    their runs count against ``max_evals``."""
+    path: list[Step] = []
+    rows: list[dict[str, Any]] = []
+    best: tuple[float, TuneContext, _Search] | None = None
+    spent = 0
+    try:
+        for tune in tunes:
+            label = candidate_label(tune)
+            if say is not None:
+                say(f"Candidate {label}: {tune.table}")
+            context = load_context(tune, settings.methods, say=say)
+            search = _Search(context, settings, on_step)
+            search.path, search.prior_runs = path, spent
+            try:
+                kinds = search_kind_methods(search, f"{label}: ")
+                baseline = context.measurer.measure(search.subset, ()).perplexity
+            except BaseException:
+                context.close()
+                raise
+            score = sum(k["perplexity"] - baseline for k in kinds.values())
+            spent += context.measurer.runs - search.first_run
+            rows.append({"label": label, "onnx": str(context.onnx_path),
+                         "table": str(tune.table), "baseline": baseline, "kinds": kinds,
+                         "score": score, "chosen": False})
+            if best is None or score < best[0]:
+                if best is not None:
+                    best[1].close()
+                best = (score, context, search)
+            else:
+                context.close()
+    except BaseException:
+        if best is not None:
+            best[1].close()
+        raise
+    assert best is not None
+    _, context, search = best
+    for row in rows:
+        row["chosen"] = row["onnx"] == str(context.onnx_path)
+    search.prior_runs = spent - (context.measurer.runs - search.first_run)
+    return context, search, rows
+
+
 def run_search(context: TuneContext, settings: AutotuneSettings,
                on_step: Callable[[Step], None] | None = None,
                sensitivity_progress: Callable[[int, int], None] | None = None,
+               search: _Search | None = None,
                ) -> tuple[AutotuneResult, SensitivityResult]:
-    """Steps 1-5 on the probe. Latency and verification (steps 6-7) need engines: ``autotune``."""
+    """Steps 1-5 on the probe (``search``: step 1 already done by ``choose_candidate``).
+    Latency and verification (steps 6-7) need engines: ``autotune``."""
     started = time.perf_counter()
     settings.check()
-    runs0 = context.measurer.runs
-    search = _Search(context, settings, on_step)
-    search_kind_methods(search)
+    if search is None:
+        search = _Search(context, settings, on_step)
+        search_kind_methods(search)
     sensitivity = measure_sensitivity(context, "rank", progress=sensitivity_progress,
                                       methods=search.methods)
     search.runs_at_start += sensitivity.runs  # max_evals bounds the search, not sensitivity
@@ -342,8 +417,9 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
         fp32_groups=[g.name for g in context.groups if g.name not in in_plan],
         methods=search.methods_for(chosen), coverage=context.coverage(chosen),
         search_perplexity=final.perplexity, holdout_perplexity=holdout_ppl,
-        met_on_holdout=met, path=search.path, notes=list(context.notes))
-    result.model_runs = context.measurer.runs - runs0
+        met_on_holdout=met, path=search.path, notes=list(context.notes),
+        onnx=str(context.onnx_path))
+    result.model_runs = context.measurer.runs - search.first_run + search.prior_runs
     result.seconds = time.perf_counter() - started
     result.feasible = search.feasible
     return result, sensitivity
@@ -431,9 +507,11 @@ def latency_candidates(result: AutotuneResult, count: int) -> list[tuple[str, ..
 def autotune(tune: TuneSettings, settings: AutotuneSettings, out: Path, *, force: bool = False,
              say: Callable[[str], None] | None = None,
              on_step: Callable[[Step], None] | None = None,
-             sensitivity_progress: Callable[[int, int], None] | None = None) -> AutotuneResult:
+             sensitivity_progress: Callable[[int, int], None] | None = None,
+             alternatives: Sequence[TuneSettings] = ()) -> AutotuneResult:
     """``quantkit autotune``: search, then write OUT (atomically): plan.yaml, table.json,
-    engine/, autotune.json, sensitivity.json, autotune.md, manifest.json."""
+    engine/, autotune.json, sensitivity.json, autotune.md, manifest.json. ``alternatives`` are
+    other calibrated exports of the same model to choose from (``choose_candidate``)."""
     from quantkit.artifacts import (
         atomic_output_dir,
         atomic_write_json,
@@ -446,11 +524,19 @@ def autotune(tune: TuneSettings, settings: AutotuneSettings, out: Path, *, force
     settings.check()
     check_can_write(Path(out), force)
     started = time.perf_counter()
-    context = load_context(tune, settings.methods, say=say)
+    search: _Search | None = None
+    candidates: list[dict[str, Any]] = []
+    if alternatives:
+        context, search, candidates = choose_candidate([tune, *alternatives], settings, on_step,
+                                                       say)
+    else:
+        context = load_context(tune, settings.methods, say=say)
     try:
         if "holdout" not in context.subsets:
             context.notes.append("no held-out windows: the result is not verified on unseen text")
-        result, sensitivity = run_search(context, settings, on_step, sensitivity_progress)
+        result, sensitivity = run_search(context, settings, on_step, sensitivity_progress,
+                                         search)
+        result.candidates = candidates
         with atomic_output_dir(Path(out), force) as tmp:
             if settings.objective == "latency":
                 choose_fastest(context, settings, result, tmp, say)
@@ -468,6 +554,9 @@ def autotune(tune: TuneSettings, settings: AutotuneSettings, out: Path, *, force
             atomic_write_json(tmp / SENSITIVITY_NAME, sensitivity.to_dict())
             atomic_write_text(tmp / SUMMARY_NAME, summary_markdown(result, context))
             inputs = {**sensitivity.inputs, "autotune": settings.to_dict()}
+            if candidates:
+                inputs["candidates"] = [{"onnx": c["onnx"], "table": c["table"]}
+                                        for c in candidates]
             write_manifest(tmp, make_manifest(
                 "autotune", inputs, files={"plan": PLAN_NAME, "table": TABLE_NAME,
                                            "engine": ENGINE_DIR if settings.build else None,
@@ -561,6 +650,20 @@ def summary_markdown(result: AutotuneResult, context: TuneContext) -> str:
                      f"{e['perplexity']:.4f} vs FP32 {e['baseline']:.4f} "
                      f"({e['delta_pct']:+.2f}%), {'within' if e['within_budget'] else 'OVER'} "
                      "the budget.")
+    if result.candidates:
+        kinds = list(dict.fromkeys(k for c in result.candidates for k in c["kinds"]))
+        lines += ["", "## Candidates", "",
+                  "Each op kind wholly INT8 with its best calibration method, on the search "
+                  "subset; the lowest sum of perplexity increases was tuned.", "",
+                  "| candidate | FP32 ppl | " + " | ".join(kinds) + " | sum of increases |",
+                  "| --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |"]
+        for c in result.candidates:
+            cells = [f"{c['kinds'][k]['perplexity']:.3f} ({c['kinds'][k]['method']})"
+                     if k in c["kinds"] else "—" for k in kinds]
+            name = f"**{c['label']}** (tuned)" if c["chosen"] else c["label"]
+            lines.append(f"| {name} | {c['baseline']:.3f} | " + " | ".join(cells)
+                         + f" | {c['score']:+.3f} |")
+        lines += ["", f"Build engines of this plan from `{result.onnx}`.", ""]
     if result.methods:
         counts: dict[str, int] = {}
         for method in result.methods.values():

@@ -59,3 +59,28 @@ def test_autotune_bad_input_is_one_line(fragile_export, fragile_calibration, tmp
     missing = CliRunner().invoke(cli, ["autotune", "--onnx", str(tmp_path / "nope"), "--table",
                                        str(tmp_path / "t.json"), "--out", str(tmp_path / "y")])
     assert missing.exit_code == 2 and "Error:" in missing.output
+
+
+def test_autotune_candidate_option(fragile_export, fragile_calibration, fragile_sq_calibration,
+                                   tmp_path) -> None:
+    """--candidate adds another calibration (its ONNX from its manifest); a table that is not a
+    calibration's is one clear error, before anything is written."""
+    out = tmp_path / "a"
+    base = ["autotune", *_common(fragile_export, fragile_calibration, tmp_path / "c"),
+            "--search-windows", "3", "--holdout-windows", "3", "--methods", "minmax",
+            "--max-evals", "30", "--no-build"]
+    result = CliRunner().invoke(cli, [*base, "--candidate",
+                                      str(fragile_sq_calibration / "table.json"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "* candidate SmoothQuant alpha auto" in result.output
+    assert f"Build engines of this plan from {fragile_sq_calibration / 'smoothed'}" in \
+        result.output
+    stray = tmp_path / "stray" / "table.json"
+    stray.parent.mkdir()
+    stray.write_text((fragile_calibration / "table.json").read_text())
+    bad = CliRunner().invoke(cli, [*base, "--candidate", str(stray), "--out",
+                                   str(tmp_path / "x")])
+    assert bad.exit_code == 2, bad.output
+    assert "not a quantkit artifact directory" in bad.output
+    assert not (tmp_path / "x").exists()

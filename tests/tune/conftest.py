@@ -87,3 +87,17 @@ def tune_settings(fragile_export, fragile_calibration, tmp_path):
                         table=fragile_calibration / "table.json", dataset="sample",
                         split="test", max_length=64, search_windows=3, holdout_windows=3,
                         batch_size=3, seed=0, threads=1, cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def fragile_sq_calibration(fragile_export, tmp_path_factory):
+    """The same calibration after SmoothQuant with per-group alphas (``--smoothquant auto``):
+    the up -> down smoothing moves block 1's outlier channel into the weights."""
+    from quantkit.calib.run import CalibrationRequest, run_calibration
+
+    request = CalibrationRequest(onnx=fragile_export.onnx_path.parent, dataset="sample",
+                                 split="train", num_samples=16, seq_len=64, batch_size=8,
+                                 method="minmax", tensors="quantizable", smoothquant="auto")
+    out = tmp_path_factory.mktemp("calib-sq") / "calib-sq"
+    run_calibration(request, out)
+    return out

@@ -121,3 +121,48 @@ def test_max_evals_bounds_the_search_not_the_sensitivity_pass(tune_settings, tmp
     searched = [s for s in result.path if s.stage in ("bisect", "greedy") and not s.cached]
     assert len(searched) >= 3
     assert result.model_runs <= 12 + 10 + 2  # sensitivity + search + held-out baseline/check
+
+
+def test_autotune_chooses_between_smoothquant_candidates(tune_settings, fragile_sq_calibration,
+                                                         tmp_path) -> None:
+    """Two calibrations of the same model: plain, and SmoothQuant with per-group alphas. The
+    smoothed one holds block 1's outlier channel in its weights, so its op kinds cost less in
+    INT8: it is chosen, tuned, and its engine is built from the smoothed export."""
+    import dataclasses
+
+    from quantkit.calib.run import calibration_onnx
+
+    sq = dataclasses.replace(tune_settings, onnx=calibration_onnx(
+        fragile_sq_calibration / "table.json"), table=fragile_sq_calibration / "table.json")
+    assert sq.onnx == fragile_sq_calibration / "smoothed/model.onnx"
+    settings = AutotuneSettings(budget=Budget.parse("1%"), methods=("minmax",), max_evals=40)
+    out = tmp_path / "tuned"
+    result = autotune(tune_settings, settings, out, alternatives=[sq])
+    plain, smooth = result.candidates
+    assert plain["label"] == "calib" and smooth["label"] == "SmoothQuant alpha auto"
+    assert smooth["chosen"] and not plain["chosen"]
+    assert smooth["score"] < plain["score"]
+    # the same function in FP32: the baselines agree
+    assert smooth["baseline"] == pytest.approx(plain["baseline"], rel=1e-4)
+    assert set(plain["kinds"]) == {"qkv", "attn_matmul", "attn_out", "mlp_in", "mlp_down",
+                                   "lm_head"}
+    assert result.onnx == str(sq.onnx)
+    assert result.met_on_holdout is True and result.engine["within_budget"]
+    engine = json.loads((out / "engine" / "manifest.json").read_text())
+    assert engine["inputs"]["onnx"] == str(sq.onnx)
+    labels = [s.action for s in result.path if s.stage == "method"]
+    assert any(a.startswith("calib: ") for a in labels)
+    assert any(a.startswith("SmoothQuant alpha auto: ") for a in labels)
+    # the candidates' runs are charged to max_evals
+    assert result.model_runs <= settings.max_evals + len(result.fp32_groups) + \
+        len(result.int8_groups) + 2
+    summary = (out / "autotune.md").read_text()
+    assert "## Candidates" in summary and "**SmoothQuant alpha auto** (tuned)" in summary
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["table"] for c in manifest["inputs"]["candidates"]] == [
+        str(tune_settings.table), str(sq.table)]
+    from quantkit.report import build_report
+    from tests.tune.test_report_tuning import RESULTS
+
+    md = build_report([RESULTS], tmp_path / "report", tuning=out).markdown.read_text()
+    assert "SmoothQuant alpha auto (tuned)" in md and str(sq.onnx) in md
