@@ -206,7 +206,7 @@ def sensitivity_png(sensitivity: Mapping[str, Any], top: int) -> bytes:
 def search_path_png(autotune: Mapping[str, Any]) -> bytes:
     """Every measured plan of an autotune search: Δppl % against the FP32 perplexity of the
     subset it was measured on, over INT8 coverage, by stage; the budget as dashed lines."""
-    stages = {"bisect": "#1f77b4", "greedy": "#2ca02c", "tighten": "#ff7f0e",
+    stages = {"kinds": "#8c564b", "bisect": "#1f77b4", "greedy": "#2ca02c", "tighten": "#ff7f0e",
               "holdout": "#9467bd", "verify": "#d62728"}
     base = autotune["baseline"]
 

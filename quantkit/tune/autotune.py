@@ -8,19 +8,20 @@ text, ``rank`` and ``search``:
    percentile / mse / minmax, recomputed from the histograms in ``stats.npz``, no model run);
    the method with the lowest perplexity on ``search`` becomes that kind's. (One method suits
    softmax outputs, another the outlier-heavy MLP products: no single method is best for all.)
-   **Sensitivity** of every group alone on ``rank`` with those ranges
-   (``quantkit.tune.sensitivity``; cached measurements are free).
-2. **Calibration method per tensor**: for the most sensitive groups, the group alone is measured
-   on ``rank`` with its tensors' ranges from each other method; the best is kept where it beats
-   the kind's.
-3. **Order**: groups by sensitivity per linear-layer MAC (cheapest accuracy per unit of INT8
-   work first), so the coverage objective gets the most MACs for the budget.
-4. **Bisection** over the prefix of that order for the longest prefix within the budget on
-   ``search``, then a **greedy** pass that tries each remaining group once and keeps it if the
-   plan stays within.
+2. **Whole kinds first**: kinds by that cost per MAC, each added (all its groups) if the plan
+   so far stays within the budget on ``search``. A kind's cost is measured on more text than
+   a group's sensitivity, and the cheap kinds usually fit whole.
+3. **Sensitivity** of every other group alone on ``rank`` with those ranges
+   (``quantkit.tune.sensitivity``; cached measurements are free), and the **calibration method
+   per tensor** of the most sensitive ones (the best is kept where it beats the kind's).
+4. **Order** of those groups by sensitivity per linear-layer MAC (cheapest accuracy per unit of
+   INT8 work first), after the kinds taken; **bisection** over that order for the longest
+   prefix within the budget on ``search``, then a **greedy** pass that tries each remaining
+   group once and keeps it if the plan stays within.
 5. **Held-out check** (the ``holdout`` subset, never used by the steps above): if the plan
-   exceeds the budget there, the search target is tightened and groups are dropped (least
-   efficient first) on the search subset until it meets the tighter target, then checked again.
+   exceeds the budget there, the search target is tightened and the longest prefix of the plan
+   (in the order above: the last-added groups go first) that meets it on the search subset is
+   found by bisection, then checked again.
 6. ``objective=latency``: the feasible plans seen on the way are built and timed; the fastest
    one that meets the budget on the held-out subset wins.
 7. **Verification**: the chosen plan is built as a real engine (ONNX Runtime backend) and its
@@ -173,6 +174,7 @@ class _Search:
         self.prior_runs = 0  # spent on other candidates (choose_candidate), charged here too
         self.feasible: list[tuple[float, tuple[str, ...]]] = []  # (coverage, groups)
         self.subset = "search" if "search" in context.subsets else "rank"
+        self.kinds: dict[str, dict[str, Any]] = {}  # step 1: kind -> best method, perplexity
 
     @property
     def runs_left(self) -> int:
@@ -199,12 +201,13 @@ class _Search:
 
 
 def efficiency_order(context: TuneContext, deltas: Mapping[str, float]) -> list[str]:
-    """Groups by perplexity cost per MAC, cheapest first (ties: larger group first)."""
+    """The groups of ``deltas`` by perplexity cost per MAC, cheapest first (ties: larger group
+    first)."""
     def key(name: str) -> tuple[float, int]:
         macs = max(1, context.macs[name])
         return (deltas[name] / macs, -macs)
 
-    return sorted((g.name for g in context.groups), key=key)
+    return sorted((g.name for g in context.groups if g.name in deltas), key=key)
 
 
 def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str, Any]]:
@@ -215,8 +218,6 @@ def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str,
     base = context.table.method
     others = [m for m in context.tables if m != base]
     best: dict[str, dict[str, Any]] = {}
-    if not others and not label:
-        return best
     kinds = list(dict.fromkeys(g.kind for g in context.groups))
     for kind in kinds:
         groups = [g.name for g in context.groups if g.kind == kind]
@@ -237,7 +238,30 @@ def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str,
             search.methods.update({t: best_method for t in tensors})
         if math.isfinite(best_ppl):
             best[kind] = {"method": best_method, "perplexity": best_ppl}
+    search.kinds = best
     return best
+
+
+def seed_kinds(search: _Search, baseline: float, limit: float) -> list[str]:
+    """Step 3a: whole op kinds first. Kinds by measured cost per MAC (step 1: every group of the
+    kind in INT8 at once, on the search subset), each added if the plan with all kinds taken so
+    far stays within the budget. Per-group sensitivities on a few windows are noisy at the 1 %
+    scale; a kind's cost is measured directly, on more text, in one run."""
+    context = search.context
+    macs = {kind: 0 for kind in search.kinds}
+    for g in context.groups:
+        if g.kind in macs:
+            macs[g.kind] += context.macs[g.name]
+    order = sorted(search.kinds, key=lambda k: (search.kinds[k]["perplexity"] - baseline)
+                   / max(1, macs[k]))
+    chosen: list[str] = []
+    for kind in order:
+        if search.runs_left <= 0:
+            break
+        trial = [*chosen, *(g.name for g in context.groups if g.kind == kind)]
+        if search.measure(search.subset, trial, "kinds", f"+ all {kind}", limit).within:
+            chosen = trial
+    return chosen
 
 
 def search_methods(search: _Search, sensitivity: SensitivityResult, baseline: float,
@@ -268,13 +292,15 @@ def search_methods(search: _Search, sensitivity: SensitivityResult, baseline: fl
             deltas[entry.name] = best_delta
 
 
-def bisect_and_greedy(search: _Search, order: list[str], limit: float) -> list[str]:
-    """Steps 4: the longest feasible prefix of ``order``, then each other group tried once."""
+def bisect_and_greedy(search: _Search, order: list[str], limit: float,
+                      feasible: int = 0) -> list[str]:
+    """Steps 4: the longest feasible prefix of ``order`` (the first ``feasible`` groups are
+    known to be within the budget), then each other group tried once."""
     n = len(order)
     subset = search.subset
     if search.measure(subset, order, "bisect", f"all {n} groups", limit).within:
         return list(order)
-    lo, hi = 0, n  # prefix lo is within the budget (FP32), prefix hi is not
+    lo, hi = feasible, n  # prefix lo is within the budget, prefix hi is not
     while hi - lo > 1 and search.runs_left > 0:
         mid = (lo + hi) // 2
         if search.measure(subset, order[:mid], "bisect", f"first {mid} groups",
@@ -294,16 +320,22 @@ def bisect_and_greedy(search: _Search, order: list[str], limit: float) -> list[s
 
 
 def tighten(search: _Search, chosen: list[str], order: list[str], limit: float) -> list[str]:
-    """Drop groups, least efficient first, until the search subset meets ``limit``."""
+    """The longest prefix of ``chosen`` (in ``order``: the least efficient, last-added groups
+    go first) that meets ``limit`` on the search subset, by bisection."""
     rank = {name: i for i, name in enumerate(order)}
     current = sorted(chosen, key=lambda g: rank[g])
-    while current and search.runs_left > 0:
-        step = search.measure(search.subset, current, "tighten", f"{len(current)} groups",
-                              limit)
-        if step.within:
-            break
-        current = current[:-1]
-    return current
+    if not current or search.measure(search.subset, current, "tighten",
+                                     f"{len(current)} groups", limit).within:
+        return current
+    lo, hi = 0, len(current)  # prefix lo is within (FP32), prefix hi is not
+    while hi - lo > 1 and search.runs_left > 0:
+        mid = (lo + hi) // 2
+        if search.measure(search.subset, current[:mid], "tighten", f"first {mid} groups",
+                          limit).within:
+            lo = mid
+        else:
+            hi = mid
+    return current[:lo]
 
 
 def candidate_label(tune: TuneSettings) -> str:
@@ -381,15 +413,21 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
     if search is None:
         search = _Search(context, settings, on_step)
         search_kind_methods(search)
+    baseline = context.measurer.measure(search.subset, ()).perplexity
+    limit = settings.budget.limit(baseline)
+    seed = seed_kinds(search, baseline, limit)
+    taken = set(seed)
     sensitivity = measure_sensitivity(context, "rank", progress=sensitivity_progress,
-                                      methods=search.methods)
+                                      methods=search.methods,
+                                      only=[g.name for g in context.groups if g.name not in taken])
+    if taken:
+        context.notes.append(f"sensitivity measured for the {len(sensitivity.groups)} groups "
+                             f"outside the kinds taken whole ({len(taken)} groups)")
     search.runs_at_start += sensitivity.runs  # max_evals bounds the search, not sensitivity
     deltas = {g.name: g.delta for g in sensitivity.groups}
     search_methods(search, sensitivity, sensitivity.baseline, deltas)
-    order = efficiency_order(context, deltas)
-    baseline = context.measurer.measure(search.subset, ()).perplexity
-    limit = settings.budget.limit(baseline)
-    chosen = bisect_and_greedy(search, order, limit)
+    order = [*seed, *efficiency_order(context, deltas)]
+    chosen = bisect_and_greedy(search, order, limit, feasible=len(seed))
     has_holdout = "holdout" in context.subsets
     baselines = {"rank": sensitivity.baseline, "search": baseline}
     limits = {"search": limit}

@@ -5,7 +5,7 @@ else FP32), on a fixed evaluation subset; the ranking autotune starts from and t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,15 +88,17 @@ def rank(entries: list[GroupSensitivity]) -> list[GroupSensitivity]:
 
 def measure_sensitivity(context: TuneContext, subset: str = "rank",
                         progress: Callable[[int, int], None] | None = None,
-                        methods: Mapping[str, str] | None = None) -> SensitivityResult:
-    """One measurement per group (cached) plus the FP32 baseline. ``methods`` (tensor ->
-    calibration method) overrides the table's ranges where given."""
+                        methods: Mapping[str, str] | None = None,
+                        only: Collection[str] | None = None) -> SensitivityResult:
+    """One measurement per group (cached; ``only``: just these groups) plus the FP32 baseline.
+    ``methods`` (tensor -> calibration method) overrides the table's ranges where given."""
     started = time.perf_counter()
     measurer = context.measurer
     runs_before = measurer.runs
     baseline = measurer.measure(subset, ()).perplexity
     entries: list[GroupSensitivity] = []
-    for i, group in enumerate(context.groups):
+    measured = [g for g in context.groups if only is None or g.name in only]
+    for i, group in enumerate(measured):
         tensors = context.probe.group_tensors.get(group.name, [])
         own = {t: m for t, m in (methods or {}).items() if t in tensors}
         ppl = measurer.measure(subset, (group.name,), own).perplexity
@@ -105,7 +107,7 @@ def measure_sensitivity(context: TuneContext, subset: str = "rank",
                                         context.macs[group.name], ppl, delta,
                                         100.0 * delta / baseline, own))
         if progress is not None:
-            progress(i + 1, len(context.groups))
+            progress(i + 1, len(measured))
     return SensitivityResult(
         baseline, rank(entries), subset, context.data, sensitivity_inputs(context),
         measurer.runs - runs_before, time.perf_counter() - started)

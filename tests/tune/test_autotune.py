@@ -56,7 +56,7 @@ def test_autotune_meets_the_budget_and_its_plan_round_trips(tune_settings, tmp_p
     engine = result.engine
     assert engine is not None and engine["within_budget"]
     assert engine["perplexity"] == pytest.approx(result.holdout_perplexity, rel=1e-3)
-    assert {s.stage for s in result.path} >= {"method", "bisect", "holdout", "verify"}
+    assert {s.stage for s in result.path} >= {"method", "kinds", "bisect", "holdout", "verify"}
     for name in ("plan.yaml", "table.json", "autotune.json", "autotune.md", "sensitivity.json",
                  "manifest.json", "engine/manifest.json"):
         assert (out / name).is_file(), name
@@ -118,7 +118,8 @@ def test_max_evals_bounds_the_search_not_the_sensitivity_pass(tune_settings, tmp
     settings = AutotuneSettings(budget=Budget.parse("1%"), max_evals=10, methods=("minmax",),
                                 build=False)
     result = autotune(tune_settings, settings, tmp_path / "tuned")
-    searched = [s for s in result.path if s.stage in ("bisect", "greedy") and not s.cached]
+    searched = [s for s in result.path if s.stage in ("method", "kinds", "bisect", "greedy")
+                and not s.cached]
     assert len(searched) >= 3
     assert result.model_runs <= 12 + 10 + 2  # sensitivity + search + held-out baseline/check
 
