@@ -243,7 +243,7 @@ def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str,
 
 
 def seed_kinds(search: _Search, baseline: float, limit: float) -> list[str]:
-    """Step 3a: whole op kinds first. Kinds by measured cost per MAC (step 1: every group of the
+    """Step 2: whole op kinds first. Kinds by measured cost per MAC (step 1: every group of the
     kind in INT8 at once, on the search subset), each added if the plan with all kinds taken so
     far stays within the budget. Per-group sensitivities on a few windows are noisy at the 1 %
     scale; a kind's cost is measured directly, on more text, in one run."""
@@ -292,6 +292,21 @@ def search_methods(search: _Search, sensitivity: SensitivityResult, baseline: fl
             deltas[entry.name] = best_delta
 
 
+def longest_prefix(search: _Search, order: Sequence[str], feasible: int, stage: str,
+                   limit: float) -> list[str]:
+    """Bisection for the longest prefix of ``order`` within ``limit`` on the search subset,
+    given that the first ``feasible`` groups are within it and the whole ``order`` is not."""
+    lo, hi = feasible, len(order)  # prefix lo is within the budget, prefix hi is not
+    while hi - lo > 1 and search.runs_left > 0:
+        mid = (lo + hi) // 2
+        if search.measure(search.subset, order[:mid], stage, f"first {mid} groups",
+                          limit).within:
+            lo = mid
+        else:
+            hi = mid
+    return list(order[:lo])
+
+
 def bisect_and_greedy(search: _Search, order: list[str], limit: float,
                       feasible: int = 0) -> list[str]:
     """Steps 4: the longest feasible prefix of ``order`` (the first ``feasible`` groups are
@@ -300,17 +315,9 @@ def bisect_and_greedy(search: _Search, order: list[str], limit: float,
     subset = search.subset
     if search.measure(subset, order, "bisect", f"all {n} groups", limit).within:
         return list(order)
-    lo, hi = feasible, n  # prefix lo is within the budget, prefix hi is not
-    while hi - lo > 1 and search.runs_left > 0:
-        mid = (lo + hi) // 2
-        if search.measure(subset, order[:mid], "bisect", f"first {mid} groups",
-                          limit).within:
-            lo = mid
-        else:
-            hi = mid
-    chosen = list(order[:lo])
+    chosen = longest_prefix(search, order, feasible, "bisect", limit)
     reserve = HOLDOUT_RESERVE if "holdout" in search.context.subsets else 0
-    for name in order[lo:]:
+    for name in order[len(chosen):]:
         if search.runs_left <= reserve:
             break
         trial = [*chosen, name]
@@ -327,15 +334,7 @@ def tighten(search: _Search, chosen: list[str], order: list[str], limit: float) 
     if not current or search.measure(search.subset, current, "tighten",
                                      f"{len(current)} groups", limit).within:
         return current
-    lo, hi = 0, len(current)  # prefix lo is within (FP32), prefix hi is not
-    while hi - lo > 1 and search.runs_left > 0:
-        mid = (lo + hi) // 2
-        if search.measure(search.subset, current[:mid], "tighten", f"first {mid} groups",
-                          limit).within:
-            lo = mid
-        else:
-            hi = mid
-    return current[:lo]
+    return longest_prefix(search, current, 0, "tighten", limit)
 
 
 def candidate_label(tune: TuneSettings) -> str:
@@ -362,7 +361,7 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
     their runs count against ``max_evals``."""
     path: list[Step] = []
     rows: list[dict[str, Any]] = []
-    best: tuple[float, TuneContext, _Search] | None = None
+    best: tuple[float, TuneContext, _Search, int] | None = None
     spent = 0
     try:
         for tune in tunes:
@@ -386,7 +385,7 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
             if best is None or score < best[0]:
                 if best is not None:
                     best[1].close()
-                best = (score, context, search)
+                best = (score, context, search, len(rows) - 1)
             else:
                 context.close()
     except BaseException:
@@ -394,9 +393,8 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
             best[1].close()
         raise
     assert best is not None
-    _, context, search = best
-    for row in rows:
-        row["chosen"] = row["onnx"] == str(context.onnx_path)
+    _, context, search, index = best
+    rows[index]["chosen"] = True
     search.prior_runs = spent - (context.measurer.runs - search.first_run)
     return context, search, rows
 
