@@ -25,7 +25,8 @@ from quantkit.cli.tune_options import tune_options, tune_settings
 @click.option("--holdout-windows", default=4, show_default=True, type=int,
               help="Windows, disjoint from the search windows, that verify the result.")
 @click.option("--max-evals", default=120, show_default=True, type=int,
-              help="Model runs the search may spend after the sensitivity pass.")
+              help="Plans the search may measure besides the sensitivity pass (cached "
+                   "measurements count too, so a rerun takes the same path).")
 @click.option("--methods", default="entropy,percentile,mse,minmax", show_default=True,
               help="Calibration methods to choose from per tensor ('' for the table's only).")
 @click.option("--method-groups", default=6, show_default=True, type=int,
@@ -74,8 +75,7 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
         def step(s: Any) -> None:
             if "search" not in tasks:
                 tasks["search"] = bar.add_task("search", total=max_evals, stage="")
-            if not s.cached:
-                bar.advance(tasks["search"])
+            bar.advance(tasks["search"])
             bar.update(tasks["search"], stage=f"{s.stage}: {s.action[:40]}")
 
         result = autotune(tune, settings, out, force=force,

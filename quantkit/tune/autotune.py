@@ -27,8 +27,9 @@ text, ``rank`` and ``search``:
 7. **Verification**: the chosen plan is built as a real engine (ONNX Runtime backend) and its
    perplexity measured on the held-out subset; that number, not the probe's, is the result.
 
-Every step is recorded (``path`` in ``autotune.json``). ``max_evals`` bounds the model runs of
-steps 2-5; measurements are reproducible from the seed that chose the subsets.
+Every step is recorded (``path`` in ``autotune.json``). ``max_evals`` bounds the measurements of
+the search (all steps but the sensitivity pass), cached or not, so that a rerun from the cache
+takes the same path; measurements are reproducible from the seed that chose the subsets.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Budget:
 class AutotuneSettings:
     budget: Budget = Budget(1.0, True)
     objective: str = "coverage"
-    max_evals: int = 120  # model runs of the search (sensitivity not counted)
+    max_evals: int = 120  # measurements of the search, cached or not (sensitivity not counted)
     methods: tuple[str, ...] = DEFAULT_METHODS
     method_groups: int = 6  # most sensitive groups whose tensors get the per-tensor search
     latency_candidates: int = 3
@@ -169,17 +170,17 @@ class _Search:
         self.on_step = on_step
         self.path: list[Step] = []
         self.methods: dict[str, str] = {}
-        self.runs_at_start = self.measurer.runs
         self.first_run = self.measurer.runs
-        self.prior_runs = 0  # spent on other candidates (choose_candidate), charged here too
+        self.evals = 0  # measurements of the search, cached or not: what max_evals bounds
+        self.prior_evals = 0  # the other candidates' (choose_candidate), charged here too
+        self.prior_runs = 0  # their fresh model runs, for the record
         self.feasible: list[tuple[float, tuple[str, ...]]] = []  # (coverage, groups)
         self.subset = "search" if "search" in context.subsets else "rank"
         self.kinds: dict[str, dict[str, Any]] = {}  # step 1: kind -> best method, perplexity
 
     @property
     def runs_left(self) -> int:
-        return self.settings.max_evals - (self.measurer.runs - self.runs_at_start) \
-            - self.prior_runs
+        return self.settings.max_evals - self.evals - self.prior_evals
 
     def methods_for(self, groups: Sequence[str]) -> dict[str, str]:
         tensors = {t for g in groups for t in self.context.probe.group_tensors.get(g, ())}
@@ -188,6 +189,7 @@ class _Search:
     def measure(self, subset: str, groups: Sequence[str], stage: str, action: str,
                 limit: float, methods: Mapping[str, str] | None = None) -> Step:
         chosen = tuple(groups)
+        self.evals += 1
         result = self.measurer.measure(subset, chosen,
                                        self.methods_for(chosen) if methods is None else methods)
         step = Step(stage, action, len(chosen), self.context.coverage(chosen), result.perplexity,
@@ -362,7 +364,7 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
     path: list[Step] = []
     rows: list[dict[str, Any]] = []
     best: tuple[float, TuneContext, _Search, int] | None = None
-    spent = 0
+    spent = evals = 0
     try:
         for tune in tunes:
             label = candidate_label(tune)
@@ -370,7 +372,7 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
                 say(f"Candidate {label}: {tune.table}")
             context = load_context(tune, settings.methods, say=say)
             search = _Search(context, settings, on_step)
-            search.path, search.prior_runs = path, spent
+            search.path, search.prior_runs, search.prior_evals = path, spent, evals
             try:
                 kinds = search_kind_methods(search, f"{label}: ")
                 baseline = context.measurer.measure(search.subset, ()).perplexity
@@ -379,6 +381,7 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
                 raise
             score = sum(k["perplexity"] - baseline for k in kinds.values())
             spent += context.measurer.runs - search.first_run
+            evals += search.evals
             rows.append({"label": label, "onnx": str(context.onnx_path),
                          "table": str(tune.table), "baseline": baseline, "kinds": kinds,
                          "score": score, "chosen": False})
@@ -396,6 +399,7 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
     _, context, search, index = best
     rows[index]["chosen"] = True
     search.prior_runs = spent - (context.measurer.runs - search.first_run)
+    search.prior_evals = evals - search.evals
     return context, search, rows
 
 
@@ -421,7 +425,6 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
     if taken:
         context.notes.append(f"sensitivity measured for the {len(sensitivity.groups)} groups "
                              f"outside the kinds taken whole ({len(taken)} groups)")
-    search.runs_at_start += sensitivity.runs  # max_evals bounds the search, not sensitivity
     deltas = {g.name: g.delta for g in sensitivity.groups}
     search_methods(search, sensitivity, sensitivity.baseline, deltas)
     order = [*seed, *efficiency_order(context, deltas)]

@@ -122,6 +122,12 @@ def test_max_evals_bounds_the_search_not_the_sensitivity_pass(tune_settings, tmp
                 and not s.cached]
     assert len(searched) >= 3
     assert result.model_runs <= 12 + 10 + 2  # sensitivity + search + held-out baseline/check
+    # the bound counts measurements, not fresh runs: from the cache the search stops where it
+    # stopped before and gives the same plan
+    again = autotune(tune_settings, settings, tmp_path / "again")
+    assert again.model_runs == 0
+    assert again.int8_groups == result.int8_groups
+    assert [s.action for s in again.path] == [s.action for s in result.path]
 
 
 def test_autotune_chooses_between_smoothquant_candidates(tune_settings, fragile_sq_calibration,
