@@ -109,6 +109,15 @@ class PrecisionPlan:
 
 #: Op types that have an INT8 (Q/DQ) form: the linear layers and the attention batched MatMuls.
 QUANTIZABLE_OP_TYPES = frozenset({"MatMul", "Gemm"})
+#: Node-name segment of the online Hadamard rotations (quantkit.rotation): MatMuls that exist to
+#: spread an activation's outliers before it is quantized, so they have no INT8 form themselves.
+ROTATION_SEGMENT = "online_hadamard"
+
+
+def int8_capable(name: str, op_type: str) -> bool:
+    """Whether a node has an INT8 (Q/DQ) form: a MatMul/Gemm that is not an online rotation."""
+    return op_type in QUANTIZABLE_OP_TYPES and f"/{ROTATION_SEGMENT}/" not in name
+
 RECIPE_VERSION = 1
 
 # Precedence tiers, strongest first: exact name > regex/glob > block range > op type > default.
@@ -370,16 +379,20 @@ def resolve_plan(recipe: PlanRecipe, onnx_model: Any) -> PrecisionPlan:
                 break
         if chosen is not None:
             precision, rule = chosen.precision, chosen.label
-        if precision == Precision.INT8 and op_type not in QUANTIZABLE_OP_TYPES:
-            if chosen is not None and chosen.kind in ("exact", "op_type"):
+        if precision == Precision.INT8 and not int8_capable(name, op_type):
+            # an exact name asks for this node; an op type asks for every MatMul, and the
+            # rotations among them just stay in the fallback precision
+            if chosen is not None and (chosen.kind == "exact" or (
+                    chosen.kind == "op_type" and op_type not in QUANTIZABLE_OP_TYPES)):
                 raise QuantkitError(
                     f"rule '{chosen.label}' asks int8 for {name} ({op_type}), "
                     f"which has no INT8 form",
-                    f"only {', '.join(sorted(QUANTIZABLE_OP_TYPES))} run in INT8; "
-                    "use fp16 or fp32 for it",
+                    f"only {', '.join(sorted(QUANTIZABLE_OP_TYPES))} run in INT8 (not the "
+                    f"'{ROTATION_SEGMENT}' rotations); use fp16 or fp32 for it",
                 )
             precision = recipe.fallback
-            rule = f"{rule} (int8 n/a for {op_type}: {recipe.fallback.value})"
+            what = "a rotation" if op_type in QUANTIZABLE_OP_TYPES else op_type
+            rule = f"{rule} (int8 n/a for {what}: {recipe.fallback.value})"
         decisions[name] = NodeDecision(name, op_type, precision, rule)
     source: dict[str, Any] = {"recipe": recipe.to_dict()}
     return PrecisionPlan(default=recipe.default, decisions=decisions, source=source)

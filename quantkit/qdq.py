@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.plan import QUANTIZABLE_OP_TYPES, Precision, PrecisionPlan
+from quantkit.plan import QUANTIZABLE_OP_TYPES, Precision, PrecisionPlan, int8_capable
 
 INT8_MAX = 127
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -284,7 +284,7 @@ class _Rewriter:
                                 "resolve the plan against this ONNX model")
 
     def _check_int8(self, nodes: list[Any]) -> None:
-        bad = [f"{n.name} ({n.op_type})" for n in nodes if n.op_type not in QUANTIZABLE_OP_TYPES]
+        bad = [f"{n.name} ({n.op_type})" for n in nodes if not int8_capable(n.name, n.op_type)]
         if bad:
             raise QuantkitError(f"these nodes cannot run in INT8: {', '.join(bad[:5])}",
                                 f"only {', '.join(sorted(QUANTIZABLE_OP_TYPES))} can")

@@ -47,13 +47,14 @@ def _register() -> None:
         export,
         plan,
         report,
+        rotate,
         run,
         sensitivity,
     )
     from quantkit.cli import eval as eval_command
 
     for module in (export, calibrate, build, plan, eval_command, report, run, demo,
-                   sensitivity, autotune):
+                   sensitivity, autotune, rotate):
         cli.add_command(module.command)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantkit.errors import QuantkitError
-from quantkit.plan import QUANTIZABLE_OP_TYPES
+from quantkit.plan import int8_capable
 
 GRANULARITIES = ("group", "op")
 KIND_ORDER = ("qkv", "attn_matmul", "attn_out", "mlp_in", "mlp_down", "other", "lm_head")
@@ -86,8 +86,9 @@ def block_of(name: str) -> tuple[str, int] | None:
 
 
 def quantizable_nodes(model: Any) -> list[tuple[str, bool]]:
-    """``(node name, has a constant weight)`` for every MatMul/Gemm of ``model``, in graph order.
-    A weight is constant when it is an initializer or a Transpose of one (a tied LM head)."""
+    """``(node name, has a constant weight)`` for every MatMul/Gemm of ``model`` that has an INT8
+    form (not the online rotations), in graph order. A weight is constant when it is an
+    initializer or a Transpose of one (a tied LM head)."""
     from quantkit.qdq import constant_weight
 
     graph = model.graph
@@ -95,7 +96,7 @@ def quantizable_nodes(model: Any) -> list[tuple[str, bool]]:
     producers = {o: n for n in graph.node for o in n.output}
     return [(node.name, any(constant_weight(t, inits, producers) is not None
                             for t in node.input[:2]))
-            for node in graph.node if node.op_type in QUANTIZABLE_OP_TYPES]
+            for node in graph.node if int8_capable(node.name, node.op_type)]
 
 
 def make_groups(nodes: Iterable[tuple[str, bool]], granularity: str = "group") -> list[QuantGroup]:

@@ -1,0 +1,407 @@
+"""Rotation (QuaRot, Ashkboos et al., 2024) as an ONNX rewrite of a Llama-family FP32 export.
+
+A per-tensor INT8 scale is set by the largest value of a tensor; a few outlier channels make it
+coarse for all the others. Multiplying an activation by an orthogonal matrix spreads each
+outlier over all channels, and the function is unchanged when the next weights are multiplied
+by the transpose. Three rotations, all exact in FP32:
+
+* **Residual stream** (hidden size d), folded into weights at no runtime cost: RMSNorm is
+  invariant under rotation (``||xQ|| = ||x||``) once its weight g is folded into the linears
+  that read it, so the embedding becomes ``E Q``, every linear writing to the stream (o_proj,
+  down_proj) ``W Q``, and every reader ``Q^T diag(g) W`` (q/k/v, gate/up, LM head; a tied LM
+  head gets its own weight). The norms keep a weight of ones. Q is a seeded random orthogonal.
+* **Values per attention head**, folded too: ``v_proj`` output columns of each head times a
+  randomized Hadamard H, ``o_proj`` input rows of each head times H^T (attention is linear in V
+  and every head uses the same H, so grouped-query heads need no bookkeeping).
+* **down_proj input** (``act(gate) * up``), online: its outliers are per token, so no folding
+  removes them. A block-diagonal Hadamard runs in the graph before down_proj, as two small
+  MatMuls (a block of a*b channels is ``Ha^T X Hb``; 512 channels cost 8 + 64 multiply-adds per
+  channel, not 512); its random signs are folded into up_proj and H^T into down_proj. These
+  nodes are named ``.../online_hadamard/...`` and stay FP32 in every plan: quantizing the
+  tensor they exist to spread would undo them.
+
+GPT-2's LayerNorm subtracts the mean, which does not commute with a rotation: it is refused.
+The rotated graph is checked against the source on a random batch before anything is written,
+and written as a new export directory (its own model hash), like a SmoothQuant export.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.artifacts import atomic_output_dir, make_manifest, write_manifest
+from quantkit.errors import QuantkitError
+from quantkit.export import EXPORT_KIND, ONNX_NAME, TOKENIZER_DIR, export_manifest, onnx_model_hash
+from quantkit.plan import ROTATION_SEGMENT
+
+DEFAULT_DOWN_BLOCK = 512
+MAX_INNER_FACTOR = 64  # the right-hand Hadamard factor of an online block (Hb of Ha^T X Hb)
+CHECK_TOLERANCE = 1e-4  # max|dlogits| / max|logits| of the rotated graph against the source
+_RESIDUAL_STATS = ("Pow",)  # ops that read the residual stream only to compute its RMS
+
+
+def sylvester_hadamard(n: int) -> np.ndarray:
+    """The n x n Sylvester Hadamard matrix (entries +-1, H H^T = n I, symmetric); n a power of 2."""
+    if n < 1 or n & (n - 1):
+        raise QuantkitError(f"a Sylvester Hadamard matrix needs a power of 2, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def random_orthogonal(n: int, seed: int) -> np.ndarray:
+    """A Haar-random n x n orthogonal matrix (QR of a seeded Gaussian, signs fixed), float64."""
+    rng = np.random.default_rng(seed)
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def random_signs(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
+
+
+def online_block(channels: int, limit: int) -> tuple[int, int]:
+    """(a, b) with a*b the largest power of 2 that divides ``channels`` and is <= ``limit``;
+    b <= MAX_INNER_FACTOR. (0, 0) when no block of at least 2 fits."""
+    block = 1
+    while block * 2 <= limit and channels % (block * 2) == 0:
+        block *= 2
+    if block < 2:
+        return 0, 0
+    inner = min(block, MAX_INNER_FACTOR)
+    return block // inner, inner
+
+
+@dataclass
+class ResidualStream:
+    """What reads and writes the residual stream of a Llama-family graph."""
+
+    embedding: Any  # the Gather node of the token embedding
+    norms: list[Any] = field(default_factory=list)  # the norms' weight Mul nodes, graph order
+    writers: list[Any] = field(default_factory=list)  # MatMuls whose output is added to it
+
+
+def _index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
+    producers = {out: n for n in graph.node for out in n.output}
+    consumers: dict[str, list[Any]] = defaultdict(list)
+    for n in graph.node:
+        for name in n.input:
+            consumers[name].append(n)
+    return producers, consumers, {t.name: t for t in graph.initializer}
+
+
+def trace_residual(graph: Any) -> ResidualStream:
+    """Follow the stream from the token embedding through every residual Add; refuse any
+    reader other than an RMSNorm or a residual Add, and any writer other than a linear."""
+    producers, consumers, inits = _index(graph)
+    if any(n.op_type == "LayerNormalization" for n in graph.node):
+        raise QuantkitError(
+            "rotation needs RMSNorm (Llama-family models); this graph uses LayerNormalization, "
+            "which subtracts the mean and does not commute with a rotation",
+            "use --smoothquant for GPT-2-style models instead",
+        )
+    inputs = {i.name for i in graph.input}
+    embedding = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                      and len(inits[n.input[0]].dims) == 2 and n.input[1] in inputs), None)
+    if embedding is None:
+        raise QuantkitError("rotation found no token embedding (a Gather of a 2-D weight by "
+                            "the graph's input ids)")
+    stream = ResidualStream(embedding)
+    frontier, seen = [embedding.output[0]], set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        for node in consumers.get(tensor, []):
+            if node.op_type in _RESIDUAL_STATS:
+                continue
+            if node.op_type == "Mul":
+                stream.norms.append(_norm_weight_mul(node, tensor, consumers, inits))
+            elif node.op_type == "Add":
+                other = next(i for i in node.input if i != tensor)
+                writer = producers.get(other)
+                if writer is None or writer.op_type != "MatMul" or writer.input[1] not in inits:
+                    raise QuantkitError(f"rotation: the residual Add {node.name} adds something "
+                                        "that is not a linear layer's output")
+                stream.writers.append(writer)
+                frontier.append(node.output[0])
+            else:
+                raise QuantkitError(
+                    f"rotation: {node.name} ({node.op_type}) reads the residual stream; only "
+                    "RMSNorms and residual Adds may",
+                    "this model's architecture is not supported by --rotate",
+                )
+    order = {n.name: i for i, n in enumerate(graph.node)}
+    stream.norms.sort(key=lambda n: order[n.name])
+    return stream
+
+
+def _norm_weight_mul(mul: Any, tensor: str, consumers: dict[str, list[Any]],
+                     inits: dict[str, Any]) -> Any:
+    """``x * rsqrt(mean(x^2) + eps)`` is followed by a Mul with the norm's 1-D weight."""
+    readers = consumers.get(mul.output[0], [])
+    weight = [n for n in readers if n.op_type == "Mul"
+              and any(i in inits and len(inits[i].dims) == 1 for i in n.input)]
+    if len(readers) != 1 or len(weight) != 1:
+        raise QuantkitError(f"rotation: {mul.name} reads the residual stream but is not an "
+                            "RMSNorm followed by its weight")
+    return weight[0]
+
+
+class _Rewriter:
+    """Initializer edits with fresh names (weights the exporter shared stay intact)."""
+
+    def __init__(self, model: Any) -> None:
+        self.graph = model.graph
+        self.producers, self.consumers, self.inits = _index(self.graph)
+        self.nodes = {n.name: n for n in self.graph.node}
+        self.counter = 0
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.inits[name]).astype(np.float64)
+
+    def add(self, array: np.ndarray, base: str, dtype: Any = np.float32) -> str:
+        from onnx import numpy_helper
+
+        self.counter += 1
+        name = f"{base.split('.rotated_')[0]}.rotated_{self.counter}"
+        tensor = numpy_helper.from_array(np.asarray(array).astype(dtype), name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def linear_weight(self, node: Any) -> tuple[np.ndarray, str]:
+        """A MatMul's weight as ``[in, out]`` (a tied LM head reads Transpose(E))."""
+        name = node.input[1]
+        if name in self.inits:
+            return self.array(name), name
+        producer = self.producers.get(name)
+        if producer is not None and producer.op_type == "Transpose" \
+                and producer.input[0] in self.inits:
+            return self.array(producer.input[0]).T, producer.input[0]
+        raise QuantkitError(f"rotation: {node.name} has no constant weight")
+
+    def set_weight(self, node: Any, weight: np.ndarray, base: str) -> None:
+        node.input[1] = self.add(weight, base)
+
+
+def _readers(rw: _Rewriter, norm: Any) -> list[Any]:
+    """The linears reading a norm's output (through reshapes)."""
+    from quantkit.smoothquant import _PASS_THROUGH
+
+    found, stack = [], [norm.output[0]]
+    while stack:
+        tensor = stack.pop()
+        for node in rw.consumers.get(tensor, []):
+            if node.op_type in _PASS_THROUGH and node.input[0] == tensor:
+                stack.extend(node.output)
+            elif node.op_type == "MatMul" and node.input[0] == tensor:
+                found.append(node)
+            else:
+                raise QuantkitError(f"rotation: {node.name} ({node.op_type}) reads the output "
+                                    f"of {norm.name}; only linear layers may")
+    return found
+
+
+def _rotate_residual(rw: _Rewriter, stream: ResidualStream, q: np.ndarray) -> dict[str, int]:
+    emb = stream.embedding
+    table = rw.array(emb.input[0])
+    emb.input[0] = rw.add(table @ q, emb.input[0])
+    readers = 0
+    for norm in stream.norms:
+        position = next(i for i, name in enumerate(norm.input)
+                        if name in rw.inits and len(rw.inits[name].dims) == 1)
+        gain = rw.array(norm.input[position])
+        norm.input[position] = rw.add(np.ones_like(gain), norm.input[position])
+        for linear in _readers(rw, norm):
+            weight, base = rw.linear_weight(linear)
+            rw.set_weight(linear, q.T @ (gain[:, None] * weight), base)
+            readers += 1
+    for writer in stream.writers:
+        weight, base = rw.linear_weight(writer)
+        rw.set_weight(writer, weight @ q, base)
+    return {"norms": len(stream.norms), "readers": readers, "writers": len(stream.writers)}
+
+
+def _head_dim(rw: _Rewriter, v_proj: Any) -> int | None:
+    """The head size from the Reshape after v_proj: its target shape ends in the head size."""
+    from onnx import numpy_helper
+
+    for node in rw.consumers.get(v_proj.output[0], []):
+        if node.op_type != "Reshape":
+            continue
+        shape = node.input[1]
+        if shape in rw.inits:
+            return int(numpy_helper.to_array(rw.inits[shape])[-1])
+        concat = rw.producers.get(shape)
+        if concat is not None and concat.op_type == "Concat" and concat.input[-1] in rw.inits:
+            return int(numpy_helper.to_array(rw.inits[concat.input[-1]]).reshape(-1)[-1])
+    return None
+
+
+def _rotate_heads(rw: _Rewriter, seed: int) -> dict[str, Any]:
+    """v_proj output columns per head times H, o_proj input rows per head times H^T."""
+    pairs = []
+    for node in rw.graph.node:
+        if node.op_type == "MatMul" and node.name.endswith("/v_proj/MatMul"):
+            o_proj = rw.nodes.get(node.name.replace("/v_proj/MatMul", "/o_proj/MatMul"))
+            if o_proj is not None:
+                pairs.append((node, o_proj))
+    if not pairs:
+        return {"layers": 0, "head_dim": None, "skipped": "no v_proj / o_proj pairs"}
+    head_dim = _head_dim(rw, pairs[0][0])
+    if head_dim is None or head_dim & (head_dim - 1):
+        return {"layers": 0, "head_dim": head_dim,
+                "skipped": "head size unknown or not a power of 2"}
+    h = sylvester_hadamard(head_dim) * random_signs(head_dim, seed)[None, :] / np.sqrt(head_dim)
+    for v_proj, o_proj in pairs:
+        wv, v_base = rw.linear_weight(v_proj)
+        wo, o_base = rw.linear_weight(o_proj)
+        if wv.shape[1] % head_dim or wo.shape[0] % head_dim:
+            raise QuantkitError(f"rotation: {v_proj.name} / {o_proj.name} widths are not "
+                                f"multiples of the head size {head_dim}")
+        wv = (wv.reshape(wv.shape[0], -1, head_dim) @ h).reshape(wv.shape)
+        wo = np.einsum("ji,hjo->hio", h, wo.reshape(-1, head_dim, wo.shape[1])).reshape(wo.shape)
+        rw.set_weight(v_proj, wv, v_base)
+        rw.set_weight(o_proj, wo, o_base)
+    return {"layers": len(pairs), "head_dim": head_dim}
+
+
+def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
+    """Insert ``Ha^T X Hb`` before every down_proj fed by ``act(gate) * up``."""
+    from onnx import helper
+
+    done: list[str] = []
+    block: tuple[int, int] = (0, 0)
+    for down in [n for n in rw.graph.node if n.op_type == "MatMul"
+                 and n.name.endswith("/down_proj/MatMul")]:
+        mul = rw.producers.get(down.input[0])
+        up = None
+        if mul is not None and mul.op_type == "Mul":
+            up = next((rw.producers[i] for i in mul.input if i in rw.producers
+                       and rw.producers[i].name.endswith("/up_proj/MatMul")), None)
+        if up is None:
+            continue
+        w_down, down_base = rw.linear_weight(down)
+        channels = w_down.shape[0]
+        a, b = online_block(channels, limit)
+        if a == 0:
+            continue
+        block = (a, b)
+        size = a * b
+        signs = random_signs(channels, seed + len(done))
+        ha = sylvester_hadamard(a) / np.sqrt(a)
+        hb = sylvester_hadamard(b) / np.sqrt(b)
+        kron = np.kron(ha, hb)  # x_flat @ kron(Ha, Hb) == Ha^T X Hb for each a x b block
+        w_up, up_base = rw.linear_weight(up)
+        rw.set_weight(up, w_up * signs[None, :], up_base)
+        rows = (signs[:, None] * w_down).reshape(-1, size, w_down.shape[1])
+        rw.set_weight(down, np.einsum("ji,bjo->bio", kron, rows).reshape(w_down.shape),
+                      down_base)
+        prefix = down.name[: -len("/down_proj/MatMul")] + f"/{ROTATION_SEGMENT}"
+        source = down.input[0]
+        split = rw.add(np.array([0, -1, a, b]), f"{prefix}/shape", np.int64)
+        merge = rw.add(np.array([0, -1, channels]), f"{prefix}/shape", np.int64)
+        hb_name = rw.add(hb, f"{prefix}/Hb")
+        ha_name = rw.add(ha.T, f"{prefix}/HaT")
+        names = [f"{prefix}/{op}_output_0" for op in ("Reshape", "MatMul", "MatMul_1",
+                                                      "Reshape_1")]
+        new = [
+            helper.make_node("Reshape", [source, split], [names[0]], name=f"{prefix}/Reshape"),
+            helper.make_node("MatMul", [names[0], hb_name], [names[1]], name=f"{prefix}/MatMul"),
+            helper.make_node("MatMul", [ha_name, names[1]], [names[2]],
+                             name=f"{prefix}/MatMul_1"),
+            helper.make_node("Reshape", [names[2], merge], [names[3]],
+                             name=f"{prefix}/Reshape_1"),
+        ]
+        position = list(rw.graph.node).index(down)
+        for offset, node in enumerate(new):
+            rw.graph.node.insert(position + offset, node)
+        down.input[0] = names[3]
+        done.append(down.name)
+    return {"layers": len(done), "block": block[0] * block[1], "factors": list(block)}
+
+
+def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BLOCK
+                 ) -> dict[str, Any]:
+    """Rotate ``model`` (an ONNX ModelProto) in place; return what was done."""
+    from quantkit.smoothquant import _drop_unused
+
+    if down_block < 0:
+        raise QuantkitError(f"--down-block must be 0 (off) or a power of 2, got {down_block}")
+    stream = trace_residual(model.graph)
+    rw = _Rewriter(model)
+    hidden = rw.array(stream.embedding.input[0]).shape[1]
+    q = random_orthogonal(hidden, seed)
+    summary: dict[str, Any] = {"seed": seed, "hidden_size": hidden,
+                               "residual": _rotate_residual(rw, stream, q)}
+    summary["heads"] = _rotate_heads(rw, seed + 1)
+    summary["down"] = (_rotate_down_inputs(rw, down_block, seed + 2) if down_block
+                       else {"layers": 0, "skipped": "--down-block 0"})
+    _drop_unused(model.graph)
+    return summary
+
+
+def check_equivalent(source: Path, rotated: Any, seed: int = 0) -> dict[str, Any]:
+    """max|dlogits| / max|logits| of the rotated model against the source on random ids."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    a = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    vocab = next((int(o.shape[-1]) for o in a.get_outputs() if o.name == "logits"
+                  and isinstance(o.shape[-1], int)), 256)
+    ids = rng.integers(0, vocab, size=(2, 24), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    ref = a.run(["logits"], feeds)[0]
+    b = ort.InferenceSession(rotated.SerializeToString(), providers=["CPUExecutionProvider"])
+    new = b.run(["logits"], feeds)[0]
+    diff = float(np.max(np.abs(ref - new)))
+    scale = float(np.max(np.abs(ref)))
+    return {"max_abs_diff": diff, "max_abs_logit": scale,
+            "relative_error": diff / scale if scale > 0 else diff, "tolerance": CHECK_TOLERANCE}
+
+
+def rotate_export(onnx_path: Path, out: Path, *, seed: int = 0,
+                  down_block: int = DEFAULT_DOWN_BLOCK, force: bool = False) -> Path:
+    """Write a rotated copy of an export directory; return the new ONNX path."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    summary = rotate_model(model, seed=seed, down_block=down_block)
+    check = check_equivalent(onnx_path, model)
+    if not check["relative_error"] <= CHECK_TOLERANCE:
+        raise QuantkitError(
+            f"the rotated graph does not compute the source's function: max|dlogits|/max|logits|"
+            f" = {check['relative_error']:.2e} (tolerance {CHECK_TOLERANCE:.0e})",
+            "this model's architecture is not supported by rotation; nothing was written",
+        )
+    source = export_manifest(onnx_path) or {}
+    with atomic_output_dir(Path(out), force=force) as tmp:
+        target = tmp / ONNX_NAME
+        onnx.save_model(model, str(target))
+        onnx.checker.check_model(str(target), full_check=True)
+        tokenizer = Path(onnx_path).parent / TOKENIZER_DIR
+        if tokenizer.is_dir():
+            shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
+        inputs = {"source_onnx": str(onnx_path), "source_model_hash": onnx_model_hash(onnx_path),
+                  "rotation": {"seed": seed, "down_block": down_block}}
+        manifest = make_manifest(
+            EXPORT_KIND, inputs,
+            model_hash=onnx_model_hash(target), onnx=ONNX_NAME, exporter="quantkit.rotation",
+            outputs=[o.name for o in model.graph.output], num_nodes=len(model.graph.node),
+            vocab_size=source.get("vocab_size"), max_positions=source.get("max_positions"),
+            check={**check, "against": "source_onnx"},
+            tokenizer=TOKENIZER_DIR if tokenizer.is_dir() else None, rotation=summary,
+        )
+        write_manifest(tmp, manifest)
+    return Path(out) / ONNX_NAME
