@@ -39,6 +39,13 @@ def _from_mapping(cls: type[T], data: Any, where: str) -> T:
 class ExportConfig:
     opset: int = 18
     with_nll: bool = True
+    rotate: bool = False  # QuaRot-style rotation of the export (quantkit.rotation); Llama only
+    down_block: int = 512  # online Hadamard block before down_proj when rotating (0: none)
+
+    def __post_init__(self) -> None:
+        block = int(self.down_block)
+        if block < 0 or (block & (block - 1)):
+            raise QuantkitError(f"export.down_block must be 0 or a power of 2, got {block}")
 
 
 @dataclass(frozen=True)

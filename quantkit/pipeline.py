@@ -148,7 +148,21 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
                      with_nll=recipe.export.with_nll, force=replace)
 
     step("export", {"model": recipe.model, "trust_remote_code": recipe.trust_remote_code,
-                    "export": asdict(recipe.export)}, export_dir, make_export)
+                    "export": {"opset": recipe.export.opset,
+                               "with_nll": recipe.export.with_nll}}, export_dir, make_export)
+    if recipe.export.rotate:  # every later step reads the rotated export
+        rotated_dir = work / "rotated"
+
+        def make_rotation(replace: bool, source: Path = export_dir) -> None:
+            from quantkit.export import find_onnx
+            from quantkit.rotation import rotate_export
+
+            rotate_export(find_onnx(source), rotated_dir,
+                          down_block=recipe.export.down_block, force=replace)
+
+        step("rotate", {"onnx": _artifact_hash(export_dir),
+                        "down_block": recipe.export.down_block}, rotated_dir, make_rotation)
+        export_dir = rotated_dir
     cal = recipe.calibration
     calib_dir = work / "calibration"
     # SmoothQuant rewrites the export inside the calibration step (calibration/smoothed/); every

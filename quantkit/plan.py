@@ -114,9 +114,13 @@ QUANTIZABLE_OP_TYPES = frozenset({"MatMul", "Gemm"})
 ROTATION_SEGMENT = "online_hadamard"
 
 
+def is_rotation(name: str) -> bool:
+    return f"/{ROTATION_SEGMENT}/" in name
+
+
 def int8_capable(name: str, op_type: str) -> bool:
     """Whether a node has an INT8 (Q/DQ) form: a MatMul/Gemm that is not an online rotation."""
-    return op_type in QUANTIZABLE_OP_TYPES and f"/{ROTATION_SEGMENT}/" not in name
+    return op_type in QUANTIZABLE_OP_TYPES and not is_rotation(name)
 
 RECIPE_VERSION = 1
 

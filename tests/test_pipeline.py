@@ -101,3 +101,31 @@ def test_smoothquant_recipe_builds_every_engine_from_the_smoothed_graph(recipe_f
         assert engine["source_model_hash"] == smoothed["model_hash"]
     results = json.loads(outcome.results.read_text())
     assert [e["name"] for e in results["engines"]] == ["fp32", "int8"]
+
+
+def test_rotated_recipe_calibrates_and_builds_from_the_rotated_export(recipe_file, tmp_path):
+    import dataclasses
+
+    recipe = Recipe.load(recipe_file)
+    recipe = dataclasses.replace(
+        recipe, export=dataclasses.replace(recipe.export, rotate=True, down_block=64),
+        engines=[e for e in recipe.engines if e.name in ("fp32", "int8")])
+    run_recipe(recipe, workdir=tmp_path, say=lambda _: None)
+    rotated = json.loads((tmp_path / "rotated" / "manifest.json").read_text())
+    assert rotated["exporter"] == "quantkit.rotation"
+    assert rotated["rotation"]["down"]["block"] == 64
+    table = json.loads((tmp_path / "calibration" / "table.json").read_text())
+    assert table["model_hash"] == rotated["model_hash"]
+    for name in ("fp32", "int8"):
+        engine = json.loads((tmp_path / "engines" / name / "manifest.json").read_text())
+        assert engine["source_model_hash"] == rotated["model_hash"]
+    # a second run reuses everything, rotation included
+    again = run_recipe(recipe, workdir=tmp_path, say=lambda _: None)
+    assert all(step.reused for step in again.steps if step.name in ("export", "rotate"))
+
+
+def test_bad_down_block_is_refused():
+    from quantkit.config import ExportConfig
+
+    with pytest.raises(QuantkitError, match="power of 2"):
+        ExportConfig(rotate=True, down_block=48)

@@ -100,6 +100,12 @@ def test_rotation_nodes_stay_fp32_and_count_in_coverage(tiny_llama_export, tmp_p
                                                                precision=Precision.INT8)])
     with pytest.raises(QuantkitError, match="no INT8 form"):
         resolve_plan(exact, model)
+    from quantkit.calib.graph import analyse, select_tensors
+
+    calibrated = set(select_tensors(analyse(model), "quantizable"))
+    nodes = {n.name: n for n in model.graph.node}
+    assert not calibrated & {i for n in rotation for i in nodes[n].input}  # they stay FP32
+    assert {nodes[n].input[0] for n in nodes if n.endswith("down_proj/MatMul")} <= calibrated
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +158,19 @@ def test_rotate_cli(tiny_llama_export, tiny_gpt2_export, tmp_path):
                                    "--out", str(tmp_path / "gpt2")])
     assert bad.exit_code != 0 and "LayerNormalization" in bad.output
     assert len(bad.output.strip().splitlines()) <= 2 and not (tmp_path / "gpt2").exists()
+
+
+def test_smoothquant_on_a_rotated_export_stays_equivalent(tiny_llama_export, tiny_tokenizer,
+                                                          tmp_path):
+    from quantkit.data import TokenBlocks, resolve_text_source
+    from quantkit.smoothquant import smooth_export
+
+    rotated = rotate_export(tiny_llama_export.onnx_path, tmp_path / "rot")
+    blocks = TokenBlocks(resolve_text_source("sample"), tiny_tokenizer, seq_len=32,
+                         num_samples=4, batch_size=2)
+    smoothed = smooth_export(rotated, blocks, tmp_path / "sq", alpha="auto")
+    feed = token_feeds(1, batch=2, seq=40, seed=7)[0]
+    assert _relative(run_onnx(tiny_llama_export.onnx_path, feed), run_onnx(smoothed, feed)) < 1e-5
+    manifest = json.loads((tmp_path / "sq" / "manifest.json").read_text())
+    kinds = {g["kind"] for g in manifest["smoothquant"]["groups"]}
+    assert kinds == {"norm"}  # down_proj now reads the rotation, not act(gate) * up

@@ -7,7 +7,7 @@ Pure ``onnx`` (no ONNX Runtime). Used by :mod:`quantkit.calib.collect`.
   and whatever is computed from those alone are not. ``tensors="all"`` calibrates every
   floating-point activation of the top-level graph, graph inputs and outputs included;
   ``"quantizable"`` only the activation inputs of MatMul / Gemm (the two attention batched MatMuls
-  included, where both inputs are activations).
+  included, where both inputs are activations; the online rotations excluded, they stay FP32).
 * **Aliases**: Reshape, Transpose, Squeeze, Unsqueeze, Flatten, Identity and same-type Cast only
   move values, so their output holds exactly the values of their input and gets the same
   histogram. Only the *root* of such a chain is fetched from ONNX Runtime and histogrammed.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.plan import is_rotation
 
 FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
 QUANTIZABLE_OPS = {("", "MatMul"), ("", "Gemm"), ("com.microsoft", "FusedMatMul")}
@@ -211,7 +212,7 @@ def select_tensors(info: GraphInfo, mode: str) -> list[str]:
                     add(o)
         return chosen
     for node in info.nodes:
-        if (_domain(node), node.op_type) in QUANTIZABLE_OPS:
+        if (_domain(node), node.op_type) in QUANTIZABLE_OPS and not is_rotation(node.name):
             for name in [n for n in node.input[:2] if n]:
                 add(name)
     return chosen
