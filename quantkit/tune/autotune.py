@@ -19,9 +19,12 @@ text, ``rank`` and ``search``:
    prefix within the budget on ``search``, then a **greedy** pass that tries each remaining
    group once and keeps it if the plan stays within.
 5. **Held-out check** (the ``holdout`` subset, never used by the steps above): if the plan
-   exceeds the budget there, the search target is tightened and the longest prefix of the plan
-   (in the order above: the last-added groups go first) that meets it on the search subset is
-   found by bisection, then checked again.
+   exceeds the budget there, the smaller plans the search passed through are checked — the
+   bisection's prefix (before the greedy pass, whose additions were accepted at the edge of the
+   budget), then the whole kinds of step 2 — and the first that meets it is kept. Otherwise the
+   search target is tightened and the longest prefix of the plan (in the order above: the
+   last-added groups go first) that meets it on the search subset is found by bisection, then
+   checked again.
 6. ``objective=latency``: the feasible plans seen on the way are built and timed; the fastest
    one that meets the budget on the held-out subset wins.
 7. **Verification**: the chosen plan is built as a real engine (ONNX Runtime backend) and its
@@ -310,14 +313,15 @@ def longest_prefix(search: _Search, order: Sequence[str], feasible: int, stage: 
 
 
 def bisect_and_greedy(search: _Search, order: list[str], limit: float,
-                      feasible: int = 0) -> list[str]:
+                      feasible: int = 0) -> tuple[list[str], list[str]]:
     """Steps 4: the longest feasible prefix of ``order`` (the first ``feasible`` groups are
-    known to be within the budget), then each other group tried once."""
+    known to be within the budget), then each other group tried once. Returns the plan and
+    the prefix the greedy pass started from."""
     n = len(order)
     subset = search.subset
     if search.measure(subset, order, "bisect", f"all {n} groups", limit).within:
-        return list(order)
-    chosen = longest_prefix(search, order, feasible, "bisect", limit)
+        return list(order), list(order)
+    prefix = chosen = longest_prefix(search, order, feasible, "bisect", limit)
     reserve = HOLDOUT_RESERVE if "holdout" in search.context.subsets else 0
     for name in order[len(chosen):]:
         if search.runs_left <= reserve:
@@ -325,7 +329,7 @@ def bisect_and_greedy(search: _Search, order: list[str], limit: float,
         trial = [*chosen, name]
         if search.measure(subset, trial, "greedy", f"+ {name}", limit).within:
             chosen = trial
-    return chosen
+    return chosen, prefix
 
 
 def tighten(search: _Search, chosen: list[str], order: list[str], limit: float) -> list[str]:
@@ -337,6 +341,39 @@ def tighten(search: _Search, chosen: list[str], order: list[str], limit: float) 
                                      f"{len(current)} groups", limit).within:
         return current
     return longest_prefix(search, current, 0, "tighten", limit)
+
+
+def holdout_phase(search: _Search, chosen: list[str],
+                  checkpoints: Sequence[tuple[str, list[str]]], order: list[str],
+                  budget: Budget, baseline: float, limit: float,
+                  ) -> tuple[list[str], float, bool]:
+    """Step 5: the plan on the held-out subset; on a miss, the smaller plans the search passed
+    through (the greedy pass's additions are the ones made at the edge of the budget, so the
+    bisection's prefix and the whole kinds before it are the likeliest to generalise), then
+    ever tighter targets. Returns the plan, its held-out perplexity, and whether it is met."""
+    def check(plan: list[str], why: str = "") -> tuple[float, bool]:
+        step = search.measure("holdout", plan, "holdout",
+                              f"{len(plan)} groups on the held-out subset{why}", limit)
+        return step.perplexity, step.within
+
+    ppl, met = check(chosen)
+    tried = [set(chosen)]
+    for label, plan in checkpoints:
+        if met or search.runs_left <= 0:
+            return chosen, ppl, met
+        if not plan or len(plan) >= len(chosen) or set(plan) in tried:
+            continue
+        tried.append(set(plan))
+        plan_ppl, plan_met = check(plan, f" (back to {label})")
+        if plan_met:
+            return list(plan), plan_ppl, True
+    current = chosen
+    for share in TIGHTEN:
+        if met or search.runs_left <= 0:
+            break
+        current = tighten(search, current, order, budget.limit(baseline, share))
+        ppl, met = check(current)
+    return current, ppl, met
 
 
 def candidate_label(tune: TuneSettings) -> str:
@@ -428,7 +465,7 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
     deltas = {g.name: g.delta for g in sensitivity.groups}
     search_methods(search, sensitivity, sensitivity.baseline, deltas)
     order = [*seed, *efficiency_order(context, deltas)]
-    chosen = bisect_and_greedy(search, order, limit, feasible=len(seed))
+    chosen, prefix = bisect_and_greedy(search, order, limit, feasible=len(seed))
     has_holdout = "holdout" in context.subsets
     baselines = {"rank": sensitivity.baseline, "search": baseline}
     limits = {"search": limit}
@@ -438,16 +475,9 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
         base_h = context.measurer.measure("holdout", ()).perplexity
         baselines["holdout"] = base_h
         limits["holdout"] = settings.budget.limit(base_h)
-        for share in (None, *TIGHTEN):
-            if share is not None:
-                tight = settings.budget.limit(baseline, share)
-                chosen = tighten(search, chosen, order, tight)
-            step = search.measure("holdout", chosen, "holdout",
-                                  f"{len(chosen)} groups on the held-out subset",
-                                  limits["holdout"])
-            holdout_ppl, met = step.perplexity, step.within
-            if met or search.runs_left <= 0:
-                break
+        chosen, holdout_ppl, met = holdout_phase(
+            search, chosen, [("the bisection's prefix", prefix), ("the whole kinds", seed)],
+            order, settings.budget, baseline, limits["holdout"])
     final = search.measurer.measure(search.subset, tuple(chosen), search.methods_for(chosen))
     in_plan = set(chosen)
     result = AutotuneResult(

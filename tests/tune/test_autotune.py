@@ -173,3 +173,52 @@ def test_autotune_chooses_between_smoothquant_candidates(tune_settings, fragile_
 
     md = build_report([RESULTS], tmp_path / "report", tuning=out).markdown.read_text()
     assert "SmoothQuant alpha auto (tuned)" in md and str(sq.onnx) in md
+
+
+class _ScriptedSearch:
+    """The part of autotune's search that the held-out phase uses, over a perplexity that is
+    a known function of the plan: each group adds its cost, separately per subset."""
+
+    subset = "search"
+
+    def __init__(self, costs: dict[str, dict[str, float]], runs: int = 50) -> None:
+        self.costs, self.runs_left, self.path = costs, runs, []
+
+    def measure(self, subset, groups, stage, action, limit):
+        from quantkit.tune.autotune import Step
+
+        self.runs_left -= 1
+        ppl = 10.0 + sum(self.costs[subset].get(g, 0.0) for g in groups)
+        step = Step(stage, action, len(groups), 0.0, ppl, subset, ppl <= limit)
+        self.path.append(step)
+        return step
+
+
+def test_holdout_miss_backs_off_to_the_plans_the_search_passed_through() -> None:
+    from quantkit.tune.autotune import holdout_phase
+
+    order = ["kind1", "kind2", "g1", "g2", "g3"]
+    # on the search subset everything fits; held out, the greedy's g3 and the prefix's g2 do not
+    search = _ScriptedSearch({"search": {}, "holdout": {"g2": 0.15, "g3": 0.2}})
+    plan, ppl, met = holdout_phase(
+        search, order, [("the bisection's prefix", order[:4]), ("the whole kinds", order[:2])],
+        order, Budget.parse("1%"), 10.0, 10.1)
+    assert met and plan == ["kind1", "kind2"] and ppl == pytest.approx(10.0)
+    actions = [s.action for s in search.path]
+    assert actions == ["5 groups on the held-out subset",
+                       "4 groups on the held-out subset (back to the bisection's prefix)",
+                       "2 groups on the held-out subset (back to the whole kinds)"]
+
+
+def test_holdout_miss_tightens_when_no_checkpoint_holds() -> None:
+    from quantkit.tune.autotune import holdout_phase
+
+    order = ["g1", "g2", "g3", "g4"]
+    # the checkpoint misses held out too; half the search budget drops g3 and g4
+    costs = {"search": {"g3": 0.06, "g4": 0.06}, "holdout": {"g3": 0.5, "g4": 0.5}}
+    search = _ScriptedSearch(costs)
+    plan, ppl, met = holdout_phase(search, order, [("the bisection's prefix", order[:3])],
+                                   order, Budget.parse("1%"), 10.0, 10.1)
+    assert met and plan == ["g1", "g2"] and ppl == pytest.approx(10.0)
+    assert [s.stage for s in search.path][:2] == ["holdout", "holdout"]
+    assert "tighten" in {s.stage for s in search.path}
