@@ -314,3 +314,35 @@ def export_manifest(onnx_path: Path) -> dict[str, Any] | None:
         return read_manifest(directory, EXPORT_KIND)
     except QuantkitError:
         return None
+
+
+def write_derived_export(model: Any, source_onnx: Path, out: Path, *, exporter: str,
+                         inputs: dict[str, Any], force: bool = False,
+                         check: dict[str, Any] | None = None, **fields: Any) -> Path:
+    """Write ``model`` (a rewrite of the export at ``source_onnx``: SmoothQuant, rotation) as a
+    new export directory with the source's tokenizer and a manifest of its own (its own model
+    hash), atomically; return the new ONNX path. ``check`` defaults to the source's."""
+    import shutil
+
+    import onnx
+
+    source = export_manifest(source_onnx) or {}
+    with atomic_output_dir(Path(out), force=force) as tmp:
+        target = tmp / ONNX_NAME
+        onnx.save_model(model, str(target))
+        onnx.checker.check_model(str(target), full_check=True)
+        tokenizer = Path(source_onnx).parent / TOKENIZER_DIR
+        if tokenizer.is_dir():
+            shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
+        manifest = make_manifest(
+            EXPORT_KIND,
+            {"source_onnx": str(source_onnx), "source_model_hash": onnx_model_hash(source_onnx),
+             **inputs},
+            model_hash=onnx_model_hash(target), onnx=ONNX_NAME, exporter=exporter,
+            outputs=[o.name for o in model.graph.output], num_nodes=len(model.graph.node),
+            vocab_size=source.get("vocab_size"), max_positions=source.get("max_positions"),
+            check=check if check is not None else source.get("check"),
+            tokenizer=TOKENIZER_DIR if tokenizer.is_dir() else None, **fields,
+        )
+        write_manifest(tmp, manifest)
+    return Path(out) / ONNX_NAME

@@ -27,7 +27,6 @@ and written as a new export directory (its own model hash), like a SmoothQuant e
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.artifacts import atomic_output_dir, make_manifest, write_manifest
 from quantkit.errors import QuantkitError
-from quantkit.export import EXPORT_KIND, ONNX_NAME, TOKENIZER_DIR, export_manifest, onnx_model_hash
+from quantkit.export import write_derived_export
 from quantkit.plan import ROTATION_SEGMENT
 
 DEFAULT_DOWN_BLOCK = 512
@@ -385,23 +383,7 @@ def rotate_export(onnx_path: Path, out: Path, *, seed: int = 0,
             f" = {check['relative_error']:.2e} (tolerance {CHECK_TOLERANCE:.0e})",
             "this model's architecture is not supported by rotation; nothing was written",
         )
-    source = export_manifest(onnx_path) or {}
-    with atomic_output_dir(Path(out), force=force) as tmp:
-        target = tmp / ONNX_NAME
-        onnx.save_model(model, str(target))
-        onnx.checker.check_model(str(target), full_check=True)
-        tokenizer = Path(onnx_path).parent / TOKENIZER_DIR
-        if tokenizer.is_dir():
-            shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
-        inputs = {"source_onnx": str(onnx_path), "source_model_hash": onnx_model_hash(onnx_path),
-                  "rotation": {"seed": seed, "down_block": down_block}}
-        manifest = make_manifest(
-            EXPORT_KIND, inputs,
-            model_hash=onnx_model_hash(target), onnx=ONNX_NAME, exporter="quantkit.rotation",
-            outputs=[o.name for o in model.graph.output], num_nodes=len(model.graph.node),
-            vocab_size=source.get("vocab_size"), max_positions=source.get("max_positions"),
-            check={**check, "against": "source_onnx"},
-            tokenizer=TOKENIZER_DIR if tokenizer.is_dir() else None, rotation=summary,
-        )
-        write_manifest(tmp, manifest)
-    return Path(out) / ONNX_NAME
+    return write_derived_export(
+        model, onnx_path, out, exporter="quantkit.rotation", force=force,
+        inputs={"rotation": {"seed": seed, "down_block": down_block}},
+        check={**check, "against": "source_onnx"}, rotation=summary)

@@ -19,7 +19,6 @@ builds and evaluation treat it like any other export.
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
@@ -28,15 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.artifacts import atomic_output_dir, make_manifest, write_manifest
 from quantkit.errors import QuantkitError
-from quantkit.export import (
-    EXPORT_KIND,
-    ONNX_NAME,
-    TOKENIZER_DIR,
-    export_manifest,
-    onnx_model_hash,
-)
+from quantkit.export import write_derived_export
 from quantkit.qdq import INT8_MAX, dequantize, quantize_weight, symmetric_scale
 
 _PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -405,23 +397,7 @@ def smooth_export(
     amax, samples = channel_stats(onnx_path, batches, sorted({g.activation for g in groups}),
                                   sample_rows=SAMPLE_ROWS if alpha == AUTO else 0)
     summary = apply_smoothquant(model, groups, amax, alpha, samples)
-    source = export_manifest(onnx_path) or {}
-    with atomic_output_dir(Path(out), force=force) as tmp:
-        target = tmp / ONNX_NAME
-        onnx.save_model(model, str(target))
-        onnx.checker.check_model(str(target), full_check=True)
-        tokenizer = Path(onnx_path).parent / TOKENIZER_DIR
-        if tokenizer.is_dir():
-            shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)
-        inputs = {"source_onnx": str(onnx_path), "source_model_hash": onnx_model_hash(onnx_path),
-                  "smoothquant": {"alpha": alpha}, "data": dict(data_description or {})}
-        manifest = make_manifest(
-            EXPORT_KIND, inputs,
-            model_hash=onnx_model_hash(target), onnx=ONNX_NAME,
-            exporter="quantkit.smoothquant", outputs=[o.name for o in model.graph.output],
-            num_nodes=len(model.graph.node), vocab_size=source.get("vocab_size"),
-            max_positions=source.get("max_positions"), check=source.get("check"),
-            tokenizer=TOKENIZER_DIR if tokenizer.is_dir() else None, smoothquant=summary,
-        )
-        write_manifest(tmp, manifest)
-    return Path(out) / ONNX_NAME
+    return write_derived_export(
+        model, onnx_path, out, exporter="quantkit.smoothquant", force=force,
+        inputs={"smoothquant": {"alpha": alpha}, "data": dict(data_description or {})},
+        smoothquant=summary)
