@@ -27,7 +27,6 @@ and written as a new export directory (its own model hash), like a SmoothQuant e
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 
 from quantkit.errors import QuantkitError
 from quantkit.export import write_derived_export
+from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
 from quantkit.plan import ROTATION_SEGMENT
 
 DEFAULT_DOWN_BLOCK = 512
@@ -86,19 +86,10 @@ class ResidualStream:
     writers: list[Any] = field(default_factory=list)  # MatMuls whose output is added to it
 
 
-def _index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
-    producers = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for n in graph.node:
-        for name in n.input:
-            consumers[name].append(n)
-    return producers, consumers, {t.name: t for t in graph.initializer}
-
-
 def trace_residual(graph: Any) -> ResidualStream:
     """Follow the stream from the token embedding through every residual Add; refuse any
     reader other than an RMSNorm or a residual Add, and any writer other than a linear."""
-    producers, consumers, inits = _index(graph)
+    producers, consumers, inits = graph_index(graph)
     if any(n.op_type == "LayerNormalization" for n in graph.node):
         raise QuantkitError(
             "rotation needs RMSNorm (Llama-family models); this graph uses LayerNormalization, "
@@ -159,7 +150,7 @@ class _Rewriter:
 
     def __init__(self, model: Any) -> None:
         self.graph = model.graph
-        self.producers, self.consumers, self.inits = _index(self.graph)
+        self.producers, self.consumers, self.inits = graph_index(self.graph)
         self.nodes = {n.name: n for n in self.graph.node}
         self.counter = 0
 
@@ -195,13 +186,11 @@ class _Rewriter:
 
 def _readers(rw: _Rewriter, norm: Any) -> list[Any]:
     """The linears reading a norm's output (through reshapes)."""
-    from quantkit.smoothquant import _PASS_THROUGH
-
     found, stack = [], [norm.output[0]]
     while stack:
         tensor = stack.pop()
         for node in rw.consumers.get(tensor, []):
-            if node.op_type in _PASS_THROUGH and node.input[0] == tensor:
+            if node.op_type in PASS_THROUGH and node.input[0] == tensor:
                 stack.extend(node.output)
             elif node.op_type == "MatMul" and node.input[0] == tensor:
                 found.append(node)
@@ -333,8 +322,6 @@ def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
 def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BLOCK
                  ) -> dict[str, Any]:
     """Rotate ``model`` (an ONNX ModelProto) in place; return what was done."""
-    from quantkit.smoothquant import _drop_unused
-
     if down_block < 0:
         raise QuantkitError(f"--down-block must be 0 (off) or a power of 2, got {down_block}")
     stream = trace_residual(model.graph)
@@ -346,7 +333,7 @@ def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BL
     summary["heads"] = _rotate_heads(rw, seed + 1)
     summary["down"] = (_rotate_down_inputs(rw, down_block, seed + 2) if down_block
                        else {"layers": 0, "skipped": "--down-block 0"})
-    _drop_unused(model.graph)
+    drop_unused(model.graph)
     return summary
 
 

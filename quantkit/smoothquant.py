@@ -29,9 +29,9 @@ import numpy as np
 
 from quantkit.errors import QuantkitError
 from quantkit.export import write_derived_export
+from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
 from quantkit.qdq import INT8_MAX, dequantize, quantize_weight, symmetric_scale
 
-_PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 MIN_SCALE = 1e-5
 AUTO = "auto"
 AUTO_GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -79,16 +79,6 @@ class SmoothGroup:
     linears: list[LinearInput] = field(default_factory=list)
 
 
-def _index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
-    producers = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for n in graph.node:
-        for name in n.input:
-            consumers[name].append(n)
-    inits = {t.name: t for t in graph.initializer}
-    return producers, consumers, inits
-
-
 def _attr(node: Any, name: str, default: int) -> int:
     for a in node.attribute:
         if a.name == name:
@@ -108,7 +98,7 @@ def _linear_readers(
     while stack:
         name = stack.pop()
         for node in consumers.get(name, []):
-            if node.op_type in _PASS_THROUGH and node.input[0] == name:
+            if node.op_type in PASS_THROUGH and node.input[0] == name:
                 stack.extend(node.output)
                 continue
             linear = _as_linear(node, name, inits, producers)
@@ -138,7 +128,7 @@ def find_smooth_groups(model: Any) -> list[SmoothGroup]:
     """Norm -> linear groups (LayerNormalization, or RMSNorm ending in Mul by a weight) and
     Llama's up_proj -> down_proj pairs, in graph order."""
     graph = model.graph
-    producers, consumers, inits = _index(graph)
+    producers, consumers, inits = graph_index(graph)
     groups: list[SmoothGroup] = []
     for node in graph.node:
         group: SmoothGroup | None = None
@@ -292,7 +282,7 @@ def apply_smoothquant(model: Any, groups: list[SmoothGroup],
     if alpha == AUTO and samples is None:
         raise QuantkitError("SmoothQuant alpha 'auto' needs activation samples")
     graph = model.graph
-    producers, _, inits = _index(graph)
+    producers, _, inits = graph_index(graph)
     nodes = {n.name: n for n in graph.node}
     counter = 0
     summary: list[dict[str, Any]] = []
@@ -354,25 +344,8 @@ def apply_smoothquant(model: Any, groups: list[SmoothGroup],
         if errors is not None:
             entry["alpha_errors"] = errors
         summary.append(entry)
-    _drop_unused(graph)
+    drop_unused(graph)
     return {"alpha": alpha, "groups": summary}
-
-
-def _drop_unused(graph: Any) -> None:
-    """Remove initializers and Transpose nodes nothing reads any more."""
-    while True:
-        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Transpose"
-                and not any(o in used for o in n.output)]
-        for node in dead:
-            graph.node.remove(node)
-        if not dead:
-            break
-    used = {name for n in graph.node for name in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
 
 
 def smooth_export(
