@@ -43,9 +43,12 @@ class ExportConfig:
     down_block: int = 512  # online Hadamard block before down_proj when rotating (0: none)
 
     def __post_init__(self) -> None:
-        block = int(self.down_block)
-        if block < 0 or (block & (block - 1)):
-            raise QuantkitError(f"export.down_block must be 0 or a power of 2, got {block}")
+        from quantkit.rotation import check_down_block
+
+        try:
+            check_down_block(int(self.down_block))
+        except QuantkitError as error:
+            raise QuantkitError(f"export.down_block: {error.message}") from None
 
 
 @dataclass(frozen=True)

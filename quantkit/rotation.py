@@ -65,6 +65,13 @@ def random_signs(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
 
 
+def check_down_block(down_block: int) -> None:
+    """The online block size must be 0 (no online rotation) or a power of 2 (a Hadamard)."""
+    if down_block < 0 or down_block & (down_block - 1):
+        raise QuantkitError(f"the down_proj rotation block must be 0 (off) or a power of 2, "
+                            f"got {down_block}", "e.g. --down-block 512 (the default) or 64")
+
+
 def online_block(channels: int, limit: int) -> tuple[int, int]:
     """(a, b) with a*b the largest power of 2 that divides ``channels`` and is <= ``limit``;
     b <= MAX_INNER_FACTOR. (0, 0) when no block of at least 2 fits."""
@@ -322,8 +329,7 @@ def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
 def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BLOCK
                  ) -> dict[str, Any]:
     """Rotate ``model`` (an ONNX ModelProto) in place; return what was done."""
-    if down_block < 0:
-        raise QuantkitError(f"--down-block must be 0 (off) or a power of 2, got {down_block}")
+    check_down_block(down_block)
     stream = trace_residual(model.graph)
     rw = _Rewriter(model)
     hidden = rw.array(stream.embedding.input[0]).shape[1]

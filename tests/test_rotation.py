@@ -156,8 +156,12 @@ def test_rotate_cli(tiny_llama_export, tiny_gpt2_export, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
     bad = CliRunner().invoke(cli, ["rotate", "--onnx", str(tiny_gpt2_export.onnx_path),
                                    "--out", str(tmp_path / "gpt2")])
-    assert bad.exit_code != 0 and "LayerNormalization" in bad.output
+    assert bad.exit_code == 2 and "LayerNormalization" in bad.output
     assert len(bad.output.strip().splitlines()) <= 2 and not (tmp_path / "gpt2").exists()
+    block = CliRunner().invoke(cli, ["rotate", "--onnx", str(tiny_llama_export.onnx_path),
+                                     "--out", str(tmp_path / "b48"), "--down-block", "48"])
+    assert block.exit_code == 2 and "power of 2" in block.output
+    assert not (tmp_path / "b48").exists()
 
 
 def test_smoothquant_on_a_rotated_export_stays_equivalent(tiny_llama_export, tiny_tokenizer,
