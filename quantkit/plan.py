@@ -115,6 +115,7 @@ ROTATION_SEGMENT = "online_hadamard"
 
 
 def is_rotation(name: str) -> bool:
+    """Whether a node is one of quantkit.rotation's online Hadamard nodes (by its name)."""
     return f"/{ROTATION_SEGMENT}/" in name
 
 
