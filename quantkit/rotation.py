@@ -14,9 +14,10 @@ by the transpose. Three rotations, all exact in FP32:
   randomized Hadamard H, ``o_proj`` input rows of each head times H^T (attention is linear in V
   and every head uses the same H, so grouped-query heads need no bookkeeping).
 * **down_proj input** (``act(gate) * up``), online: its outliers are per token, so no folding
-  removes them. A block-diagonal Hadamard runs in the graph before down_proj, as two small
-  MatMuls (a block of a*b channels is ``Ha^T X Hb``; 512 channels cost 8 + 64 multiply-adds per
-  channel, not 512); its random signs are folded into up_proj and H^T into down_proj. These
+  removes them. A block-diagonal Hadamard runs in the graph before down_proj, as a chain of
+  small MatMuls: a Sylvester block of 8*8*8 = 512 channels is ``H8 (x) H8 (x) H8``, one 8 x 8
+  MatMul per axis of the block seen as an 8 x 8 x 8 array (8 + 8 + 8 multiply-adds per channel,
+  not 512); its random signs are folded into up_proj and H^T into down_proj. These
   nodes are named ``.../online_hadamard/...`` and stay FP32 in every plan: quantizing the
   tensor they exist to spread would undo them.
 
@@ -39,7 +40,7 @@ from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
 from quantkit.plan import ROTATION_SEGMENT
 
 DEFAULT_DOWN_BLOCK = 512
-MAX_INNER_FACTOR = 64  # the right-hand Hadamard factor of an online block (Hb of Ha^T X Hb)
+MAX_FACTOR = 8  # the largest Hadamard factor of an online block (one MatMul per factor)
 CHECK_TOLERANCE = 1e-4  # max|dlogits| / max|logits| of the rotated graph against the source
 _RESIDUAL_STATS = ("Pow",)  # ops that read the residual stream only to compute its RMS
 
@@ -72,16 +73,19 @@ def check_down_block(down_block: int) -> None:
                             f"got {down_block}", "e.g. --down-block 512 (the default) or 64")
 
 
-def online_block(channels: int, limit: int) -> tuple[int, int]:
-    """(a, b) with a*b the largest power of 2 that divides ``channels`` and is <= ``limit``;
-    b <= MAX_INNER_FACTOR. (0, 0) when no block of at least 2 fits."""
+def online_factors(channels: int, limit: int) -> tuple[int, ...]:
+    """The Hadamard factors of the online block: their product is the largest power of 2 that
+    divides ``channels`` and is <= ``limit``; each is <= MAX_FACTOR, the smallest first (so
+    ``(2, 8, 8)`` for a block of 128). Empty when no block of at least 2 fits."""
     block = 1
     while block * 2 <= limit and channels % (block * 2) == 0:
         block *= 2
-    if block < 2:
-        return 0, 0
-    inner = min(block, MAX_INNER_FACTOR)
-    return block // inner, inner
+    factors: list[int] = []
+    while block > 1:
+        factor = min(block, MAX_FACTOR)
+        factors.insert(0, factor)
+        block //= factor
+    return tuple(factors)
 
 
 @dataclass
@@ -271,12 +275,44 @@ def _rotate_heads(rw: _Rewriter, seed: int) -> dict[str, Any]:
     return {"layers": len(pairs), "head_dim": head_dim}
 
 
-def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
-    """Insert ``Ha^T X Hb`` before every down_proj fed by ``act(gate) * up``."""
+def _hadamard_chain(rw: _Rewriter, source: str, channels: int, factors: tuple[int, ...],
+                    prefix: str) -> tuple[list[Any], str]:
+    """Nodes computing ``x @ kron(H_1, ..., H_m)`` per block of ``prod(factors)`` channels of
+    the last axis of ``source`` (rank 3). The block is viewed as an array with one axis per
+    factor; the last axis is ``X @ H_m``, an inner axis k is ``H_k^T @ X`` on the view
+    ``(..., factor_k, channels after it)``. Returns the nodes and the output name."""
     from onnx import helper
 
+    nodes: list[Any] = []
+    current = source
+    after = 1  # channels of the block after the current axis
+
+    def node(op: str, inputs: list[str]) -> str:
+        count = sum(n.op_type == op for n in nodes)  # exporter style: MatMul, MatMul_1, ...
+        name = f"{prefix}/{op}_{count}" if count else f"{prefix}/{op}"
+        output = f"{name}_output_0"
+        nodes.append(helper.make_node(op, inputs, [output], name=name))
+        return output
+
+    for position, factor in enumerate(reversed(factors)):
+        h = sylvester_hadamard(factor) / np.sqrt(factor)  # symmetric: H^T == H
+        shape = rw.add(np.array([0, -1, factor, after] if position else [0, -1, factor]),
+                       f"{prefix}/shape", np.int64)
+        view = node("Reshape", [current, shape])
+        matrix = rw.add(h, f"{prefix}/H{factor}")
+        current = node("MatMul", [view, matrix] if position == 0 else [matrix, view])
+        after *= factor
+    merge = rw.add(np.array([0, -1, channels]), f"{prefix}/shape", np.int64)
+    return nodes, node("Reshape", [current, merge])
+
+
+def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
+    """Insert a block Hadamard (``_hadamard_chain``) before every down_proj fed by
+    ``act(gate) * up``."""
+    from functools import reduce
+
     done: list[str] = []
-    block: tuple[int, int] = (0, 0)
+    used: tuple[int, ...] = ()
     for down in [n for n in rw.graph.node if n.op_type == "MatMul"
                  and n.name.endswith("/down_proj/MatMul")]:
         mul = rw.producers.get(down.input[0])
@@ -288,42 +324,27 @@ def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
             continue
         w_down, down_base = rw.linear_weight(down)
         channels = w_down.shape[0]
-        a, b = online_block(channels, limit)
-        if a == 0:
+        factors = online_factors(channels, limit)
+        if not factors:
             continue
-        block = (a, b)
-        size = a * b
+        used = factors
         signs = random_signs(channels, seed + len(done))
-        ha = sylvester_hadamard(a) / np.sqrt(a)
-        hb = sylvester_hadamard(b) / np.sqrt(b)
-        kron = np.kron(ha, hb)  # x_flat @ kron(Ha, Hb) == Ha^T X Hb for each a x b block
+        kron = reduce(np.kron, [sylvester_hadamard(f) / np.sqrt(f) for f in factors])
         w_up, up_base = rw.linear_weight(up)
         rw.set_weight(up, w_up * signs[None, :], up_base)
+        size = kron.shape[0]
         rows = (signs[:, None] * w_down).reshape(-1, size, w_down.shape[1])
         rw.set_weight(down, np.einsum("ji,bjo->bio", kron, rows).reshape(w_down.shape),
                       down_base)
         prefix = down.name[: -len("/down_proj/MatMul")] + f"/{ROTATION_SEGMENT}"
-        source = down.input[0]
-        split = rw.add(np.array([0, -1, a, b]), f"{prefix}/shape", np.int64)
-        merge = rw.add(np.array([0, -1, channels]), f"{prefix}/shape", np.int64)
-        hb_name = rw.add(hb, f"{prefix}/Hb")
-        ha_name = rw.add(ha.T, f"{prefix}/HaT")
-        names = [f"{prefix}/{op}_output_0" for op in ("Reshape", "MatMul", "MatMul_1",
-                                                      "Reshape_1")]
-        new = [
-            helper.make_node("Reshape", [source, split], [names[0]], name=f"{prefix}/Reshape"),
-            helper.make_node("MatMul", [names[0], hb_name], [names[1]], name=f"{prefix}/MatMul"),
-            helper.make_node("MatMul", [ha_name, names[1]], [names[2]],
-                             name=f"{prefix}/MatMul_1"),
-            helper.make_node("Reshape", [names[2], merge], [names[3]],
-                             name=f"{prefix}/Reshape_1"),
-        ]
+        new, output = _hadamard_chain(rw, down.input[0], channels, factors, prefix)
         position = list(rw.graph.node).index(down)
         for offset, node in enumerate(new):
             rw.graph.node.insert(position + offset, node)
-        down.input[0] = names[3]
+        down.input[0] = output
         done.append(down.name)
-    return {"layers": len(done), "block": block[0] * block[1], "factors": list(block)}
+    return {"layers": len(done), "block": int(np.prod(used)) if used else 0,
+            "factors": list(used)}
 
 
 def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BLOCK

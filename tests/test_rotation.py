@@ -14,7 +14,7 @@ from quantkit.errors import QuantkitError
 from quantkit.plan import ROTATION_SEGMENT, PlanRecipe, PlanRule, Precision, resolve_plan
 from quantkit.qdq import linear_layer_macs, rewrite_model
 from quantkit.rotation import (
-    online_block,
+    online_factors,
     random_orthogonal,
     rotate_export,
     sylvester_hadamard,
@@ -40,11 +40,11 @@ def test_matrices_are_orthogonal():
 
 
 @pytest.mark.parametrize(("channels", "limit", "expected"), [
-    (1536, 512, (8, 64)), (1536, 64, (1, 64)), (128, 512, (2, 64)), (96, 512, (1, 32)),
-    (7, 512, (0, 0)), (1536, 0, (0, 0)),
+    (1536, 512, (8, 8, 8)), (1536, 64, (8, 8)), (128, 512, (2, 8, 8)), (96, 512, (4, 8)),
+    (6, 512, (2,)), (7, 512, ()), (1536, 0, ()),
 ])
-def test_online_block(channels, limit, expected):
-    assert online_block(channels, limit) == expected
+def test_online_factors(channels, limit, expected):
+    assert online_factors(channels, limit) == expected
 
 
 def test_rotated_llama_is_equivalent_and_recorded(tiny_llama_export, tmp_path):
@@ -59,10 +59,10 @@ def test_rotated_llama_is_equivalent_and_recorded(tiny_llama_export, tmp_path):
     # 2 layers x 2 norms + the final norm; q/k/v + gate/up per layer + the LM head; o + down
     assert summary["residual"] == {"norms": 5, "readers": 11, "writers": 4}
     assert summary["heads"] == {"layers": 2, "head_dim": 16}
-    assert summary["down"] == {"layers": 2, "block": 128, "factors": [2, 64]}
+    assert summary["down"] == {"layers": 2, "block": 128, "factors": [2, 8, 8]}
     model = onnx.load(str(out))
     rotations = [n for n in model.graph.node if f"/{ROTATION_SEGMENT}/" in n.name]
-    assert len([n for n in rotations if n.op_type == "MatMul"]) == 4
+    assert len([n for n in rotations if n.op_type == "MatMul"]) == 6  # 3 factors x 2 layers
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     for norm in trace_residual(model.graph).norms:  # gains folded into the readers
         gain = next(inits[i] for i in norm.input if i in inits)

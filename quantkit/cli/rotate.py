@@ -18,8 +18,8 @@ from quantkit.cli.options import force_option
               help="Seed of the random orthogonal matrix and the Hadamard signs.")
 @click.option("--down-block", default=512, show_default=True, type=int,
               help="Channels per online Hadamard block before each down_proj (a power of 2; "
-                   "0: none). Larger spreads outliers further, at 8 + 64 FP32 multiply-adds "
-                   "per channel for 512.")
+                   "0: none). Larger spreads outliers further, at 8 FP32 multiply-adds per "
+                   "channel for each factor of 8 (24 for 512).")
 @force_option
 def command(onnx: Path, out: Path, seed: int, down_block: int, force: bool) -> None:
     """Rotate the residual stream, the attention values and the down_proj inputs of an FP32

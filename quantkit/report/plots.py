@@ -179,9 +179,9 @@ def histogram_png(hist: Mapping[str, Any], tensor: str, threshold: float, method
     return _png(fig)
 
 
-KIND_COLOURS = {"qkv": "#1f77b4", "attn_matmul": "#ff7f0e", "attn_out": "#2ca02c",
-                "mlp_in": "#9467bd", "mlp_down": "#d62728", "lm_head": "#8c564b",
-                "other": "#7f7f7f"}
+KIND_COLOURS = {"qkv": "#1f77b4", "attn_scores": "#ff7f0e", "attn_values": "#e6b800",
+                "attn_out": "#2ca02c", "mlp_in": "#9467bd", "mlp_down": "#d62728",
+                "lm_head": "#8c564b", "other": "#7f7f7f"}
 
 
 def sensitivity_png(sensitivity: Mapping[str, Any], top: int) -> bytes:

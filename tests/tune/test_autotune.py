@@ -27,7 +27,7 @@ def test_sensitivity_ranks_the_fragile_block_first(tune_settings, tmp_path) -> N
     assert result.groups[0].name == FRAGILE_GROUP
     assert result.groups[0].delta > 3 * max(g.delta for g in result.groups[1:])
     assert result.groups[0].delta > 0
-    assert len(result.groups) == 11 and result.runs == 12  # baseline + one per group
+    assert len(result.groups) == 13 and result.runs == 14  # baseline + one per group
     again = SensitivityResult.load(tmp_path / "sens")
     assert again.ranking() == result.ranking() and again.baseline == result.baseline
     # measurements are cached by their inputs: a second run costs no model run
@@ -151,8 +151,8 @@ def test_autotune_chooses_between_smoothquant_candidates(tune_settings, fragile_
     assert smooth["score"] < plain["score"]
     # the same function in FP32: the baselines agree
     assert smooth["baseline"] == pytest.approx(plain["baseline"], rel=1e-4)
-    assert set(plain["kinds"]) == {"qkv", "attn_matmul", "attn_out", "mlp_in", "mlp_down",
-                                   "lm_head"}
+    assert set(plain["kinds"]) == {"qkv", "attn_scores", "attn_values", "attn_out", "mlp_in",
+                                   "mlp_down", "lm_head"}
     assert result.onnx == str(sq.onnx)
     assert result.met_on_holdout is True and result.engine["within_budget"]
     engine = json.loads((out / "engine" / "manifest.json").read_text())

@@ -11,7 +11,7 @@ from quantkit.tune.groups import block_of, groups_of_model, make_groups, node_ki
 
 @pytest.mark.parametrize(("name", "constant", "kind"), [
     ("/model/layers.3/self_attn/q_proj/MatMul", True, "qkv"),
-    ("/model/layers.3/self_attn/MatMul_1", False, "attn_matmul"),
+    ("/model/layers.3/self_attn/MatMul", False, "attn_scores"),
     ("/model/layers.3/self_attn/o_proj/MatMul", True, "attn_out"),
     ("/model/layers.3/mlp/gate_proj/MatMul", True, "mlp_in"),
     ("/model/layers.3/mlp/down_proj/MatMul", True, "mlp_down"),
@@ -24,6 +24,11 @@ from quantkit.tune.groups import block_of, groups_of_model, make_groups, node_ki
 ])
 def test_node_kind(name, constant, kind) -> None:
     assert node_kind(name, constant) == kind
+
+
+def test_attention_values_are_the_matmul_that_reads_the_softmax() -> None:
+    assert node_kind("/model/layers.3/self_attn/MatMul_1", False, True) == "attn_values"
+    assert node_kind("/transformer/h.0/attn/MatMul_1", False, True) == "attn_values"
 
 
 def test_block_of() -> None:
@@ -41,19 +46,25 @@ def test_llama_groups_cover_every_matmul_once(tiny_llama_export) -> None:
     groups = groups_of_model(model)
     names = [g.name for g in groups]
     assert names == [f"layers.{b}.{k}" for b in (0, 1)
-                     for k in ("qkv", "attn_matmul", "attn_out", "mlp_in", "mlp_down")] + [
-        "lm_head"]
+                     for k in ("qkv", "attn_scores", "attn_values", "attn_out", "mlp_in",
+                               "mlp_down")] + ["lm_head"]
     nodes = [n for g in groups for n in g.nodes]
     matmuls = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert sorted(nodes) == sorted(matmuls) and len(set(nodes)) == len(nodes)
-    assert len(groups[0].nodes) == 3 and len(groups[1].nodes) == 2  # q/k/v; QK^T and PV
+    assert len(groups[0].nodes) == 3  # q/k/v
+    scores, values = groups[1], groups[2]
+    assert scores.nodes == ("/model/layers.0/self_attn/MatMul",)  # Q K^T, then P V
+    assert values.nodes == ("/model/layers.0/self_attn/MatMul_1",)
 
 
 def test_gpt2_groups(tiny_gpt2_export) -> None:
     groups = groups_of_model(_model(tiny_gpt2_export.onnx_path))
     kinds = {g.kind for g in groups}
-    assert {"qkv", "attn_matmul", "attn_out", "mlp_in", "mlp_down", "lm_head"} <= kinds
+    assert {"qkv", "attn_scores", "attn_values", "attn_out", "mlp_in", "mlp_down",
+            "lm_head"} <= kinds
     assert "other" not in kinds
+    values = [g for g in groups if g.kind == "attn_values"]
+    assert values and all(len(g.nodes) == 1 for g in values)
 
 
 def test_op_granularity_is_one_node_each(tiny_llama_export) -> None:

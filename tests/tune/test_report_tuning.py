@@ -22,7 +22,7 @@ def test_report_shows_ranking_and_search_path(tune_settings, tmp_path) -> None:
     md = report.markdown.read_text()
     assert "## Sensitivity and autotune" in md
     assert FRAGILE_GROUP in md and "sensitivity.png" in md and "autotune-search.png" in md
-    assert f"{len(result.int8_groups)} of 11" in md
+    assert f"{len(result.int8_groups)} of 13" in md
     assert (tmp_path / "report" / "sensitivity.png").stat().st_size > 1000
     html = report.html.read_text()
     assert "data:image/png;base64," in html and "Autotune" in html
