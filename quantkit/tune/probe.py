@@ -6,9 +6,12 @@ For every MatMul/Gemm of a group, each operand is routed through ``Where(flag, d
 * activations: ``DequantizeLinear(QuantizeLinear(x, s, 0), s, 0)`` with the scale ``s`` a graph
   input per calibrated tensor (per-tensor symmetric int8, as ``quantkit.qdq`` builds it), so
   ranges from another calibration method are a feed, not a rebuild;
-* constant weights: the int8 weight (per output channel, as ``quantkit.qdq`` stores it) and its
-  ``DequantizeLinear``;
 * ``flag`` is a boolean graph input per group: False gives the FP32 operand unchanged.
+
+Constant weights are not switched in the graph: each becomes a graph input, fed either the FP32
+weight or its dequantized int8 weight (per output channel, as ``quantkit.qdq`` stores it), both
+computed once. Dequantizing and selecting every weight in every run cost more than the MatMuls
+themselves (SmolLM2-135M, 1 x 512: 1.3 s of a 2.2 s run).
 
 The values a switched-on group sees are the ones its Q/DQ engine computes (quantize, round, clip,
 dequantize); only the order of the float accumulation differs from an integer kernel. Engines
@@ -20,14 +23,17 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quantkit.errors import QuantkitError
+from quantkit.graph_edit import drop_unused
 from quantkit.qdq import (
     constant_weight,
+    dequantize,
     node_attrs,
     quantize_weight,
     range_source,
@@ -38,6 +44,23 @@ from quantkit.tune.groups import QuantGroup
 
 FLAG_PREFIX = "quantkit_probe/flag/"
 SCALE_PREFIX = "quantkit_probe/scale/"
+WEIGHT_PREFIX = "quantkit_probe/weight/"
+
+
+@dataclass
+class ProbeWeight:
+    """A weight graph input of the probe: the group that switches it and its two values."""
+
+    group: str
+    fp32: np.ndarray
+    int8: np.ndarray  # the dequantized int8 weight: what the engine's DequantizeLinear gives
+
+
+@dataclass
+class ProbeGraph:
+    model: Any  # the switchable ModelProto
+    group_tensors: dict[str, list[str]]  # group -> the calibrated tensors whose scales it reads
+    weights: dict[str, ProbeWeight]  # weight graph input -> its values
 
 
 def build_probe_model(
@@ -46,9 +69,9 @@ def build_probe_model(
     amax: Mapping[str, float],
     *,
     per_channel: bool = True,
-) -> tuple[Any, dict[str, list[str]]]:
-    """The switchable graph (a new ModelProto) and, per group, the calibrated tensors whose scale
-    inputs it reads. ``model`` must hold its weights."""
+) -> ProbeGraph:
+    """The switchable graph (a new ModelProto), per group the calibrated tensors whose scale
+    inputs it reads, and the values of its weight inputs. ``model`` must hold its weights."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -59,9 +82,9 @@ def build_probe_model(
     producers = {o: n for n in graph.node for o in n.output}
     owner = {node: g for g in groups for node in g.nodes}
     names = {n.name for n in graph.node} | set(inits) | {o for n in graph.node for o in n.output}
-    new_inits: list[Any] = []
     scale_inputs: dict[str, str] = {}  # table key -> graph input
-    weight_cache: dict[tuple[str, tuple[int, ...] | None, int | None], tuple[str, str, str]] = {}
+    weights: dict[str, ProbeWeight] = {}
+    weight_inputs: dict[tuple[str, str, tuple[int, ...] | None], str] = {}
     group_tensors: dict[str, list[str]] = {g.name: [] for g in groups}
     missing: list[str] = []
 
@@ -72,13 +95,26 @@ def build_probe_model(
         names.add(candidate)
         return candidate
 
-    def add_init(array: np.ndarray, name: str) -> str:
-        name = unique(name)
-        new_inits.append(numpy_helper.from_array(np.asarray(array), name))
+    def weight_input(node: Any, index: int, group: str, source: str,
+                     perm: tuple[int, ...] | None) -> str:
+        key = (group, source, perm)
+        if key in weight_inputs:
+            return weight_inputs[key]
+        value = np.asarray(numpy_helper.to_array(inits[source]))
+        if value.dtype != np.float32:
+            raise QuantkitError(f"weight {source} of {node.name} is {value.dtype}, not float32")
+        if perm is not None:
+            value = np.ascontiguousarray(np.transpose(value, perm))
+        axis = weight_axis(node.op_type, index, value.ndim, node_attrs(node))
+        per_axis = axis if per_channel else None
+        q, scale = quantize_weight(value, per_axis)
+        name = unique(f"{WEIGHT_PREFIX}{group}/{source}")
+        weights[name] = ProbeWeight(group, value, dequantize(q, scale, per_axis))
+        weight_inputs[key] = name
         return name
 
-    zero = add_init(np.zeros((), np.int8), "quantkit_probe/zero_point")
-
+    zero = unique("quantkit_probe/zero_point")
+    graph.initializer.append(numpy_helper.from_array(np.zeros((), np.int8), zero))
     nodes: list[Any] = []
     for node in graph.node:
         group = owner.get(node.name)
@@ -86,53 +122,32 @@ def build_probe_model(
             nodes.append(node)
             continue
         flag = FLAG_PREFIX + group.name
-        attrs = node_attrs(node)
         for index in range(min(2, len(node.input))):
             tensor = node.input[index]
-            base = f"{node.name}/probe_input_{index}"
             weight = constant_weight(tensor, inits, producers)
             if weight is not None:
-                source, perm = weight
-                value = np.asarray(numpy_helper.to_array(inits[source]))
-                if value.dtype != np.float32:
-                    raise QuantkitError(f"weight {source} of {node.name} is {value.dtype}, "
-                                        "not float32")
-                if perm is not None:
-                    value = np.transpose(value, perm)
-                axis = weight_axis(node.op_type, index, value.ndim, attrs)
-                per_axis = axis if per_channel else None
-                key = (source, perm, per_axis)
-                if key not in weight_cache:
-                    q, scale = quantize_weight(value, per_axis)
-                    zp = zero if per_axis is None else add_init(
-                        np.zeros(scale.shape, np.int8), f"{source}/probe_zero_point")
-                    weight_cache[key] = (add_init(q, f"{source}/probe_int8"),
-                                         add_init(scale, f"{source}/probe_scale"), zp)
-                q_name, s_name, zp = weight_cache[key]
-                dq_out = unique(f"{base}/dq")
-                dq = helper.make_node("DequantizeLinear", [q_name, s_name, zp], [dq_out],
-                                      name=unique(f"{base}/DequantizeLinear"))
-                if per_axis is not None:
-                    dq.attribute.append(helper.make_attribute("axis", axis))
-                nodes.append(dq)
-            else:
-                table_key = range_source(tensor, amax, producers)
-                if table_key is None:
-                    missing.append(tensor)
-                    continue
-                if table_key not in scale_inputs:
-                    scale_inputs[table_key] = SCALE_PREFIX + table_key
-                if table_key not in group_tensors[group.name]:
-                    group_tensors[group.name].append(table_key)
-                s_name = scale_inputs[table_key]
-                q_out, dq_out = unique(f"{base}/q"), unique(f"{base}/dq")
-                nodes.append(helper.make_node("QuantizeLinear", [tensor, s_name, zero], [q_out],
-                                              name=unique(f"{base}/QuantizeLinear")))
-                nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, zero],
-                                              [dq_out], name=unique(f"{base}/DequantizeLinear")))
+                node.input[index] = weight_input(node, index, group.name, *weight)
+                continue
+            table_key = range_source(tensor, amax, producers)
+            if table_key is None:
+                missing.append(tensor)
+                continue
+            if table_key not in scale_inputs:
+                scale_inputs[table_key] = SCALE_PREFIX + table_key
+            if table_key not in group_tensors[group.name]:
+                group_tensors[group.name].append(table_key)
+            s_name = scale_inputs[table_key]
+            base = f"{node.name}/probe_input_{index}"
+            q_out, dq_out = unique(f"{base}/q"), unique(f"{base}/dq")
             selected = unique(f"{base}/selected")
-            nodes.append(helper.make_node("Where", [flag, dq_out, tensor], [selected],
-                                          name=unique(f"{base}/Where")))
+            nodes += [
+                helper.make_node("QuantizeLinear", [tensor, s_name, zero], [q_out],
+                                 name=unique(f"{base}/QuantizeLinear")),
+                helper.make_node("DequantizeLinear", [q_out, s_name, zero], [dq_out],
+                                 name=unique(f"{base}/DequantizeLinear")),
+                helper.make_node("Where", [flag, dq_out, tensor], [selected],
+                                 name=unique(f"{base}/Where")),
+            ]
             node.input[index] = selected
         nodes.append(node)
     if missing:
@@ -144,12 +159,14 @@ def build_probe_model(
         )
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(new_inits)
     for g in groups:
         graph.input.append(helper.make_tensor_value_info(FLAG_PREFIX + g.name, TensorProto.BOOL,
                                                          []))
     for input_name in scale_inputs.values():
         graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.FLOAT, []))
+    for input_name, weight in weights.items():
+        graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.FLOAT,
+                                                         list(weight.fp32.shape)))
     outputs = [o for o in graph.output if o.name == "nll"] or \
               [o for o in graph.output if o.name == "logits"]
     if not outputs:
@@ -157,7 +174,8 @@ def build_probe_model(
     del graph.output[:]
     graph.output.extend(outputs)
     del graph.value_info[:]
-    return out, group_tensors
+    drop_unused(graph)  # the weights now fed as inputs (and a tied head's Transpose)
+    return ProbeGraph(out, group_tensors, weights)
 
 
 class ProbeSession:
@@ -173,9 +191,9 @@ class ProbeSession:
         import onnxruntime as ort
 
         model = onnx.load(str(onnx_path))
-        probe, self.group_tensors = build_probe_model(model, groups, amax,
-                                                      per_channel=per_channel)
+        built = build_probe_model(model, groups, amax, per_channel=per_channel)
         del model
+        probe, self.group_tensors, self.weights = built.model, built.group_tensors, built.weights
         self.groups = list(groups)
         self.base_amax = dict(amax)
         self._tmp = Path(tempfile.mkdtemp(prefix="quantkit-probe-"))
@@ -205,7 +223,10 @@ class ProbeSession:
         if unknown:
             raise QuantkitError(f"unknown quantization group(s): {', '.join(sorted(unknown))}")
         ranges = {**self.base_amax, **(amax or {})}
-        extra = {FLAG_PREFIX + g.name: np.array(g.name in chosen) for g in self.groups}
+        extra: dict[str, np.ndarray] = {FLAG_PREFIX + g.name: np.array(g.name in chosen)
+                                        for g in self.groups}
+        for name, weight in self.weights.items():
+            extra[name] = weight.int8 if weight.group in chosen else weight.fp32
         for tensor in self.scale_tensors:
             extra[SCALE_PREFIX + tensor] = symmetric_scale(float(ranges[tensor])).reshape(())
         self._extra = extra
