@@ -6,9 +6,10 @@ text, ``rank`` and ``search``:
 1. **Calibration method per op kind**: for each kind (qkv, attention MatMuls, ...), every group
    of that kind in INT8 at once with its input tensors' ranges from each method (entropy /
    percentile / mse / minmax, recomputed from the histograms in ``stats.npz``, no model run);
-   the method with the lowest perplexity on ``search`` becomes that kind's. (One method suits
+   the method with the lowest perplexity on ``rank`` becomes that kind's (the methods of a
+   kind differ by far more than the noise of a few windows where it matters). (One method suits
    softmax outputs, another the outlier-heavy MLP products: no single method is best for all.)
-2. **Whole kinds first**: kinds by that cost per MAC, each added (all its groups) if the plan
+2. **Whole kinds first**: kinds by that cost per MAC (on ``rank``), each added (all its groups) if the plan
    so far stays within the budget on ``search``. A kind's cost is measured on more text than
    a group's sensitivity, and the cheap kinds usually fit whole.
 3. **Sensitivity** of every other group alone on ``rank`` with those ranges
@@ -217,9 +218,12 @@ def efficiency_order(context: TuneContext, deltas: Mapping[str, float]) -> list[
 
 def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str, Any]]:
     """Step 1: per op kind, the calibration method whose ranges hurt least with every group of
-    that kind in INT8 (measured on the search subset). Returns, per kind, that method and its
-    perplexity (with a single method: that method's, so candidates stay comparable)."""
+    that kind in INT8 (measured on the rank subset). Returns, per kind, that method, its
+    perplexity and its increase over FP32 (with a single method: that method's, so candidates
+    stay comparable)."""
     context = search.context
+    subset = "rank"
+    baseline = context.measurer.measure(subset, ()).perplexity
     base = context.table.method
     others = [m for m in context.tables if m != base]
     best: dict[str, dict[str, Any]] = {}
@@ -234,7 +238,7 @@ def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str,
             if search.runs_left <= 0:
                 break
             overrides = {} if method == base else {t: method for t in tensors}
-            step = search.measure(search.subset, groups, "method",
+            step = search.measure(subset, groups, "method",
                                   f"{label}all {kind} ({len(groups)}): {method} ranges",
                                   math.inf, overrides)
             if step.perplexity < best_ppl:
@@ -242,23 +246,23 @@ def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str,
         if best_method != base:
             search.methods.update({t: best_method for t in tensors})
         if math.isfinite(best_ppl):
-            best[kind] = {"method": best_method, "perplexity": best_ppl}
+            best[kind] = {"method": best_method, "perplexity": best_ppl,
+                          "delta": best_ppl - baseline, "subset": subset}
     search.kinds = best
     return best
 
 
-def seed_kinds(search: _Search, baseline: float, limit: float) -> list[str]:
+def seed_kinds(search: _Search, limit: float) -> list[str]:
     """Step 2: whole op kinds first. Kinds by measured cost per MAC (step 1: every group of the
-    kind in INT8 at once, on the search subset), each added if the plan with all kinds taken so
-    far stays within the budget. Per-group sensitivities on a few windows are noisy at the 1 %
+    kind in INT8 at once), each added if the plan with all kinds taken so far stays within the
+    budget on the search subset. Per-group sensitivities on a few windows are noisy at the 1 %
     scale; a kind's cost is measured directly, on more text, in one run."""
     context = search.context
     macs = {kind: 0 for kind in search.kinds}
     for g in context.groups:
         if g.kind in macs:
             macs[g.kind] += context.macs[g.name]
-    order = sorted(search.kinds, key=lambda k: (search.kinds[k]["perplexity"] - baseline)
-                   / max(1, macs[k]))
+    order = sorted(search.kinds, key=lambda k: search.kinds[k]["delta"] / max(1, macs[k]))
     chosen: list[str] = []
     for kind in order:
         if search.runs_left <= 0:
@@ -412,11 +416,11 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
             search.path, search.prior_runs, search.prior_evals = path, spent, evals
             try:
                 kinds = search_kind_methods(search, f"{label}: ")
-                baseline = context.measurer.measure(search.subset, ()).perplexity
+                baseline = context.measurer.measure("rank", ()).perplexity
             except BaseException:
                 context.close()
                 raise
-            score = sum(k["perplexity"] - baseline for k in kinds.values())
+            score = sum(k["delta"] for k in kinds.values())
             spent += context.measurer.runs - search.first_run
             evals += search.evals
             rows.append({"label": label, "onnx": str(context.onnx_path),
@@ -454,7 +458,7 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
         search_kind_methods(search)
     baseline = context.measurer.measure(search.subset, ()).perplexity
     limit = settings.budget.limit(baseline)
-    seed = seed_kinds(search, baseline, limit)
+    seed = seed_kinds(search, limit)
     taken = set(seed)
     sensitivity = measure_sensitivity(context, "rank", progress=sensitivity_progress,
                                       methods=search.methods,
@@ -722,7 +726,7 @@ def summary_markdown(result: AutotuneResult, context: TuneContext) -> str:
     if result.candidates:
         kinds = list(dict.fromkeys(k for c in result.candidates for k in c["kinds"]))
         lines += ["", "## Candidates", "",
-                  "Each op kind wholly INT8 with its best calibration method, on the search "
+                  "Each op kind wholly INT8 with its best calibration method, on the rank "
                   "subset; the lowest sum of perplexity increases was tuned.", "",
                   "| candidate | FP32 ppl | " + " | ".join(kinds) + " | sum of increases |",
                   "| --- | --- | " + " | ".join("---" for _ in kinds) + " | --- |"]
