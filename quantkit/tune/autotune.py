@@ -9,9 +9,9 @@ text, ``rank`` and ``search``:
    the method with the lowest perplexity on ``rank`` becomes that kind's (the methods of a
    kind differ by far more than the noise of a few windows where it matters). (One method suits
    softmax outputs, another the outlier-heavy MLP products: no single method is best for all.)
-2. **Whole kinds first**: kinds by that cost per MAC (on ``rank``), each added (all its groups) if the plan
-   so far stays within the budget on ``search``. A kind's cost is measured on more text than
-   a group's sensitivity, and the cheap kinds usually fit whole.
+2. **Whole kinds first**: kinds by that cost per MAC (on ``rank``), each added (all its
+   groups) if the plan so far stays within the budget on ``search``. A kind's cost is
+   measured on more text than a group's sensitivity, and the cheap kinds usually fit whole.
 3. **Sensitivity** of every other group alone on ``rank`` with those ranges
    (``quantkit.tune.sensitivity``; cached measurements are free), and the **calibration method
    per tensor** of the most sensitive ones (the best is kept where it beats the kind's).
