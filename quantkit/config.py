@@ -65,9 +65,17 @@ class CalibrationConfig:
     params: dict[str, Any] = field(default_factory=dict)
     tensors: str = "all"
     smoothquant: float | str | None = None  # SmoothQuant alpha (0..1 or "auto"); None = off
+    weights: str = "rtn"  # rtn | gptq (quantkit.calib.gptq)
+    gptq_samples: int = 64
 
     def __post_init__(self) -> None:
+        from quantkit.calib.run import check_weights_option
         from quantkit.smoothquant import parse_alpha
+
+        try:
+            check_weights_option(self.weights, int(self.gptq_samples))
+        except QuantkitError as error:
+            raise QuantkitError(f"calibration.weights: {error.message}", error.hint) from None
 
         try:
             object.__setattr__(self, "smoothquant", parse_alpha(self.smoothquant))

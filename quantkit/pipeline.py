@@ -178,7 +178,8 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
             dataset_config=cal.dataset_config,
             split=cal.split, text_column=cal.text_column, num_samples=cal.num_samples,
             seq_len=cal.seq_len, batch_size=cal.batch_size, seed=cal.seed, method=cal.method,
-            params=dict(cal.params), tensors=cal.tensors)
+            params=dict(cal.params), tensors=cal.tensors, weights=cal.weights,
+            gptq_samples=cal.gptq_samples)
         run_calibration(request, calib_dir, force=replace)
 
     needs_table = cal.smoothquant is not None or any(

@@ -186,6 +186,7 @@ def rewrite_model(
     amax: Mapping[str, float] | None,
     options: QdqOptions | None = None,
     skipped: Mapping[str, str] | None = None,
+    weights: Mapping[str, Any] | None = None,
 ) -> RewriteResult:
     """Return a rewritten copy of ``model`` (an in-memory ModelProto with its weights) that
     realises ``plan``.
@@ -193,19 +194,23 @@ def rewrite_model(
     ``amax`` maps activation tensor names to calibrated ranges (``CalibrationTable.amax``); it is
     needed when the plan has INT8 nodes. A tensor missing from it may be a Reshape/Transpose view
     of one that is there. ``skipped`` (``CalibrationTable.skipped``) only improves the error
-    message for tensors the calibration left out on purpose."""
+    message for tensors the calibration left out on purpose. ``weights``
+    (``CalibrationTable.weights``: GPTQ int8 weights by weight key) replaces round-to-nearest
+    for the weights it names."""
     import onnx
 
     options = options or QdqOptions()
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    return _Rewriter(out, plan, amax, options, skipped or {}).run()
+    return _Rewriter(out, plan, amax, options, skipped or {}, weights or {}).run()
 
 
 class _Rewriter:
     def __init__(self, model: Any, plan: PrecisionPlan, amax: Mapping[str, float] | None,
-                 options: QdqOptions, skipped: Mapping[str, str]) -> None:
+                 options: QdqOptions, skipped: Mapping[str, str],
+                 weights: Mapping[str, Any]) -> None:
         self.model = model
+        self.weights = dict(weights)  # weight key -> QuantizedWeight (GPTQ); fused ones added
         self.graph = model.graph
         self.plan = plan
         self.amax = amax
@@ -343,6 +348,7 @@ class _Rewriter:
             name = _fused_name([m.name for m in members])
             mm_name = self._unique(name)
             w_name = self._add_init(fused_w.astype(np.float32), f"{mm_name}/weight")
+            self._fuse_given_weights(w_name, [m.input[1] for m in members], weights)
             sizes = self._add_init(np.array([w.shape[1] for w in weights if w is not None],
                                             dtype=np.int64), f"{mm_name}/split")
             mm_out = self._unique(f"{mm_name}_output_0")
@@ -367,6 +373,21 @@ class _Rewriter:
         del self.graph.node[:]
         self.graph.node.extend(nodes)
         self.producers = {o: n for n in self.graph.node for o in n.output if o}
+
+    def _fuse_given_weights(self, fused: str, sources: list[str],
+                            values: list[np.ndarray | None]) -> None:
+        """The given int8 weights of fused siblings, side by side (per-channel quantization
+        treats output channels apart, so this is what each member would have had)."""
+        from quantkit.calib.gptq import QuantizedWeight, weight_key
+
+        given = [self.weights.get(weight_key(src, None)) for src in sources]
+        if not any(given) or not self.options.per_channel:
+            return
+        parts = [g if g is not None else QuantizedWeight(*quantize_weight(v, 1), 1)
+                 for g, v in zip(given, values, strict=True) if v is not None]
+        self.weights[weight_key(fused, None)] = QuantizedWeight(
+            np.concatenate([p.q for p in parts], axis=1),
+            np.concatenate([p.scale for p in parts]), 1)
 
     def _node_precision(self, node: Any) -> Precision:
         """Precision of a node of the (possibly fused) graph."""
@@ -482,13 +503,34 @@ class _Rewriter:
         axis = weight_axis(node.op_type, index, value.ndim, attrs)
         per_axis = axis if self.options.per_channel else None
         key = (source, perm, per_axis)
-        q, scale = quantize_weight(value, per_axis)
+        q, scale = self._given_weight(source, perm, value, per_axis) or \
+            quantize_weight(value, per_axis)
         if key in self._weight_cache:
             q_name = self._weight_cache[key]
         else:
             q_name = self._add_init(q, f"{source}_int8" if perm is None else f"{source}_T_int8")
             self._weight_cache[key] = q_name
         return q_name, scale, axis
+
+    def _given_weight(self, source: str, perm: tuple[int, ...] | None, value: np.ndarray,
+                      axis: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The calibration's int8 weight (GPTQ) for this weight, checked against it."""
+        from quantkit.calib.gptq import weight_key
+
+        given = self.weights.get(weight_key(source, perm))
+        if given is None:
+            return None
+        if axis is None:
+            raise QuantkitError("the calibration table's int8 weights (GPTQ) are per output "
+                                "channel; this build asks for per-tensor weights",
+                                "build with per-channel weights, or calibrate without "
+                                "--weights gptq")
+        if given.q.shape != value.shape or given.axis != axis % value.ndim:
+            raise QuantkitError(f"the calibration table's int8 weight for {source} has shape "
+                                f"{given.q.shape} (axis {given.axis}); the model's is "
+                                f"{value.shape} (axis {axis})",
+                                "the table belongs to another export; recalibrate")
+        return given.q, given.scale
 
     # -- FP16 ------------------------------------------------------------------------------
     def _fp16_regions(self) -> None:

@@ -223,7 +223,8 @@ def rewrite_for_provider(
                              shared_inputs=str(options["shared_inputs"]))
     amax = table.amax if table is not None else None
     skipped = table.skipped if table is not None else None
-    result = rewrite_model(model, plan, amax, qdq_options, skipped)
+    weights = table.weights if table is not None else None
+    result = rewrite_model(model, plan, amax, qdq_options, skipped, weights)
     fp16_nodes = [n for n, v in result.as_built.items() if v == "fp16"]
     if not fp16_nodes:
         return result, plan, {}
@@ -246,7 +247,7 @@ def rewrite_for_provider(
         old = decisions[name]
         decisions[name] = NodeDecision(name, old.op_type, Precision.FP32, f"{old.rule} ({reason})")
     fallback_plan = PrecisionPlan(plan.default, decisions, plan.source)
-    result = rewrite_model(model, fallback_plan, amax, qdq_options, skipped)
+    result = rewrite_model(model, fallback_plan, amax, qdq_options, skipped, weights)
     return result, fallback_plan, {"nodes": len(unsupported), "op_types": dict(ops)}
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from quantkit.artifacts import (
     atomic_output_dir,
@@ -32,7 +34,7 @@ from quantkit.calib.algorithms import get_algorithm
 from quantkit.calib.collect import release_freed_memory
 from quantkit.calib.histogram import DEFAULT_NUM_BINS
 from quantkit.calib.stats import ActivationStats, calibrate
-from quantkit.calib.table import CalibrationTable
+from quantkit.calib.table import WEIGHTS_FILE, CalibrationTable
 from quantkit.calib.trt_cache import table_to_trt_cache, trt_version_number
 from quantkit.errors import QuantkitError
 
@@ -43,6 +45,7 @@ STATS_NAME = "stats.npz"
 SUMMARY_NAME = "summary.json"
 EXPORT_DIR = "export"
 SMOOTHED_DIR = "smoothed"  # the SmoothQuant-rewritten export that the table belongs to
+WEIGHT_METHODS = ("rtn", "gptq")
 # The TensorRT version a cache is written for when TensorRT is not installed here (the version
 # the project's type stubs describe). Pass trt_version to match the machine that builds.
 DEFAULT_TRT_VERSION = "10.13.0"
@@ -69,6 +72,8 @@ class CalibrationRequest:
     trt_version: str | None = None
     trust_remote_code: bool = False
     smoothquant: float | str | None = None  # SmoothQuant alpha (0..1 or "auto"): smooth first
+    weights: str = "rtn"  # rtn: engines round weights to nearest; gptq: weights.npz (GPTQ)
+    gptq_samples: int = 64  # calibration blocks GPTQ's activation statistics are taken from
 
     def validate(self) -> None:
         if (self.model is None) == (self.onnx is None):
@@ -81,6 +86,27 @@ class CalibrationRequest:
         if self.tensors not in ("all", "quantizable"):
             raise QuantkitError(f"unknown tensor selection '{self.tensors}'",
                                 "use 'all' or 'quantizable'")
+        check_weights_option(self.weights, self.gptq_samples)
+
+
+def check_weights_option(weights: str, gptq_samples: int) -> None:
+    if weights not in WEIGHT_METHODS:
+        raise QuantkitError(f"unknown weight rounding '{weights}'",
+                            f"use one of: {', '.join(WEIGHT_METHODS)}")
+    if gptq_samples < 1:
+        raise QuantkitError("gptq-samples must be at least 1")
+
+
+def first_rows(batches: Iterable[Mapping[str, np.ndarray]], rows: int
+               ) -> Iterator[dict[str, np.ndarray]]:
+    """The first ``rows`` rows of ``batches`` (the last batch cut short)."""
+    left = rows
+    for batch in batches:
+        if left <= 0:
+            return
+        take = {k: v[:left] for k, v in batch.items()}
+        left -= len(next(iter(take.values())))
+        yield take
 
 
 @dataclass
@@ -144,6 +170,12 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
                                          num_bins=request.num_bins, progress=progress,
                                          data=data, model_hash=model_hash)
         table = calibrate(stats, request.method, **request.params)
+        weights_info: dict[str, Any] = {"method": "rtn"}
+        if request.weights == "gptq":
+            from quantkit.calib.gptq import gptq_weights
+
+            table.weights, weights_info = gptq_weights(
+                onnx_path, first_rows(blocks, request.gptq_samples))
         cache = table_to_trt_cache(table, trt_number)
         summary = summarize(stats, table)
 
@@ -159,6 +191,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
             "params": table.params,
             "tensors": request.tensors,
             "num_bins": request.num_bins,
+            "weights": weights_info,
         }
         manifest = make_manifest(
             CALIBRATION_KIND, inputs,
@@ -166,6 +199,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
                      for k, v in asdict(request).items()},
             files={"table": TABLE_NAME, "tensorrt_cache": CACHE_NAME, "stats": STATS_NAME,
                    "summary": SUMMARY_NAME,
+                   "weights": WEIGHTS_FILE if table.weights else None,
                    "onnx": _onnx_reference(request, onnx_path)},
             tensorrt_cache={"header": cache.header, "trt_version": trt_version},
             counts={"ranges": len(table.amax), "skipped": len(table.skipped),

@@ -14,6 +14,7 @@ from quantkit.errors import QuantkitError
 TABLE_FORMAT = "quantkit-calibration-table"
 TABLE_VERSION = 1
 INT8_MAX = 127.0
+WEIGHTS_FILE = "weights.npz"  # GPTQ int8 weights beside table.json (quantkit.calib.gptq)
 
 
 @dataclass
@@ -21,7 +22,10 @@ class CalibrationTable:
     """Per-tensor symmetric INT8 ranges. ``scale(name) = amax / 127``.
 
     ``skipped`` lists tensors that were looked at but have no range, with the reason (attention
-    masks, constants, ...); a consumer must keep those in floating point.
+    masks, constants, ...); a consumer must keep those in floating point. ``weights`` holds
+    int8 weights computed with the calibration data (GPTQ, ``quantkit.calib.gptq``) by weight
+    key; INT8 builds use them instead of rounding the FP32 weights to nearest. They are stored
+    in ``weights.npz`` beside the table's JSON.
     """
 
     method: str
@@ -32,6 +36,7 @@ class CalibrationTable:
     skipped: dict[str, str] = field(default_factory=dict)
     num_samples: int = 0
     num_tokens: int = 0
+    weights: dict[str, Any] | None = None  # weight key -> gptq.QuantizedWeight
 
     def __post_init__(self) -> None:
         for name, value in self.amax.items():
@@ -81,6 +86,7 @@ class CalibrationTable:
             "num_tokens": int(self.num_tokens),
             "amax": {k: float(v) for k, v in self.amax.items()},
             "skipped": dict(self.skipped),
+            **({"weights": WEIGHTS_FILE} if self.weights else {}),
         }
 
     @classmethod
@@ -113,6 +119,10 @@ class CalibrationTable:
             raise QuantkitError(f"{source} is malformed: {exc}") from None
 
     def save(self, path: Path) -> None:
+        if self.weights:
+            from quantkit.calib.gptq import save_weights
+
+            save_weights(Path(path).parent / WEIGHTS_FILE, self.weights)
         atomic_write_json(Path(path), self.to_dict())
 
     @classmethod
@@ -129,7 +139,17 @@ class CalibrationTable:
         except json.JSONDecodeError as exc:
             raise QuantkitError(f"{path} is not valid JSON: {exc}",
                                 "was it written by quantkit calibrate?") from None
-        return cls.from_dict(data, source=str(path))
+        table = cls.from_dict(data, source=str(path))
+        if isinstance(data, dict) and data.get("weights"):
+            from quantkit.calib.gptq import load_weights
+
+            beside = path.parent / str(data["weights"])
+            if not beside.is_file():
+                raise QuantkitError(f"calibration table {path} names its int8 weights "
+                                    f"{beside.name}, which is not beside it",
+                                    "copy the whole calibration directory, or recalibrate")
+            table.weights = load_weights(beside)
+        return table
 
 
 def _as_float(value: Any, name: str) -> float:

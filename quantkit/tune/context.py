@@ -117,6 +117,7 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
 
     from quantkit.artifacts import sha256_json
     from quantkit.backends.onnxruntime import check_table
+    from quantkit.calib.gptq import weights_digest
     from quantkit.calib.table import CalibrationTable
     from quantkit.data import resolve_text_source
     from quantkit.eval.perplexity import tokenize_text
@@ -159,7 +160,7 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     if say is not None:
         say(f"Building the probe graph ({len(groups)} groups) ...")
     context.probe = ProbeSession(onnx_path, groups, table.amax, per_channel=settings.per_channel,
-                                 threads=settings.threads)
+                                 threads=settings.threads, weights=table.weights)
     key_inputs = {
         "model_hash": model_hash,
         "tables": sha256_json(tables),
@@ -167,6 +168,9 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
         "per_channel": settings.per_channel,
         "max_length": settings.max_length,
     }
+    digest = weights_digest(table.weights)
+    if digest is not None:  # GPTQ weights (keys without stay as they were: caches still hit)
+        key_inputs["weights"] = digest
     cache_root = Path(settings.cache_dir) if settings.cache_dir else cache_dir() / "tune"
     cache_path = cache_root / f"{sha256_json(key_inputs)[:32]}.json"
     context.measurer = Measurer(context.probe, chosen, settings.max_length, settings.batch_size,

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.calib.gptq import weight_key
 from quantkit.errors import QuantkitError
 from quantkit.graph_edit import drop_unused
 from quantkit.qdq import (
@@ -69,9 +70,11 @@ def build_probe_model(
     amax: Mapping[str, float],
     *,
     per_channel: bool = True,
+    weights: Mapping[str, Any] | None = None,
 ) -> ProbeGraph:
     """The switchable graph (a new ModelProto), per group the calibrated tensors whose scale
-    inputs it reads, and the values of its weight inputs. ``model`` must hold its weights."""
+    inputs it reads, and the values of its weight inputs. ``model`` must hold its weights;
+    ``weights`` (``CalibrationTable.weights``, GPTQ) replaces round-to-nearest where given."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -83,7 +86,8 @@ def build_probe_model(
     owner = {node: g for g in groups for node in g.nodes}
     names = {n.name for n in graph.node} | set(inits) | {o for n in graph.node for o in n.output}
     scale_inputs: dict[str, str] = {}  # table key -> graph input
-    weights: dict[str, ProbeWeight] = {}
+    given_weights = dict(weights or {})
+    probe_weights: dict[str, ProbeWeight] = {}
     weight_inputs: dict[tuple[str, str, tuple[int, ...] | None], str] = {}
     group_tensors: dict[str, list[str]] = {g.name: [] for g in groups}
     missing: list[str] = []
@@ -107,9 +111,15 @@ def build_probe_model(
             value = np.ascontiguousarray(np.transpose(value, perm))
         axis = weight_axis(node.op_type, index, value.ndim, node_attrs(node))
         per_axis = axis if per_channel else None
-        q, scale = quantize_weight(value, per_axis)
+        given = given_weights.get(weight_key(source, perm))
+        if given is not None and (per_axis is None or given.q.shape != value.shape):
+            raise QuantkitError(f"the calibration table's int8 weight for {source} does not fit "
+                                "this probe (per-tensor weights, or another export)",
+                                "tune with per-channel weights and the table of this export")
+        q, scale = (given.q, given.scale) if given is not None else \
+            quantize_weight(value, per_axis)
         name = unique(f"{WEIGHT_PREFIX}{group}/{source}")
-        weights[name] = ProbeWeight(group, value, dequantize(q, scale, per_axis))
+        probe_weights[name] = ProbeWeight(group, value, dequantize(q, scale, per_axis))
         weight_inputs[key] = name
         return name
 
@@ -164,7 +174,7 @@ def build_probe_model(
                                                          []))
     for input_name in scale_inputs.values():
         graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.FLOAT, []))
-    for input_name, weight in weights.items():
+    for input_name, weight in probe_weights.items():
         graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.FLOAT,
                                                          list(weight.fp32.shape)))
     outputs = [o for o in graph.output if o.name == "nll"] or \
@@ -175,7 +185,7 @@ def build_probe_model(
     graph.output.extend(outputs)
     del graph.value_info[:]
     drop_unused(graph)  # the weights now fed as inputs (and a tied head's Transpose)
-    return ProbeGraph(out, group_tensors, weights)
+    return ProbeGraph(out, group_tensors, probe_weights)
 
 
 class ProbeSession:
@@ -186,12 +196,13 @@ class ProbeSession:
     (defaults: none, and the table the probe was built with)."""
 
     def __init__(self, onnx_path: Path, groups: Sequence[QuantGroup], amax: Mapping[str, float],
-                 *, per_channel: bool = True, threads: int | None = None) -> None:
+                 *, per_channel: bool = True, threads: int | None = None,
+                 weights: Mapping[str, Any] | None = None) -> None:
         import onnx
         import onnxruntime as ort
 
         model = onnx.load(str(onnx_path))
-        built = build_probe_model(model, groups, amax, per_channel=per_channel)
+        built = build_probe_model(model, groups, amax, per_channel=per_channel, weights=weights)
         del model
         probe, self.group_tensors, self.weights = built.model, built.group_tensors, built.weights
         self.groups = list(groups)

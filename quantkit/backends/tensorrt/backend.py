@@ -266,6 +266,13 @@ class TensorRTBackend(Backend):
         from quantkit.backends.tensorrt import cache_io
 
         table = request.table
+        if table is not None and table.weights:
+            raise QuantkitError(
+                "the calibration table holds GPTQ int8 weights, which TensorRT's calibrator "
+                "(implicit INT8) would ignore: it rounds the FP32 weights itself",
+                "build on the explicit Q/DQ path (mode 'explicit'), or use a table calibrated "
+                "without --weights gptq",
+            )
         table_algorithm = cache_io.calibrator_algorithm_for_table(table) if table else None
         kind = choose_calibrator(options, table_algorithm)
         algorithm = TRT_ALGORITHM_NAMES[kind]
@@ -357,7 +364,8 @@ def write_qdq_onnx(request: BuildRequest, target: Path, version: TrtVersion) -> 
     options = QdqOptions(per_channel=True, shared_inputs="dedicated")
     model = onnx.load(str(source), load_external_data=True)
     result = rewrite_model(model, plan, table.amax if table is not None else None, options,
-                           table.skipped if table is not None else None)
+                           table.skipped if table is not None else None,
+                           table.weights if table is not None else None)
     save_onnx(result.model, target)
     return {"file": target.name, "options": options.to_dict(), **result.summary()}
 

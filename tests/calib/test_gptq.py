@@ -1,0 +1,177 @@
+"""GPTQ int8 weights: the algorithm, weights.npz beside the table, and every consumer using it
+(ONNX Runtime builds, fused siblings, the autotune probe)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from quantkit.backends.onnxruntime import ENGINE_ONNX
+from quantkit.calib.gptq import (
+    QuantizedWeight,
+    _output_error,
+    gptq_quantize,
+    load_weights,
+    save_weights,
+    weight_targets,
+)
+from quantkit.calib.table import CalibrationTable
+from quantkit.cli.main import cli
+from quantkit.errors import QuantkitError
+from quantkit.qdq import quantize_weight
+
+
+def _correlated(rng: np.random.Generator, tokens: int, channels: int) -> np.ndarray:
+    """Activations with correlated channels of very different sizes, as in a transformer."""
+    mix = rng.standard_normal((channels, channels)) / np.sqrt(channels)
+    x = rng.standard_normal((tokens, channels)) @ mix + 0.3 * rng.standard_normal((tokens, 1))
+    return x * np.exp(rng.standard_normal(channels))
+
+
+def test_identity_hessian_is_round_to_nearest() -> None:
+    """Uncorrelated inputs of equal size leave nothing to compensate: GPTQ is RTN."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 20)).astype(np.float32)
+    q, scale = gptq_quantize(w, np.eye(48), damping=0.0)
+    rtn, rtn_scale = quantize_weight(w, 1)
+    np.testing.assert_array_equal(q, rtn)
+    np.testing.assert_array_equal(scale, rtn_scale)
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs() -> None:
+    rng = np.random.default_rng(1)
+    x = _correlated(rng, 2048, 96)
+    w = (rng.standard_normal((96, 64)) * 0.1).astype(np.float32)
+    h = x.T @ x
+    q, scale = gptq_quantize(w, h)
+    rtn, rtn_scale = quantize_weight(w, 1)
+    np.testing.assert_array_equal(scale, rtn_scale)  # only the integers differ
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127
+    assert _output_error(w, q, scale, h) < 0.7 * _output_error(w, rtn, scale, h)
+    # a dead input channel (never active) is quantized to zero and harms nothing
+    h_dead = h.copy()
+    h_dead[5, :] = h_dead[:, 5] = 0.0
+    q_dead, _ = gptq_quantize(w, h_dead)
+    assert not q_dead[5].any()
+    with pytest.raises(QuantkitError, match="Hessian of shape"):
+        gptq_quantize(w, np.eye(10))
+
+
+def test_weights_file_round_trips_and_belongs_to_the_table(tmp_path) -> None:
+    weights = {"w": QuantizedWeight(np.arange(-6, 6, dtype=np.int8).reshape(3, 4),
+                                    np.ones(4, np.float32), 1),
+               "emb|T1,0": QuantizedWeight(np.ones((2, 5), np.int8), np.full(5, 0.5, np.float32),
+                                           1)}
+    save_weights(tmp_path / "w.npz", weights)
+    back = load_weights(tmp_path / "w.npz")
+    assert set(back) == set(weights)
+    for key, value in weights.items():
+        np.testing.assert_array_equal(back[key].q, value.q)
+        np.testing.assert_array_equal(back[key].scale, value.scale)
+        assert back[key].axis == value.axis
+    table = CalibrationTable(method="minmax", amax={"x": 1.0}, weights=weights)
+    (tmp_path / "calib").mkdir()
+    table.save(tmp_path / "calib" / "table.json")
+    assert json.loads((tmp_path / "calib" / "table.json").read_text())["weights"] == "weights.npz"
+    loaded = CalibrationTable.load(tmp_path / "calib" / "table.json")
+    assert loaded.weights is not None and set(loaded.weights) == set(weights)
+    (tmp_path / "calib" / "weights.npz").unlink()
+    with pytest.raises(QuantkitError, match="not beside it"):
+        CalibrationTable.load(tmp_path / "calib" / "table.json")
+
+
+@pytest.fixture(scope="module")
+def gptq_calibration(tiny_llama_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gptq") / "calib"
+    result = CliRunner().invoke(cli, [
+        "calibrate", "--onnx", str(tiny_llama_export.directory), "--dataset", "sample",
+        "--num-samples", "16", "--seq-len", "64", "--batch-size", "4", "--method", "minmax",
+        "--tensors", "quantizable", "--weights", "gptq", "--gptq-samples", "8",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "GPTQ:" in result.output
+    return out
+
+
+def test_calibrate_writes_gptq_weights_for_every_linear(tiny_llama_export, gptq_calibration):
+    table = CalibrationTable.load(gptq_calibration / "table.json")
+    model = onnx.load(str(tiny_llama_export.onnx_path), load_external_data=False)
+    keys = {t.key for t in weight_targets(model)}
+    assert table.weights is not None and set(table.weights) == keys
+    manifest = json.loads((gptq_calibration / "manifest.json").read_text())
+    info = manifest["inputs"]["weights"]
+    assert info["method"] == "gptq" and info["tokens"] == 8 * 64
+    assert info["rtn_to_gptq_output_error"]["median"] > 1.0  # lower error on its own data
+    assert manifest["files"]["weights"] == "weights.npz"
+
+
+@pytest.mark.parametrize("shared_inputs", ["fuse", "dedicated"])
+def test_int8_build_uses_the_gptq_weights(tiny_llama_export, gptq_calibration, tmp_path,
+                                          shared_inputs) -> None:
+    from onnx import numpy_helper
+
+    from quantkit.build import build_engine
+
+    table = CalibrationTable.load(gptq_calibration / "table.json")
+    engine = build_engine(tmp_path / "int8", precision="int8",
+                          onnx=tiny_llama_export.directory, table=table,
+                          options={"shared_inputs": shared_inputs})
+    built = onnx.load(str(engine.path / ENGINE_ONNX))
+    int8 = [numpy_helper.to_array(t) for t in built.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    export = onnx.load(str(tiny_llama_export.onnx_path), load_external_data=False)
+    key_of = {t.node: t.key for t in weight_targets(export)}
+
+    def gptq_of(part: str) -> np.ndarray:
+        return table.weights[next(key for node, key in key_of.items() if part in node)].q
+
+    down = gptq_of("layers.0/mlp/down_proj")
+    assert any(a.shape == down.shape and np.array_equal(a, down) for a in int8)
+    q, k, v = (gptq_of(f"layers.0/self_attn/{p}_proj") for p in ("q", "k", "v"))
+    stacked = np.concatenate([q, k, v], axis=1)
+    if shared_inputs == "fuse":  # the fused q/k/v weight is the three GPTQ weights side by side
+        assert any(a.shape == stacked.shape and np.array_equal(a, stacked) for a in int8)
+    else:
+        assert any(a.shape == q.shape and np.array_equal(a, q) for a in int8)
+    plain = CalibrationTable(method=table.method, amax=table.amax, model_hash=table.model_hash)
+    rtn = build_engine(tmp_path / "rtn", precision="int8", onnx=tiny_llama_export.directory,
+                       table=plain)
+    rtn_model = onnx.load(str(rtn.path / ENGINE_ONNX))
+    rtn_ints = [numpy_helper.to_array(t) for t in rtn_model.graph.initializer
+                if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert not any(a.shape == down.shape and np.array_equal(a, down) for a in rtn_ints)
+
+
+def test_probe_uses_the_gptq_weights(tiny_llama_export, gptq_calibration, tmp_path) -> None:
+    """With every group on, the probe computes what the GPTQ INT8 engine computes."""
+    from quantkit.build import build_engine
+    from quantkit.tune.groups import groups_of_model
+    from quantkit.tune.probe import ProbeSession
+    from tests.build_helpers import run_onnx, token_feeds
+
+    table = CalibrationTable.load(gptq_calibration / "table.json")
+    path = tiny_llama_export.onnx_path
+    groups = groups_of_model(onnx.load(str(path), load_external_data=False))
+    feed = token_feeds(1, batch=2, seq=40, seed=8)[0]
+    with ProbeSession(path, groups, table.amax, threads=1, weights=table.weights) as probe:
+        probe.configure([g.name for g in groups])
+        got = probe.run(feed, ["nll"])["nll"]
+    engine = build_engine(tmp_path / "int8", precision="int8", onnx=path.parent, table=table)
+    with engine.runner(threads=1) as runner:
+        want = runner.run(feed, outputs=["nll"])["nll"]
+    fp32 = run_onnx(path, feed, "nll")
+    assert np.abs(got - want).max() < 0.02 * np.abs(fp32 - want).max() + 1e-4
+
+
+def test_bad_weights_option_is_one_line(tiny_llama_export, tmp_path) -> None:
+    result = CliRunner().invoke(cli, [
+        "calibrate", "--onnx", str(tiny_llama_export.directory), "--dataset", "sample",
+        "--num-samples", "4", "--seq-len", "32", "--weights", "gptq", "--gptq-samples", "0",
+        "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert "gptq-samples must be at least 1" in result.output
+    assert not (tmp_path / "c").exists()
