@@ -1,9 +1,12 @@
-"""Small helpers for the ONNX rewrites (SmoothQuant, rotation): who produces and reads each
-tensor, and removing what a rewrite left unused."""
+"""Small helpers for the ONNX rewrites (SmoothQuant, rotation, GPTQ): who produces and reads
+each tensor, removing what a rewrite left unused, and running a graph with inner tensors as
+outputs."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops that only move values
@@ -35,3 +38,22 @@ def drop_unused(graph: Any) -> None:
     if len(keep) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(keep)
+
+
+def exposing_session(onnx_path: Path, tensors: Iterable[str]) -> Any:
+    """An ONNX Runtime CPU session of the FP32 graph with ``tensors`` added as outputs, graph
+    optimizations off (so every inner tensor still exists under its name)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    known = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in known:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            known.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])

@@ -181,18 +181,9 @@ def channel_stats(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-channel max|x| of ``tensors`` and, with ``sample_rows``, up to that many of their rows
     (tokens) drawn uniformly from every batch (what the auto alpha search scores on)."""
-    import onnx
-    import onnxruntime as ort
+    from quantkit.graph_edit import exposing_session
 
-    model = onnx.load(str(onnx_path))
-    known = {o.name for o in model.graph.output}
-    for name in tensors:
-        if name not in known:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = exposing_session(onnx_path, tensors)
     rng = np.random.default_rng(seed)
     num_batches = len(batches) if isinstance(batches, Sized) else 0
     per_batch = -(-sample_rows // num_batches) if num_batches else sample_rows

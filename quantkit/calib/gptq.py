@@ -90,20 +90,9 @@ def collect_hessians(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]
                      tensors: list[str]) -> tuple[dict[str, np.ndarray], int]:
     """``sum x^T x`` (float64) over every token of ``batches`` for each activation in
     ``tensors`` (last axis = the MatMul's input channels), and the number of tokens."""
-    import onnx
-    import onnxruntime as ort
+    from quantkit.graph_edit import exposing_session
 
-    model = onnx.load(str(onnx_path))
-    known = {o.name for o in model.graph.output}
-    for name in tensors:
-        if name not in known:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    del model
+    session = exposing_session(onnx_path, tensors)
     hessians: dict[str, np.ndarray] = {}
     tokens = 0
     for batch in batches:
