@@ -75,3 +75,12 @@ def test_optional_engines_and_smoothquant_alpha():
     assert recipe.calibration.smoothquant == 0.5
     with pytest.raises(QuantkitError, match="alpha"):
         Recipe.from_dict({**RECIPE, "calibration": {"smoothquant": 2}})
+
+
+def test_calibration_weights_option_is_checked():
+    recipe = Recipe.from_dict({**RECIPE, "calibration": {"weights": "gptq", "gptq_samples": 16}})
+    assert (recipe.calibration.weights, recipe.calibration.gptq_samples) == ("gptq", 16)
+    with pytest.raises(QuantkitError, match="calibration.weights: unknown weight rounding"):
+        Recipe.from_dict({**RECIPE, "calibration": {"weights": "awq"}})
+    with pytest.raises(QuantkitError, match="gptq-samples must be at least 1"):
+        Recipe.from_dict({**RECIPE, "calibration": {"weights": "gptq", "gptq_samples": 0}})

@@ -175,3 +175,14 @@ def test_bad_weights_option_is_one_line(tiny_llama_export, tmp_path) -> None:
     assert result.exit_code == 2
     assert "gptq-samples must be at least 1" in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_calibrate_refuses_zero_gptq_samples(tiny_llama_export, tmp_path) -> None:
+    out = tmp_path / "calib"
+    result = CliRunner().invoke(cli, [
+        "calibrate", "--onnx", str(tiny_llama_export.directory), "--dataset", "sample",
+        "--num-samples", "4", "--seq-len", "32", "--weights", "gptq", "--gptq-samples", "0",
+        "--out", str(out)])
+    assert result.exit_code != 0
+    assert "gptq-samples must be at least 1" in result.output
+    assert not out.exists()
