@@ -124,6 +124,7 @@ class EvaluationConfig:
     warmup: int = 3
     iterations: int = 10
     threads: int | None = None
+    allow_overlap: bool = False  # evaluation text may share records with the calibration text
 
     def __post_init__(self) -> None:
         if self.stride < 1 or self.stride > self.max_length:

@@ -118,36 +118,107 @@ def local_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
 
 
-def iter_texts(source: TextSource) -> Iterator[str]:
-    """Stream the source's text as pieces (documents or chunks of a file), in a fixed order."""
-    if source.kind == "hub":
-        yield from _iter_hub(source)
-        return
-    files = local_files(Path(source.name))
-    if source.part == (0.0, 100.0):
-        for path in files:
-            yield from _iter_file(path, source.column)
-        return
-    # a percentage slice over all records of all files: count them, then stream the range
-    total = sum(1 for path in files for _ in _iter_records(path, source.column))
+@dataclass(frozen=True)
+class RecordRange:
+    """Records ``first .. stop-1`` of the ``total`` records of a source's files, counted over all
+    its files in order (lines of text files, rows of JSONL/Parquet)."""
+
+    first: int
+    stop: int
+    total: int
+
+    def describe(self) -> dict[str, int]:
+        return {"first": self.first, "last": self.stop - 1, "count": self.stop - self.first,
+                "total": self.total}
+
+    def intersects(self, other: RecordRange) -> bool:
+        return self.first < other.stop and other.first < self.stop
+
+
+def record_range(source: TextSource) -> RecordRange:
+    """Which records a local source's ``part`` selects: the one place a slice becomes indices."""
+    if source.kind != "local":
+        raise QuantkitError(f"record ranges exist for local text only, not '{source.name}'")
+    total = sum(1 for path in local_files(Path(source.name))
+                for _ in _iter_records(path, source.column))
     lo, hi = (int(total * p / 100) for p in source.part)
+    return RecordRange(lo, hi, total)
+
+
+class TextRead:
+    """What one pass over a source actually read: the record range (local text), the number of
+    records and characters, and the sha256 of the text, for manifests."""
+
+    def __init__(self, source: TextSource) -> None:
+        import hashlib
+
+        self.source = source
+        self.range: RecordRange | None = None
+        self.num_records = 0
+        self.num_chars = 0
+        self._hash = hashlib.sha256()
+
+    def add(self, text: str) -> None:
+        self.num_records += 1
+        self.num_chars += len(text)
+        self._hash.update(text.encode("utf-8"))
+
+    def describe(self) -> dict[str, Any]:
+        return {"records": self.range.describe() if self.range else None,
+                "num_records": self.num_records, "num_chars": self.num_chars,
+                "text_sha256": self._hash.hexdigest()}
+
+
+def iter_records(source: TextSource, read: TextRead | None = None
+                 ) -> Iterator[tuple[Path | None, str]]:
+    """``(file, record)`` for every record the source selects, in a fixed order. Every reader of
+    text (calibration blocks, evaluation text, tuning windows) goes through here, so a ``part``
+    slice applies the same way everywhere. ``read`` is filled with what was read."""
+    if source.kind == "hub":
+        for text in _iter_hub(source):
+            if read is not None:
+                read.add(text)
+            yield None, text
+        return
+    selected = record_range(source)
+    if read is not None:
+        read.range = selected
     index = 0
-    for path in files:
+    for path in local_files(Path(source.name)):
         for record in _iter_records(path, source.column):
-            if lo <= index < hi:
-                yield record
+            if selected.first <= index < selected.stop:
+                if read is not None:
+                    read.add(record)
+                yield path, record
             index += 1
+            if index >= selected.stop:
+                return
 
 
-def _iter_file(path: Path, column: str) -> Iterator[str]:
-    if path.suffix in (".txt", ".raw"):
-        yield from _iter_plain(path)
-    else:
-        yield from _iter_records(path, column)
+def iter_texts(source: TextSource, read: TextRead | None = None) -> Iterator[str]:
+    """The selected text as pieces for tokenizing: lines of a text file joined into chunks of
+    about CHUNK_CHARS (cut at line ends, never across files), one piece per JSONL/Parquet row or
+    Hub row."""
+    buf: list[str] = []
+    size = 0
+    current: Path | None = None
+    for path, record in iter_records(source, read):
+        if buf and (path != current or size >= CHUNK_CHARS):
+            yield "".join(buf)
+            buf, size = [], 0
+        if path is None or path.suffix not in (".txt", ".raw"):
+            yield record
+            continue
+        current = path
+        buf.append(record)
+        size += len(record)
+    if buf:
+        yield "".join(buf)
 
 
 def _iter_records(path: Path, column: str) -> Iterator[str]:
-    """Records of a file: lines of plain text, rows of JSONL / Parquet."""
+    """Records of a file: lines of plain text (universal newlines: CRLF -> LF), rows of JSONL /
+    Parquet (with one "\\n" appended each)."""
     if path.suffix in (".txt", ".raw"):
         with open(path, encoding="utf-8", errors="replace", newline=None) as fh:
             yield from fh
@@ -155,20 +226,6 @@ def _iter_records(path: Path, column: str) -> Iterator[str]:
         yield from _iter_jsonl(path, column)
     else:
         yield from _iter_parquet(path, column)
-
-
-def _iter_plain(path: Path) -> Iterator[str]:
-    """A plain text file in chunks of about CHUNK_CHARS, cut at line ends (CRLF -> LF)."""
-    buf: list[str] = []
-    size = 0
-    for line in _iter_records(path, "text"):
-        buf.append(line)
-        size += len(line)
-        if size >= CHUNK_CHARS:
-            yield "".join(buf)
-            buf, size = [], 0
-    if buf:
-        yield "".join(buf)
 
 
 def _iter_jsonl(path: Path, column: str) -> Iterator[str]:
@@ -256,9 +313,10 @@ def _iter_hub(source: TextSource) -> Iterator[str]:
             yield str(text)
 
 
-def iter_token_chunks(source: TextSource, tokenizer: Any) -> Iterator[list[int]]:
+def iter_token_chunks(source: TextSource, tokenizer: Any, read: TextRead | None = None
+                      ) -> Iterator[list[int]]:
     """Token ids of the source, piece by piece, without special tokens."""
-    for text in iter_texts(source):
+    for text in iter_texts(source, read):
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         if ids:
             yield list(ids)
@@ -282,6 +340,7 @@ class TokenBlocks:
     _blocks: np.ndarray | None = field(default=None, init=False, repr=False)
     total_tokens: int = field(default=0, init=False)
     total_blocks: int = field(default=0, init=False)
+    _read: TextRead | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "num_samples", "batch_size"):
@@ -299,7 +358,8 @@ class TokenBlocks:
         reservoir: list[np.ndarray] = []
         pending: list[int] = []
         seen = 0
-        for ids in iter_token_chunks(self.source, self.tokenizer):
+        self._read = TextRead(self.source)
+        for ids in iter_token_chunks(self.source, self.tokenizer, self._read):
             self.total_tokens += len(ids)
             pending.extend(ids)
             while len(pending) >= self.seq_len:
@@ -353,6 +413,7 @@ class TokenBlocks:
             "num_tokens": self.num_tokens,
             "source_tokens": self.total_tokens,
             "source_blocks": self.total_blocks,
+            "read": self._read.describe() if self._read else None,
             "blocks_sha256": _array_hash(blocks),
         }
 

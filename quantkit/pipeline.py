@@ -95,6 +95,20 @@ def _plan_digest(plan: str | None) -> str | None:
     return sha256_file(path)
 
 
+def check_recipe_texts(recipe: Recipe) -> None:
+    """Refuse, before any work, a recipe whose evaluation text shares records with its
+    calibration text (unless ``evaluation.allow_overlap``)."""
+    from quantkit.data import resolve_text_source
+    from quantkit.text_roles import check_roles_disjoint, role_of_source
+
+    roles = [role_of_source(role, resolve_text_source(cfg.dataset, cfg.dataset_config, cfg.split,
+                                                      cfg.text_column))
+             for role, cfg in (("calibration", recipe.calibration),
+                               ("evaluation", recipe.evaluation))]
+    check_roles_disjoint(roles, recipe.evaluation.allow_overlap,
+                         allow_with="'allow_overlap: true' in the recipe's evaluation section")
+
+
 def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = False,
                say: Say = print, progress: bool = False,
                command: str | None = None) -> RunOutcome:
@@ -103,6 +117,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     ``command`` is the command line to record in the results and the report.
     """
     command = command or f"quantkit run (recipe '{recipe.name}')"
+    check_recipe_texts(recipe)
     work = Path(workdir or recipe.workdir)
     work.mkdir(parents=True, exist_ok=True)
     state = _State(work)

@@ -187,6 +187,9 @@ class Backend(abc.ABC):
                 "table_hash": _table_hash(request.table),
                 "options": dict(request.options),
             }
+            if request.table is not None:
+                fields["text_roles"] = {"calibration": dict(request.table.data),
+                                        "tuning": dict(request.table.tuning_data) or None}
             manifest = make_manifest(
                 ENGINE_KIND, inputs, backend=self.name, precision=request.precision, **fields
             )

@@ -25,7 +25,9 @@ class CalibrationTable:
     masks, constants, ...); a consumer must keep those in floating point. ``weights`` holds
     int8 weights computed with the calibration data (GPTQ, ``quantkit.calib.gptq``) by weight
     key; INT8 builds use them instead of rounding the FP32 weights to nearest. They are stored
-    in ``weights.npz`` beside the table's JSON.
+    in ``weights.npz`` beside the table's JSON. ``data`` (and ``tuning_data`` for a table
+    autotune wrote) say which text the ranges came from; engines record both, so evaluation can
+    refuse text that calibration or tuning already read (``quantkit.text_roles``).
     """
 
     method: str
@@ -37,6 +39,9 @@ class CalibrationTable:
     num_samples: int = 0
     num_tokens: int = 0
     weights: dict[str, Any] | None = None  # weight key -> gptq.QuantizedWeight
+    # the text autotune tuned this table's per-tensor methods on (``TuneContext.data``); empty
+    # for a table straight from ``quantkit calibrate``, whose own text is ``data``
+    tuning_data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in self.amax.items():
@@ -87,6 +92,7 @@ class CalibrationTable:
             "amax": {k: float(v) for k, v in self.amax.items()},
             "skipped": dict(self.skipped),
             **({"weights": WEIGHTS_FILE} if self.weights else {}),
+            **({"tuning_data": dict(self.tuning_data)} if self.tuning_data else {}),
         }
 
     @classmethod
@@ -112,6 +118,7 @@ class CalibrationTable:
                 skipped={str(k): str(v) for k, v in skipped.items()},
                 num_samples=int(data.get("num_samples", 0)),
                 num_tokens=int(data.get("num_tokens", 0)),
+                tuning_data=dict(data.get("tuning_data") or {}),
             )
         except QuantkitError as exc:
             raise QuantkitError(f"{source}: {exc.message}", exc.hint) from None

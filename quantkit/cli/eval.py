@@ -42,16 +42,20 @@ from quantkit.cli.options import force_option, typed_command
               help="Results JSON (schema quantkit.results/1).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar over windows [default: when stderr is a terminal].")
+@click.option("--allow-overlap", is_flag=True,
+              help="Evaluate on text that shares records with an engine's calibration or tuning "
+                   "text (refused otherwise).")
 @force_option
 def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None, split: str,
             text_column: str, max_length: int | None, stride: int | None,
             limit_tokens: int | None, batch_size: int, latency_grid: str, warmup: int,
             iterations: int, threads: int | None, out: Path, progress: bool | None,
-            force: bool) -> None:
+            allow_overlap: bool, force: bool) -> None:
     """Measure perplexity (sliding windows) and latency of each engine on the same text.
 
     Engines must come from one model and tokenizer. Deltas are against the run's fp32 and fp16
-    engines. Example:
+    engines. The text must not share records with the text an engine was calibrated or tuned on
+    (local files cut with --split slices such as 'test[50%:]'). Example:
 
       quantkit eval --engine out/fp32 --engine out/int8 --dataset wiki.test.raw
       --limit-tokens 20000 --out results.json
@@ -67,7 +71,7 @@ def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None,
         dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
         max_length=max_length, stride=stride, limit_tokens=limit_tokens, batch_size=batch_size,
         latency_grid=tuple(parse_grid(latency_grid)), warmup=warmup, iterations=iterations,
-        threads=threads,
+        threads=threads, allow_overlap=allow_overlap,
     )
     if progress is None:
         progress = sys.stderr.isatty()
@@ -75,6 +79,10 @@ def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None,
     results = evaluate_engines(list(engines), config, command=command_line, progress=progress)
     write_results(results, out, force=force)
     _print_table(results)
+    for role in results.dataset.get("roles") or []:
+        click.echo(f"Text {role['label']}")
+    for clash in results.dataset.get("overlaps") or []:
+        click.echo(f"Warning: {clash} (allowed by --allow-overlap)", err=True)
     click.echo(f"Wrote {out}")
 
 

@@ -38,6 +38,9 @@ _OPTIONS = [
     click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                  help="Measurement cache (default $QUANTKIT_CACHE/tune)."),
+    click.option("--allow-overlap", is_flag=True,
+                 help="Tune on text that shares records with the table's calibration text "
+                      "(refused otherwise)."),
 ]
 
 
@@ -57,9 +60,9 @@ def tune_settings(search_windows: int, holdout_windows: int, **kw: Any) -> Any:
         rank_windows=kw["rank_windows"], search_windows=search_windows,
         holdout_windows=holdout_windows,
         batch_size=kw["batch_size"], seed=kw["seed"], granularity=kw["granularity"],
-        threads=kw["threads"], cache_dir=kw["cache_dir"])
+        threads=kw["threads"], cache_dir=kw["cache_dir"], allow_overlap=kw["allow_overlap"])
 
 
 TUNE_KEYS = ("onnx_path", "table", "dataset", "dataset_config", "split", "text_column",
              "limit_tokens", "max_length", "rank_windows", "batch_size", "seed",
-             "granularity", "threads", "cache_dir")
+             "granularity", "threads", "cache_dir", "allow_overlap")

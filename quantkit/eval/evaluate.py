@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +55,7 @@ class EvalConfig:
     iterations: int = 10
     threads: int | None = None  # None: every core
     use_nll: bool | None = None  # None: fused nll output when the engine has it
+    allow_overlap: bool = False  # evaluate on text the engines' calibration/tuning read
 
     @classmethod
     def from_recipe(cls, evaluation: Any, **overrides: Any) -> EvalConfig:
@@ -64,7 +65,7 @@ class EvalConfig:
 
         values = {f: getattr(evaluation, f) for f in (
             "dataset", "dataset_config", "split", "text_column", "max_length", "stride",
-            "limit_tokens", "batch_size", "warmup", "iterations", "threads")}
+            "limit_tokens", "batch_size", "warmup", "iterations", "threads", "allow_overlap")}
         values["latency_grid"] = tuple(parse_grid(",".join(evaluation.latency_grid)))
         values.update(overrides)
         return cls(**values)
@@ -159,6 +160,24 @@ def load_engines(paths: Sequence[Path]) -> list[EngineInfo]:
         infos.append(EngineInfo(name, engine, tokenizer, fingerprint))
     check_compatible(infos)
     return infos
+
+
+def engine_text_roles(name: str, manifest: Mapping[str, Any]) -> list[Any]:
+    """The texts an engine's ranges came from: its table's calibration (and tuning) text, or the
+    text TensorRT's own calibrator read (implicit INT8)."""
+    from dataclasses import replace
+
+    from quantkit.text_roles import role_text
+
+    recorded = dict(manifest.get("text_roles") or {})
+    if manifest.get("calibration_data"):
+        recorded.setdefault("calibration", manifest["calibration_data"])
+    roles = []
+    for role in ("calibration", "tuning"):
+        text = role_text(role, recorded.get(role))
+        if text is not None:
+            roles.append(replace(text, owner=name))
+    return roles
 
 
 def check_compatible(infos: Sequence[EngineInfo]) -> None:
@@ -343,6 +362,7 @@ def evaluate_engines(
     """Check everything, then evaluate each engine on the same tokens; return the results."""
     from quantkit.data import resolve_text_source
     from quantkit.eval.text import load_evaluation_text
+    from quantkit.text_roles import check_roles_disjoint, role_text
 
     config.check()
     infos = load_engines(engine_dirs)
@@ -354,6 +374,10 @@ def evaluate_engines(
     source = resolve_text_source(config.dataset, config.dataset_config, config.split,
                                  config.text_column)
     text = load_evaluation_text(source)
+    roles = [role_text("evaluation", text.describe())]
+    for info in infos:
+        roles += engine_text_roles(info.name, info.manifest)
+    overlaps = check_roles_disjoint(roles, config.allow_overlap, focus="evaluation")
     tokens = tokenize_text(infos[0].tokenizer, text.text, config.limit_tokens,
                            text.num_documents)
     windows = plan_windows(tokens.num_tokens, max_length, stride)
@@ -384,6 +408,9 @@ def evaluate_engines(
         "stride": stride,
         "num_windows": len(windows),
         "num_scored_tokens": sum(w.num_scored for w in windows),
+        "read": text.read,
+        "roles": [r.describe() for r in roles if r is not None],
+        "overlaps": overlaps,
     }
     settings = {
         "batch_size": config.batch_size,

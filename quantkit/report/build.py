@@ -193,7 +193,7 @@ def report_data(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "generator": {"quantkit": __version__, "commit": git_commit(), "command": command},
         "definitions": DEFINITIONS,
-        "dataset": dict(files[0].dataset),
+        "dataset": {**files[0].dataset, "roles": _merged_roles(files)},
         "sources": sources,
         "reference_shape": tables["reference_shape"],
         "engines": tables["engines"],
@@ -448,6 +448,16 @@ def _calibration_section(calib: Mapping[str, Any] | None,
     return blocks
 
 
+def _merged_roles(files: Sequence[Any]) -> list[dict[str, Any]]:
+    """Every results file's text roles (evaluation, each engine's calibration and tuning text),
+    each label once."""
+    roles: dict[str, dict[str, Any]] = {}
+    for f in files:
+        for role in f.dataset.get("roles") or []:
+            roles.setdefault(str(role.get("label")), dict(role))
+    return list(roles.values())
+
+
 def _dataset_section(dataset: Mapping[str, Any]) -> list[Block]:
     source = dataset.get("source") or {}
     source_text = str(source.get("name", fmt.DASH))
@@ -461,10 +471,21 @@ def _dataset_section(dataset: Mapping[str, Any]) -> list[Block]:
         if key in dataset:
             value = dataset[key]
             rows.append([key, fmt.count(value) if isinstance(value, int) else str(value)])
-    return [Heading(2, "Dataset", anchor="dataset"),
-            Para("Perplexity is measured on this text with sliding windows of max_length tokens "
-                 "starting every stride tokens; every engine scored the same tokens."),
-            Table(["field", "value"], rows)]
+    blocks: list[Block] = [
+        Heading(2, "Dataset", anchor="dataset"),
+        Para("Perplexity is measured on this text with sliding windows of max_length tokens "
+             "starting every stride tokens; every engine scored the same tokens."),
+        Table(["field", "value"], rows)]
+    roles = dataset.get("roles") or []
+    if roles:
+        blocks += [Para("The text each role read (records are lines of a text file or rows of "
+                        "a JSONL/Parquet file, counted from 0 over all its files). Evaluation "
+                        "text that calibration or tuning read is refused unless allowed."),
+                   Table(["role", "text"], [[str(r["label"]).split(": ", 1)[0],
+                                            str(r["label"]).split(": ", 1)[-1]] for r in roles])]
+    for clash in dataset.get("overlaps") or []:
+        blocks.append(Para(f"Overlap allowed by the user: {clash}.", muted=True))
+    return blocks
 
 
 def _environment_section(sources: Sequence[Mapping[str, Any]],

@@ -525,7 +525,8 @@ def tuned_table(context: TuneContext, methods: Mapping[str, str]) -> Any:
     return CalibrationTable(method=base.method, params=params, amax=amax,
                             model_hash=base.model_hash, data=dict(base.data),
                             skipped=dict(base.skipped), num_samples=base.num_samples,
-                            num_tokens=base.num_tokens, weights=base.weights)
+                            num_tokens=base.num_tokens, weights=base.weights,
+                            tuning_data=dict(context.data))
 
 
 def build_plan_engine(context: TuneContext, int8_groups: Sequence[str], table: Any,

@@ -21,7 +21,8 @@ class TuneSettings:
     autotune try other calibration methods per tensor. The evaluation text is cut into windows of
     ``max_length`` and three disjoint subsets are drawn with ``seed``: ``rank_windows`` for the
     per-group sensitivity (one model run per group, so kept small), ``search_windows`` for the
-    budget checks of the search, ``holdout_windows`` to verify its result."""
+    budget checks of the search, ``holdout_windows`` to verify its result. The text must not
+    share records with the table's calibration text unless ``allow_overlap``."""
 
     onnx: Path
     table: Path
@@ -40,6 +41,7 @@ class TuneSettings:
     per_channel: bool = True
     threads: int | None = None
     cache_dir: Path | None = None  # None: $QUANTKIT_CACHE/tune
+    allow_overlap: bool = False  # tuning text may share records with the calibration text
 
     def check(self) -> None:
         for name in ("max_length", "rank_windows", "batch_size"):
@@ -125,6 +127,7 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     from quantkit.export import export_manifest, find_onnx, onnx_model_hash, tokenizer_beside
     from quantkit.models import cache_dir
     from quantkit.qdq import linear_layer_macs
+    from quantkit.text_roles import check_roles_disjoint, role_text
     from quantkit.tune.groups import groups_of_model
     from quantkit.tune.measure import Measurer, choose_windows
     from quantkit.tune.probe import ProbeSession
@@ -142,6 +145,9 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     source = resolve_text_source(settings.dataset, settings.dataset_config, settings.split,
                                  settings.text_column)
     text = load_evaluation_text(source)
+    overlaps = check_roles_disjoint(
+        [role_text("calibration", table.data), role_text("tuning", text.describe())],
+        settings.allow_overlap)
     tokens = tokenize_text(tokenizer, text.text, settings.limit_tokens, text.num_documents)
     counts = dict(subsets) if subsets is not None else {
         "rank": settings.rank_windows, "search": settings.search_windows,
@@ -154,6 +160,7 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     data = {**text.describe(), "tokens_sha256": tokens.tokens_sha256,
             "num_tokens": tokens.num_tokens, "max_length": settings.max_length,
             "windows": counts, "seed": settings.seed}
+    notes += [f"text overlap allowed: {clash}" for clash in overlaps]
     context = TuneContext(settings, onnx_path, model_hash, table, tables, groups, macs,
                           max(1, sum(node_macs.values())), chosen, data,
                           vocab_size=len(tokenizer), notes=notes)

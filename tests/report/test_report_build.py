@@ -179,3 +179,20 @@ def test_no_fp32_engine_and_no_latency_still_report(tmp_path):
     assert "No latency was measured." in md
     row = next(line for line in md.splitlines() if line.startswith("| int8 |"))
     assert "| 21.734 | — | +0.813 (+3.89%) | — | — | — | — | — |" in row
+
+
+def test_dataset_section_shows_each_roles_text():
+    from quantkit.report.build import _dataset_section
+    from quantkit.report.document import to_markdown
+
+    dataset = {"source": {"kind": "local", "name": "/data/wiki.test.raw"}, "split": "test",
+               "roles": [{"label": "evaluation: wiki.test.raw records 1445-2890 of 2891 "
+                                   "(test[50%:])"},
+                         {"label": "calibration of int8: wiki.test.raw records 0-1155 of 2891 "
+                                   "(train[:40%])"}],
+               "overlaps": ["a overlaps b"]}
+    text = to_markdown(_dataset_section(dataset))
+    assert "| evaluation | wiki.test.raw records 1445-2890 of 2891 (test\\[50%:\\]) |" in text
+    row = "| calibration of int8 | wiki.test.raw records 0-1155 of 2891 (train\\[:40%\\]) |"
+    assert row in text
+    assert "Overlap allowed by the user: a overlaps b." in text
