@@ -46,6 +46,7 @@ def _register() -> None:
         demo,
         export,
         plan,
+        quantize,
         report,
         rotate,
         run,
@@ -54,7 +55,7 @@ def _register() -> None:
     from quantkit.cli import eval as eval_command
 
     for module in (export, calibrate, build, plan, eval_command, report, run, demo,
-                   sensitivity, autotune, rotate):
+                   sensitivity, autotune, rotate, quantize):
         cli.add_command(module.command)
 
 

@@ -146,8 +146,10 @@ def engine_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def load_engines(paths: Sequence[Path]) -> list[EngineInfo]:
-    """Load and cross-check the engines of one run (same model, same tokenizer)."""
+def load_engines(paths: Sequence[Path], names: Sequence[str] | None = None
+                 ) -> list[EngineInfo]:
+    """Load and cross-check the engines of one run (same model, same tokenizer); ``names``
+    label them (default: their directory names)."""
     if not paths:
         raise QuantkitError("no engine given", "pass --engine DIR (one or more)")
     resolved = [Path(p).resolve() for p in paths]
@@ -155,7 +157,10 @@ def load_engines(paths: Sequence[Path]) -> list[EngineInfo]:
         if p in resolved[:i]:
             raise QuantkitError(f"engine {paths[i]} is given twice")
     infos = []
-    for name, path in zip(engine_names(paths), paths, strict=True):
+    labels = list(names) if names is not None else engine_names(paths)
+    if len(set(labels)) != len(paths):
+        raise QuantkitError("each engine needs its own name", f"got {', '.join(labels)}")
+    for name, path in zip(labels, paths, strict=True):
         engine, tokenizer, fingerprint = load_engine_info(Path(path))
         infos.append(EngineInfo(name, engine, tokenizer, fingerprint))
     check_compatible(infos)
@@ -358,6 +363,7 @@ def evaluate_engines(
     *,
     command: str | None = None,
     progress: bool = False,
+    names: Sequence[str] | None = None,
 ) -> EvalResults:
     """Check everything, then evaluate each engine on the same tokens; return the results."""
     from quantkit.data import resolve_text_source
@@ -365,7 +371,7 @@ def evaluate_engines(
     from quantkit.text_roles import check_roles_disjoint, role_text
 
     config.check()
-    infos = load_engines(engine_dirs)
+    infos = load_engines(engine_dirs, names)
     limits = [i.max_positions for i in infos if i.max_positions is not None]
     max_positions = min(limits) if limits else None
     max_length, stride = resolve_windows(config, max_positions)

@@ -1,0 +1,346 @@
+"""``quantkit quantize`` / ``quantkit.quantize()``: from a model to a verified mixed-precision
+engine within a perplexity budget, in one call, with the defaults that measured best.
+
+Steps (each resumable, see ``quantkit.steps``): export (with the fused NLL output) -> the
+transform that suits the architecture (RMSNorm / Llama family: rotation; LayerNorm / GPT-2
+family: SmoothQuant with alpha per group, applied in calibration) -> calibration (entropy ranges
+plus histograms for the per-tensor method search, GPTQ weights) -> autotune within the budget
+(tuned and verified on windows of the deployment length) -> FP32 and naive INT8 engines of the
+same graph -> evaluation of FP32, naive INT8 and the quantized engine on text no earlier step
+read -> report. One dataset is cut into disjoint calibration, tuning and evaluation parts (or
+each role names its own); the evaluation refuses any overlap (``quantkit.text_roles``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+
+QUANTIZE_NAME = "quantize.json"
+QUANTIZE_SCHEMA = "quantkit.quantize/1"
+ROLES = ("calibration", "tuning", "evaluation")
+# one local file or folder is cut by record into these parts (percent)
+LOCAL_PARTS = {"calibration": (0, 40), "tuning": (40, 50), "evaluation": (50, 100)}
+# the bundled sample has two files: calibration and tuning share calibration.txt
+SAMPLE_SPLITS = {"calibration": "train[:70%]", "tuning": "train[70%:]", "evaluation": "test"}
+HUB_SPLITS = {"calibration": "train", "tuning": "validation", "evaluation": "test"}
+EXIT_BUDGET_MISSED = 3
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """Where one role's text comes from."""
+
+    dataset: str
+    split: str
+    dataset_config: str | None = None
+    text_column: str = "text"
+
+
+def default_parts(dataset: str, dataset_config: str | None = None, text_column: str = "text",
+                  overrides: dict[str, TextPart] | None = None) -> dict[str, TextPart]:
+    """Disjoint calibration / tuning / evaluation parts of one dataset: record slices of a local
+    file or folder, the sample's files, or a Hub dataset's train / validation / test splits."""
+    from quantkit.data import resolve_text_source
+
+    parts: dict[str, TextPart] = {}
+    for role in ROLES:
+        if dataset == "sample":
+            split = SAMPLE_SPLITS[role]
+        elif resolve_text_source(dataset, dataset_config).kind == "local":
+            lo, hi = LOCAL_PARTS[role]
+            split = f"{role}[{f'{lo}%' if lo else ''}:{f'{hi}%' if hi < 100 else ''}]"
+        else:
+            split = HUB_SPLITS[role]
+        parts[role] = TextPart(dataset, split, dataset_config, text_column)
+    parts.update(overrides or {})
+    return parts
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything ``quantize`` does; the defaults are the measured best (README)."""
+
+    model: str | None = None  # a model for 'quantkit export' ...
+    onnx: Path | None = None  # ... or an existing export
+    parts: dict[str, TextPart] = field(default_factory=dict)  # role -> text
+    max_ppl_increase: str = "1%"
+    objective: str = "coverage"
+    max_length: int = 512  # deployment context: tuning windows and evaluation windows
+    transform: str = "auto"  # auto | rotate | smoothquant | none
+    num_samples: int = 128
+    seq_len: int = 256
+    gptq: bool = True
+    rank_windows: int = 2
+    search_windows: int = 6
+    holdout_windows: int = 6
+    max_evals: int = 120
+    eval_tokens: int | None = 20480
+    seed: int = 0
+    threads: int | None = None
+    latency_iterations: int = 10
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        if (self.model is None) == (self.onnx is None):
+            raise QuantkitError("give either --model or --onnx",
+                                "--model M exports M first; --onnx X uses an existing export")
+        if self.transform not in ("auto", "rotate", "smoothquant", "none"):
+            raise QuantkitError(f"unknown transform '{self.transform}'",
+                                "use auto, rotate, smoothquant or none")
+        missing = [r for r in ROLES if r not in self.parts]
+        if missing:
+            raise QuantkitError(f"no text for {', '.join(missing)}", "pass --dataset")
+        for name in ("max_length", "num_samples", "seq_len", "search_windows", "max_evals",
+                     "latency_iterations"):
+            if int(getattr(self, name)) < 1:
+                raise QuantkitError(f"{name.replace('_', '-')} must be at least 1")
+        from quantkit.tune.autotune import OBJECTIVES, Budget
+
+        Budget.parse(self.max_ppl_increase)
+        if self.objective not in OBJECTIVES:
+            raise QuantkitError(f"unknown objective '{self.objective}'",
+                                f"use one of: {', '.join(OBJECTIVES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["onnx"] = None if self.onnx is None else str(self.onnx)
+        return out
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` made and measured (``OUT/quantize.json``)."""
+
+    out: Path
+    engine: Path  # the quantized engine
+    plan: Path
+    transform: dict[str, Any]
+    coverage: float | None  # share of linear-layer MACs in INT8 (the engine's manifest)
+    perplexity: dict[str, float]  # engine label -> perplexity on the evaluation part
+    delta_pct: dict[str, float]  # engine label -> % vs FP32
+    p50_ms: dict[str, float]  # engine label -> p50 latency at 1 x max_length
+    budget: str
+    met_budget: bool
+    parts: dict[str, Any]  # role -> the text it read
+    steps: list[dict[str, Any]]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("out", "engine", "plan"):
+            data[key] = str(data[key])
+        return {"schema": QUANTIZE_SCHEMA, **data}
+
+
+def choose_transform(onnx_path: Path, wanted: str) -> dict[str, Any]:
+    """Rotation where the graph allows it (RMSNorm residual stream), else SmoothQuant with alpha
+    per group; the reason is recorded."""
+    import onnx
+
+    from quantkit.rotation import trace_residual
+
+    if wanted in ("none", "smoothquant"):
+        return {"name": wanted, "why": "asked for"}
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    try:
+        trace_residual(graph)
+    except QuantkitError as error:
+        if wanted == "rotate":
+            raise
+        return {"name": "smoothquant", "why": f"rotation does not apply: {error.message}"}
+    return {"name": "rotate", "why": "RMSNorm residual stream: rotation spreads activation "
+                                     "outliers (measured on SmolLM2-135M, README)"}
+
+
+def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
+             say: Callable[[str], None] = print, command: str | None = None) -> QuantizeResult:
+    """Run (or resume) every step into ``out``; return the result (also ``OUT/quantize.json``)."""
+    from quantkit.artifacts import atomic_write_json
+    from quantkit.data import resolve_text_source
+    from quantkit.export import find_onnx
+    from quantkit.steps import Steps, artifact_hash
+    from quantkit.text_roles import check_roles_disjoint, role_of_source
+
+    config.check()
+    out = Path(out)
+    sources = {role: resolve_text_source(p.dataset, p.dataset_config, p.split, p.text_column)
+               for role, p in config.parts.items()}
+    check_roles_disjoint([role_of_source(role, s) for role, s in sources.items()])
+    started = time.perf_counter()
+    steps = Steps(out, total=6 + (config.model is not None), say=say, force=force)
+
+    export_dir = out / "export"
+    if config.model is not None:
+        def make_export(replace_: bool) -> None:
+            from quantkit.export import export_model
+            from quantkit.models import load_model
+
+            export_model(load_model(config.model, trust_remote_code=config.trust_remote_code),
+                         export_dir, with_nll=True, force=replace_)
+
+        steps.run("export", {"model": config.model}, export_dir, make_export)
+    else:
+        assert config.onnx is not None
+        export_dir = find_onnx(Path(config.onnx)).parent
+    transform = choose_transform(find_onnx(export_dir), config.transform)
+    say(f"transform: {transform['name']} ({transform['why']})")
+    steps.total += transform["name"] == "rotate"
+
+    source_dir = export_dir
+    if transform["name"] == "rotate":
+        rotated = out / "rotated"
+
+        def make_rotation(replace_: bool) -> None:
+            from quantkit.rotation import rotate_export
+
+            rotate_export(find_onnx(export_dir), rotated, seed=config.seed, force=replace_)
+
+        steps.run("rotate", {"onnx": artifact_hash(export_dir), "seed": config.seed}, rotated,
+                  make_rotation)
+        source_dir = rotated
+
+    calib_dir = out / "calibration"
+    cal_part = config.parts["calibration"]
+    smoothquant = "auto" if transform["name"] == "smoothquant" else None
+
+    def make_calibration(replace_: bool) -> None:
+        from quantkit.calib.run import CalibrationRequest, run_calibration
+
+        run_calibration(CalibrationRequest(
+            onnx=source_dir, dataset=cal_part.dataset, dataset_config=cal_part.dataset_config,
+            split=cal_part.split, text_column=cal_part.text_column,
+            num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed,
+            method="entropy", tensors="quantizable", smoothquant=smoothquant,
+            weights="gptq" if config.gptq else "rtn"), calib_dir, force=replace_)
+
+    steps.run("calibrate", {"onnx": artifact_hash(source_dir), "part": asdict(cal_part),
+                            "samples": config.num_samples, "seq_len": config.seq_len,
+                            "seed": config.seed, "gptq": config.gptq,
+                            "smoothquant": smoothquant}, calib_dir, make_calibration)
+    graph_dir = calib_dir / "smoothed" if smoothquant else source_dir  # engines read this graph
+
+    tune_dir = out / "autotune"
+    tune_part = config.parts["tuning"]
+    tune = _tune_settings(config, graph_dir, calib_dir / "table.json", tune_part, out)
+
+    def make_autotune(replace_: bool) -> None:
+        from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
+
+        settings = AutotuneSettings(budget=Budget.parse(config.max_ppl_increase),
+                                    objective=config.objective, max_evals=config.max_evals)
+        autotune(tune, settings, tune_dir, force=replace_, say=say)
+
+    steps.run("autotune", {"calibration": artifact_hash(calib_dir), "tune": tune.to_dict(),
+                           "budget": config.max_ppl_increase, "objective": config.objective,
+                           "max_evals": config.max_evals}, tune_dir, make_autotune)
+
+    engines = {"fp32": out / "engines" / "fp32", "int8-naive": out / "engines" / "int8-naive"}
+    for label, path in engines.items():
+        steps.run(f"build {label}", {"onnx": artifact_hash(graph_dir),
+                                     "table": artifact_hash(calib_dir) if "int8" in label
+                                     else None}, path,
+                  _builder(path, graph_dir, calib_dir / "table.json" if "int8" in label
+                           else None))
+    engines["quantized"] = tune_dir / "engine"
+
+    results = out / "results.json"
+    eval_part = config.parts["evaluation"]
+
+    def make_results(replace_: bool) -> None:
+        from quantkit.eval.evaluate import EvalConfig, evaluate_engines
+        from quantkit.eval.latency import GridPoint
+        from quantkit.eval.results import write_results
+
+        eval_config = EvalConfig(
+            dataset=eval_part.dataset, dataset_config=eval_part.dataset_config,
+            split=eval_part.split, text_column=eval_part.text_column,
+            max_length=config.max_length, stride=config.max_length,
+            limit_tokens=config.eval_tokens, latency_grid=(GridPoint(1, config.max_length),),
+            warmup=2, iterations=config.latency_iterations, threads=config.threads)
+        evaluated = evaluate_engines(list(engines.values()), eval_config, command=command,
+                                     names=list(engines))
+        write_results(evaluated, results, force=True)
+
+    steps.run("evaluate", {"engines": [artifact_hash(p) for p in engines.values()],
+                           "part": asdict(eval_part), "max_length": config.max_length,
+                           "tokens": config.eval_tokens, "threads": config.threads,
+                           "iterations": config.latency_iterations}, results, make_results)
+
+    report_dir = out / "report"
+
+    def make_report(replace_: bool) -> None:
+        from quantkit.report import build_report
+
+        build_report([results], report_dir, calibration=calib_dir, tuning=tune_dir,
+                     force=replace_, command=command)
+
+    steps.run("report", {"results": artifact_hash(results)}, report_dir, make_report)
+    result = _result(config, out, engines, results, tune_dir, transform, steps, started)
+    atomic_write_json(out / QUANTIZE_NAME, result.to_dict())
+    return result
+
+
+def _tune_settings(config: QuantizeConfig, onnx_dir: Path, table: Path, part: TextPart,
+                   out: Path) -> Any:
+    from quantkit.tune.context import TuneSettings
+
+    return TuneSettings(onnx=onnx_dir, table=table, dataset=part.dataset,
+                        dataset_config=part.dataset_config, split=part.split,
+                        text_column=part.text_column, max_length=config.max_length,
+                        rank_windows=config.rank_windows, search_windows=config.search_windows,
+                        holdout_windows=config.holdout_windows, batch_size=1, seed=config.seed,
+                        threads=config.threads, cache_dir=out / "tune-cache")
+
+
+def _builder(path: Path, onnx_dir: Path, table: Path | None) -> Callable[[bool], None]:
+    def make(replace_: bool) -> None:
+        from quantkit.build import build_engine
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_engine(path, precision="int8" if table else "fp32", onnx=onnx_dir, table=table,
+                     force=replace_)
+    return make
+
+
+def _result(config: QuantizeConfig, out: Path, engines: dict[str, Path], results: Path,
+            tune_dir: Path, transform: dict[str, Any], steps: Any, started: float
+            ) -> QuantizeResult:
+    from quantkit.eval.results import load_results
+    from quantkit.tune.autotune import PLAN_NAME, Budget
+
+    evaluated = load_results(results)
+    by_name = {e.name: e for e in evaluated.engines}
+    labelled = {label: by_name[label] for label in engines}
+    fp32 = labelled["fp32"].perplexity
+    budget = Budget.parse(config.max_ppl_increase)
+    quantized = labelled["quantized"]
+    met = quantized.perplexity <= budget.limit(fp32)
+    notes = []
+    if not met:
+        notes.append(f"the quantized engine misses the {budget} budget on the evaluation text "
+                     f"({quantized.perplexity:.4f} vs FP32 {fp32:.4f}, allowed "
+                     f"{budget.limit(fp32):.4f})")
+    if transform["name"] != "none" and config.onnx is None:
+        notes.append(f"FP32 and naive INT8 are engines of the {transform['name']} graph (the "
+                     "same function as the export, checked when it was written)")
+    return QuantizeResult(
+        out=out, engine=engines["quantized"], plan=tune_dir / PLAN_NAME, transform=transform,
+        coverage=quantized.int8_coverage,
+        perplexity={k: e.perplexity for k, e in labelled.items()},
+        delta_pct={k: 100.0 * (e.perplexity / fp32 - 1.0) for k, e in labelled.items()},
+        p50_ms={k: e.latency[0].p50_ms for k, e in labelled.items() if e.latency},
+        budget=str(budget), met_budget=met,
+        parts={r["label"].split(":", 1)[0]: r for r in evaluated.dataset.get("roles") or []},
+        steps=[s.to_dict() for s in steps.records],
+        seconds=time.perf_counter() - started, notes=notes)
+
+
+__all__ = ["EXIT_BUDGET_MISSED", "QuantizeConfig", "QuantizeResult", "TextPart",
+           "choose_transform", "default_parts", "quantize"]

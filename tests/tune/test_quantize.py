@@ -1,0 +1,110 @@
+"""``quantkit quantize`` end to end on a tiny trained Llama: every step, disjoint text parts, the
+verified engine within the budget on the evaluation part, resumable, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.errors import QuantkitError
+
+SETTINGS = dict(max_length=64, num_samples=16, seq_len=64, search_windows=3, holdout_windows=3,
+                max_evals=40, eval_tokens=1280, threads=1, latency_iterations=2)
+
+
+@pytest.fixture(scope="module")
+def quantized(fragile_export, tmp_path_factory):
+    import quantkit
+
+    out = tmp_path_factory.mktemp("quantize") / "q"
+    lines: list[str] = []
+    result = quantkit.quantize(onnx=fragile_export.onnx_path.parent, dataset="sample", out=out,
+                               max_ppl_increase="5%", say=lines.append, **SETTINGS)
+    return result, out, lines
+
+
+def test_every_step_and_the_verified_engine(quantized) -> None:
+    result, out, lines = quantized
+    assert result.transform["name"] == "rotate"
+    assert [s["name"] for s in result.steps] == [
+        "rotate", "calibrate", "autotune", "build fp32", "build int8-naive", "evaluate", "report"]
+    assert not any(s["reused"] for s in result.steps)
+    for name in ("rotated/manifest.json", "calibration/table.json", "calibration/weights.npz",
+                 "autotune/plan.yaml", "autotune/engine/manifest.json", "results.json",
+                 "report/report.html", "quantize.json"):
+        assert (out / name).is_file(), name
+    assert set(result.perplexity) == {"fp32", "int8-naive", "quantized"}
+    fp32 = result.perplexity["fp32"]
+    assert result.met_budget and result.perplexity["quantized"] <= fp32 * 1.05
+    assert result.delta_pct["quantized"] == pytest.approx(
+        100 * (result.perplexity["quantized"] / fp32 - 1))
+    assert result.coverage is not None and result.coverage > 0
+    assert set(result.p50_ms) == {"fp32", "int8-naive", "quantized"}
+    saved = json.loads((out / "quantize.json").read_text())
+    assert saved["schema"] == "quantkit.quantize/1" and saved["met_budget"] is True
+    assert any(line.startswith("[1/7] rotate") for line in lines)
+
+
+def test_roles_read_disjoint_text(quantized) -> None:
+    result, out, _ = quantized
+    labels = sorted(result.parts)
+    assert labels == ["calibration of int8-naive", "calibration of quantized", "evaluation",
+                      "tuning of quantized"]
+    assert "(train[:70%])" in result.parts["calibration of quantized"]["label"]
+    assert "(train[70%:])" in result.parts["tuning of quantized"]["label"]
+    assert "evaluation.txt" in result.parts["evaluation"]["label"]
+
+
+def test_a_rerun_reuses_every_step(quantized, fragile_export) -> None:
+    import quantkit
+
+    _, out, _ = quantized
+    lines: list[str] = []
+    again = quantkit.quantize(onnx=fragile_export.onnx_path.parent, dataset="sample", out=out,
+                              max_ppl_increase="5%", say=lines.append, **SETTINGS)
+    assert all(s["reused"] for s in again.steps)
+    assert again.perplexity == quantized[0].perplexity
+
+
+def test_layernorm_models_get_smoothquant(tiny_gpt2_export) -> None:
+    from quantkit.oneshot import choose_transform
+
+    chosen = choose_transform(tiny_gpt2_export.onnx_path, "auto")
+    assert chosen["name"] == "smoothquant" and "LayerNormalization" in chosen["why"]
+    with pytest.raises(QuantkitError, match="LayerNormalization"):
+        choose_transform(tiny_gpt2_export.onnx_path, "rotate")
+
+
+def test_default_parts_are_disjoint(tmp_path) -> None:
+    from quantkit.oneshot import default_parts
+
+    path = tmp_path / "text.txt"
+    path.write_text("line\n" * 10)
+    parts = default_parts(str(path))
+    assert [parts[r].split for r in ("calibration", "tuning", "evaluation")] == [
+        "calibration[:40%]", "tuning[40%:50%]", "evaluation[50%:]"]
+    hub = default_parts("wikitext")
+    assert [hub[r].split for r in ("calibration", "tuning", "evaluation")] == [
+        "train", "validation", "test"]
+
+
+def test_bad_input_is_one_error_and_writes_nothing(fragile_export, tmp_path) -> None:
+    from quantkit.cli.main import cli
+
+    onnx = str(fragile_export.onnx_path.parent)
+    out = tmp_path / "q"
+    runner = CliRunner()
+    overlap = runner.invoke(cli, ["quantize", "--onnx", onnx, "--dataset", "sample",
+                                  "--tuning-split", "train[50%:]", "--out", str(out)])
+    assert overlap.exit_code == 2
+    assert "calibration: calibration.txt records 0-244" in overlap.output
+    assert not out.exists()
+    both = runner.invoke(cli, ["quantize", "--onnx", onnx, "--model", "x", "--dataset",
+                               "sample", "--out", str(out)])
+    assert both.exit_code == 2 and "either --model or --onnx" in both.output
+    budget = runner.invoke(cli, ["quantize", "--onnx", onnx, "--dataset", "sample",
+                                 "--max-ppl-increase", "lots", "--out", str(out)])
+    assert budget.exit_code == 2 and budget.output.count("Error:") == 1
+    assert not out.exists()
