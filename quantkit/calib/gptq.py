@@ -103,8 +103,9 @@ def collect_hessians(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]
             rows = value.reshape(-1, value.shape[-1])
             if keep is not None and len(keep) == len(rows):
                 rows = rows[keep]
-            rows = rows.astype(np.float64)
-            gram = rows.T @ rows
+            # each batch's product in float32 (BLAS sgemm, twice dgemm's speed; a batch holds a
+            # few thousand tokens), summed over batches in float64
+            gram = (rows.T @ rows).astype(np.float64)
             hessians[name] = gram if name not in hessians else hessians[name] + gram
         tokens += int(keep.sum()) if keep is not None else int(next(iter(feeds.values())).size)
     if not hessians:
@@ -198,7 +199,9 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
 def _output_error(weight: np.ndarray, q: np.ndarray, scale: np.ndarray, h: np.ndarray) -> float:
     """``trace(D^T H D)`` with ``D = W - q * scale``: the squared output error on the data."""
     d = weight.astype(np.float64) - q.astype(np.float64) * scale[None, :]
-    return float(np.einsum("ij,ik,kj->", d, h, d))
+    # sum_ij d_ij (H d)_ij: one BLAS product (a three-operand einsum loops in C without BLAS,
+    # 20x slower: 4.4 s for one 1536 x 576 weight, minutes over SmolLM2's 211 weights)
+    return float(np.sum(d * (h @ d)))
 
 
 def weights_digest(weights: Mapping[str, QuantizedWeight] | None) -> str | None:
