@@ -287,6 +287,9 @@ class TokenBlocks:
         for name in ("seq_len", "num_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise QuantkitError(f"{name.replace('_', '-')} must be at least 1")
+        from quantkit.models import check_tokenizer
+
+        check_tokenizer(self.tokenizer)  # an empty tokenizer would yield no blocks at all
 
     @property
     def blocks(self) -> np.ndarray:

@@ -54,6 +54,10 @@ def export_model(
             "the dynamo exporter emits opset 18; at 17 it leaves a Split node the checker rejects",
         )
     out = Path(out)
+    if loaded.tokenizer is not None:  # an empty tokenizer saved beside the export poisons it
+        from quantkit.models import check_tokenizer
+
+        check_tokenizer(loaded.tokenizer)
     with atomic_output_dir(out, force=force) as tmp:
         onnx_path = tmp / ONNX_NAME
         proto = _export_proto(loaded.model, opset, with_nll)
