@@ -18,6 +18,7 @@ from typing import Any
 from quantkit.artifacts import (
     MANIFEST_NAME,
     atomic_write_json,
+    make_dirs,
     read_json,
     sha256_file,
     sha256_json,
@@ -104,7 +105,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     """
     command = command or f"quantkit run (recipe '{recipe.name}')"
     work = Path(workdir or recipe.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    make_dirs(work)  # an unwritable workdir: one clear error before any step runs
     state = _State(work)
     outcome = RunOutcome(work)
 
@@ -200,7 +201,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
                         uses_table: bool = uses_table) -> None:
             from quantkit.build import build_engine
 
-            engine_dir.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(engine_dir.parent)
             build_engine(engine_dir, precision=engine.precision, onnx=onnx_dir,
                          table=table if uses_table else None,
                          plan=Path(engine.plan) if engine.plan else None,
