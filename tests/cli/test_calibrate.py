@@ -78,8 +78,9 @@ def test_user_errors_are_one_line(export_dir, tmp_path, args, message):
     out = tmp_path / "o"
     result = invoke("--onnx", str(export_dir), *SMALL, *args, "--out", str(out))
     assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.output
+    lines = result.output.rstrip("\n").splitlines()  # no blank line before the error either
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], \
+        result.output
     assert not out.exists()
 
 
