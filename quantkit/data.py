@@ -218,8 +218,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _hub_error(source: TextSource) -> QuantkitError:
     return QuantkitError(
         f"cannot reach the Hugging Face Hub to read dataset '{source.name}'",
-        "pass a local file or folder instead, e.g. --dataset "
-        "../shared/data/wikitext-2-raw/wiki.test.raw, or --dataset sample (bundled)",
+        "connect to the Hub (the dataset is downloaded once and cached), or pass a local "
+        ".txt/.raw/.jsonl/.parquet file or folder, or --dataset sample (bundled, offline)",
     )
 
 
