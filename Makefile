@@ -21,11 +21,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/quantkit demo
 
-$(STUBS)/tensorrt:
-	bash ../shared/tools/prepare-tensorrt-stubs $(STUBS)
+# TensorRT 10.13 type stubs for mypy, from PyPI (tensorrt-stubs, --no-deps), patched to parse
+$(STUBS)/tensorrt: tools/prepare_tensorrt_stubs.py | install
+	$(PY) tools/prepare_tensorrt_stubs.py $(STUBS)
 
 lint: install
-	$(PY) -m ruff check quantkit tests benchmarks
+	$(PY) -m ruff check quantkit tests benchmarks tools
 
 typecheck: install $(STUBS)/tensorrt
 	$(PY) -m mypy quantkit/backends/tensorrt

@@ -92,7 +92,11 @@ def gpt2_tokenizer() -> Any:
         return None
     from transformers import GPT2Tokenizer
 
-    return GPT2Tokenizer(vocab=str(vocab), merges=str(vocab.parent / "merges.txt"))
+    from quantkit.models import check_tokenizer
+
+    # `vocab=`/`merges=` paths: transformers 5 builds an empty tokenizer from vocab_file=
+    return check_tokenizer(GPT2Tokenizer(vocab=str(vocab), merges=str(vocab.parent / "merges.txt")),
+                           vocab.parent)
 
 
 def export_smollm2(workdir: Path, given: Path | None) -> tuple[Path, Any]:

@@ -25,11 +25,52 @@ from quantkit.errors import QuantkitError
 MANIFEST_NAME = "manifest.json"
 
 
+UNWRITABLE_HINT = "choose an output path in a directory you can write to"
+
+
+def unwritable(path: Path, exc: OSError) -> QuantkitError:
+    """The one-line error for an output that cannot be created (permission, read-only or
+    virtual file system, a file where a directory should be, disk full)."""
+    return QuantkitError(f"cannot write {path}: {exc.strerror or exc}", UNWRITABLE_HINT)
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, before any work, if ``path`` could not be created.
+
+    The nearest existing ancestor must be a directory in which an entry can be made. That is
+    tried (a temporary directory, removed at once) rather than judged from permission bits,
+    which say nothing when running as root, or on /proc and read-only mounts."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise QuantkitError(f"cannot write {path}: {ancestor} is not a directory",
+                            UNWRITABLE_HINT)
+    try:
+        probe = tempfile.mkdtemp(prefix=".quantkit-probe-", dir=ancestor)
+    except OSError as exc:
+        raise QuantkitError(f"cannot write {path}: nothing can be created in {ancestor} "
+                            f"({exc.strerror or exc})", UNWRITABLE_HINT) from None
+    os.rmdir(probe)
+
+
+def make_dirs(directory: Path) -> None:
+    """``mkdir -p`` whose failure is one clear QuantkitError instead of a traceback."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(Path(directory), exc) from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise unwritable(path, exc) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
@@ -37,9 +78,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # disk full, a directory in the way: one line, exit 2
+            raise unwritable(path, exc) from None
         raise
 
 
@@ -76,10 +119,12 @@ def read_json(path: Path) -> Any:
 
 
 def check_can_write(path: Path, force: bool) -> None:
-    """Refuse to replace an existing output unless ``force`` is set."""
+    """Refuse to replace an existing output unless ``force`` is set, and refuse an output that
+    could not be created at all (every command calls this before its work)."""
     path = Path(path)
     if path.exists() and not force:
         raise QuantkitError(f"{path} already exists", "pass --force to replace it")
+    check_writable(path)
 
 
 @contextlib.contextmanager
@@ -91,8 +136,11 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     check_can_write(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    make_dirs(out.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise unwritable(out, exc) from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs should not be
     try:
         yield tmp

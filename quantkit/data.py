@@ -275,8 +275,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _hub_error(source: TextSource) -> QuantkitError:
     return QuantkitError(
         f"cannot reach the Hugging Face Hub to read dataset '{source.name}'",
-        "pass a local file or folder instead, e.g. --dataset "
-        "../shared/data/wikitext-2-raw/wiki.test.raw, or --dataset sample (bundled)",
+        "connect to the Hub (the dataset is downloaded once and cached), or pass a local "
+        ".txt/.raw/.jsonl/.parquet file or folder, or --dataset sample (bundled, offline)",
     )
 
 
@@ -346,6 +346,9 @@ class TokenBlocks:
         for name in ("seq_len", "num_samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise QuantkitError(f"{name.replace('_', '-')} must be at least 1")
+        from quantkit.models import check_tokenizer
+
+        check_tokenizer(self.tokenizer)  # an empty tokenizer would yield no blocks at all
 
     @property
     def blocks(self) -> np.ndarray:

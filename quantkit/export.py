@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,14 @@ def export_model(
     with_nll: bool = False,
     force: bool = False,
     check_tolerance: float = CHECK_TOLERANCE,
+    on_phase: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export ``loaded`` (a ``quantkit.models.LoadedModel``) into the directory ``out``."""
+    """Export ``loaded`` (a ``quantkit.models.LoadedModel``) into the directory ``out``.
+
+    ``on_phase`` is told each phase as it starts (the export takes minutes on a real model)."""
     import onnx
+
+    phase = on_phase or (lambda _: None)
 
     if opset < 18:
         raise QuantkitError(
@@ -54,12 +60,20 @@ def export_model(
             "the dynamo exporter emits opset 18; at 17 it leaves a Split node the checker rejects",
         )
     out = Path(out)
+    if loaded.tokenizer is not None:  # an empty tokenizer saved beside the export poisons it
+        from quantkit.models import check_tokenizer
+
+        check_tokenizer(loaded.tokenizer)
     with atomic_output_dir(out, force=force) as tmp:
         onnx_path = tmp / ONNX_NAME
+        phase("exporting to ONNX (torch.onnx.export, dynamo)")
         proto = _export_proto(loaded.model, opset, with_nll)
+        phase("naming nodes and saving the ONNX graph")
         rename_by_module_path(proto, prefix=f"{_WRAPPER_ATTR}.")
         _save(proto, onnx_path)
+        phase("checking the ONNX graph")
         onnx.checker.check_model(str(onnx_path), full_check=True)
+        phase("comparing ONNX Runtime with PyTorch on a padded batch")
         check = check_against_torch(onnx_path, loaded.model)
         if check["relative_error"] > check_tolerance:
             raise QuantkitError(

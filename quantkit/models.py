@@ -185,6 +185,7 @@ def load_model(model: str, trust_remote_code: bool = False) -> LoadedModel:
         raise QuantkitError(f"could not load model from {location}: {exc}") from None
     except ValueError as exc:
         raise QuantkitError(f"could not load model '{model}': {exc}") from None
+    check_tokenizer(tokenizer, model)
     hf_model.eval()
     source["revision"] = getattr(hf_model.config, "_commit_hash", None)
     source["architecture"] = (hf_model.config.architectures or [type(hf_model).__name__])[0]
@@ -222,7 +223,38 @@ def load_tokenizer(directory: Path) -> Any:
         )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    return check_tokenizer(AutoTokenizer.from_pretrained(str(directory)), directory)
+
+
+TOKENIZER_PROBE = "Hello world"
+
+
+def check_tokenizer(tokenizer: Any, where: str | Path | None = None) -> Any:
+    """Return ``tokenizer`` if it turns a short text into token ids, else raise QuantkitError.
+
+    Why: a tokenizer can load without error and still be empty (transformers 5 builds one from
+    ``GPT2TokenizerFast(vocab_file=..., merges_file=...)``, and saves and reloads it as such);
+    every text then becomes zero tokens and calibration or evaluation would run on nothing.
+    ``where`` names its origin (a directory or model id) in the message.
+    """
+    name = type(tokenizer).__name__
+    origin = where if where is not None else getattr(tokenizer, "name_or_path", None)
+    label = f"{name} from {origin}" if origin else name
+    try:
+        ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    except Exception as exc:  # any tokenizer library error: report it, do not crash
+        raise QuantkitError(
+            f"the tokenizer ({label}) cannot encode text: {type(exc).__name__}: {exc}"
+        ) from None
+    if len(ids) == 0:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else "?"
+        raise QuantkitError(
+            f"the tokenizer ({label}) is empty: it encodes {TOKENIZER_PROBE!r} to no token ids "
+            f"(vocabulary size {size})",
+            "rebuild it from its vocabulary: with transformers 5 GPT2TokenizerFast(vocab=<dict>, "
+            "merges=<list of pairs>), not vocab_file=/merges_file=; or re-export the model",
+        )
+    return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

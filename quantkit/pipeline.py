@@ -18,12 +18,14 @@ from typing import Any
 from quantkit.artifacts import (
     MANIFEST_NAME,
     atomic_write_json,
+    make_dirs,
     read_json,
     sha256_file,
     sha256_json,
 )
 from quantkit.config import Recipe
 from quantkit.errors import QuantkitError
+from quantkit.progress import StepProgress
 
 STATE_NAME = "run-state.json"
 RESULTS_NAME = "results.json"
@@ -71,10 +73,22 @@ class _State:
             and entry.get("artifact") == _artifact_hash(artifact)
 
     def owns(self, step: str) -> bool:
-        return step in self.steps
+        return step in self.steps and "skipped" not in self.steps[step]
 
     def record(self, step: str, key: str, artifact: Path) -> None:
         self.steps[step] = {"key": key, "artifact": _artifact_hash(artifact)}
+        self._save()
+
+    def skipped(self, step: str, key: str) -> str | None:
+        """Why an optional step was skipped by an earlier run with the same key, if it was."""
+        entry = self.steps.get(step) or {}
+        return entry.get("skipped") if entry.get("key") == key else None
+
+    def record_skip(self, step: str, key: str, reason: str) -> None:
+        self.steps[step] = {"key": key, "skipped": reason}
+        self._save()
+
+    def _save(self) -> None:
         atomic_write_json(self.path, {"schema": "quantkit.run-state/1", "steps": self.steps})
 
 
@@ -84,6 +98,14 @@ def _artifact_hash(path: Path) -> str:
         manifest = path / MANIFEST_NAME
         return sha256_file(manifest) if manifest.is_file() else ""
     return sha256_file(path) if path.is_file() else ""
+
+
+def _environment_key() -> dict[str, Any]:
+    """What an optional step's "cannot be done here" verdict depends on besides its settings:
+    the installed libraries (an ONNX Runtime with CUDA, TensorRT) and the machine."""
+    from quantkit.environment import cpu_model, library_versions
+
+    return {"libraries": library_versions(), "cpu": cpu_model()}
 
 
 def _plan_digest(plan: str | None) -> str | None:
@@ -110,21 +132,26 @@ def check_recipe_texts(recipe: Recipe) -> None:
 
 
 def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = False,
-               say: Say = print, progress: bool = False,
+               say: Say = print, progress: bool = False, heartbeat: float = 10.0,
                command: str | None = None) -> RunOutcome:
     """Run (or resume) ``recipe``; return where everything is and which steps were reused.
 
+    ``progress``: draw rich progress on stderr (a terminal); otherwise long steps report
+    through ``say``: each phase, and a line every ``heartbeat`` seconds (0: every batch).
     ``command`` is the command line to record in the results and the report.
+    An optional step that could not be done here is remembered with its reason (keyed by its
+    settings and the installed libraries), so a rerun does not check it again.
     """
+
     command = command or f"quantkit run (recipe '{recipe.name}')"
     check_recipe_texts(recipe)
     work = Path(workdir or recipe.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    make_dirs(work)  # an unwritable workdir: one clear error before any step runs
     state = _State(work)
     outcome = RunOutcome(work)
 
-    def step(name: str, key_parts: Any, artifact: Path, make: Callable[[bool], None],
-             optional: bool = False) -> bool:
+    def step(name: str, key_parts: Any, artifact: Path,
+             make: Callable[[bool, StepProgress], None], optional: bool = False) -> bool:
         """Run or reuse one step; False when an optional step could not be done here."""
         key = sha256_json(key_parts)
         start = time.perf_counter()
@@ -132,16 +159,26 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
             outcome.steps.append(StepOutcome(name, artifact, True, 0.0))
             say(f"{name}: reused {artifact}")
             return True
+        skip_key = sha256_json({"step": key, "environment": _environment_key()}) \
+            if optional else ""
+        earlier = state.skipped(name, skip_key) if optional else None
+        if earlier is not None and not artifact.exists():
+            outcome.steps.append(StepOutcome(name, artifact, True, 0.0, skipped=earlier))
+            say(f"{name}: skipped (optional; same settings and libraries as the run that "
+                f"found it cannot be built here, reason in {state.path.name})")
+            return False
         replace = artifact.exists()
         if replace and not (force or state.owns(name)):
             raise QuantkitError(f"{artifact} exists but was not made by this recipe's run",
                                 "pass --force to replace it, or use another workdir")
         say(f"{name}: running ...")
         try:
-            make(replace)
+            with StepProgress(name, say, tty=progress, every=heartbeat) as reporter:
+                make(replace, reporter)
         except QuantkitError as exc:
             if not optional:
                 raise
+            state.record_skip(name, skip_key, str(exc))
             outcome.steps.append(StepOutcome(name, artifact, False, 0.0, skipped=str(exc)))
             say(f"{name}: skipped (optional): {exc}")
             return False
@@ -154,13 +191,14 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     # 1. export ---------------------------------------------------------------------------
     export_dir = work / "export"
 
-    def make_export(replace: bool) -> None:
+    def make_export(replace: bool, reporter: StepProgress) -> None:
         from quantkit.export import export_model
         from quantkit.models import load_model
 
+        reporter.phase(f"loading {recipe.model}")
         loaded = load_model(recipe.model, trust_remote_code=recipe.trust_remote_code)
         export_model(loaded, export_dir, opset=recipe.export.opset,
-                     with_nll=recipe.export.with_nll, force=replace)
+                     with_nll=recipe.export.with_nll, force=replace, on_phase=reporter.phase)
 
     step("export", {"model": recipe.model, "trust_remote_code": recipe.trust_remote_code,
                     "export": {"opset": recipe.export.opset,
@@ -168,7 +206,8 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     if recipe.export.rotate:  # every later step reads the rotated export
         rotated_dir = work / "rotated"
 
-        def make_rotation(replace: bool, source: Path = export_dir) -> None:
+        def make_rotation(replace: bool, reporter: StepProgress,
+                          source: Path = export_dir) -> None:
             from quantkit.export import find_onnx
             from quantkit.rotation import rotate_export
 
@@ -185,7 +224,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     onnx_dir = calib_dir / "smoothed" if cal.smoothquant is not None else export_dir
 
     # 2. calibration (with SmoothQuant when the recipe asks) ------------------------------------
-    def make_calibration(replace: bool) -> None:
+    def make_calibration(replace: bool, reporter: StepProgress) -> None:
         from quantkit.calib.run import CalibrationRequest, run_calibration
 
         request = CalibrationRequest(
@@ -195,7 +234,13 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
             seq_len=cal.seq_len, batch_size=cal.batch_size, seed=cal.seed, method=cal.method,
             params=dict(cal.params), tensors=cal.tensors, weights=cal.weights,
             gptq_samples=cal.gptq_samples)
-        run_calibration(request, calib_dir, force=replace)
+        def on_blocks(blocks: Any) -> None:
+            reporter.phase("collecting activation statistics")
+            reporter.total(len(blocks), "batches")
+
+        reporter.phase("reading the text and choosing token blocks")
+        run_calibration(request, calib_dir, force=replace, progress=reporter.advance,
+                        on_blocks=on_blocks)
 
     needs_table = cal.smoothquant is not None or any(
         e.precision in ("int8", "mixed") for e in recipe.engines)
@@ -211,11 +256,11 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
         engine_dir = work / "engines" / engine.name
         uses_table = engine.precision in ("int8", "mixed")
 
-        def make_engine(replace: bool, engine: Any = engine, engine_dir: Path = engine_dir,
-                        uses_table: bool = uses_table) -> None:
+        def make_engine(replace: bool, reporter: StepProgress, engine: Any = engine,
+                        engine_dir: Path = engine_dir, uses_table: bool = uses_table) -> None:
             from quantkit.build import build_engine
 
-            engine_dir.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(engine_dir.parent)
             build_engine(engine_dir, precision=engine.precision, onnx=onnx_dir,
                          table=table if uses_table else None,
                          plan=Path(engine.plan) if engine.plan else None,
@@ -232,7 +277,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     # 4. evaluation ------------------------------------------------------------------------
     results = work / RESULTS_NAME
 
-    def make_results(replace: bool) -> None:
+    def make_results(replace: bool, reporter: StepProgress) -> None:
         from quantkit.eval.evaluate import EvalConfig, evaluate_engines
         from quantkit.eval.results import write_results
 
@@ -249,7 +294,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
         # 5. report ------------------------------------------------------------------------
         report_dir = work / "report"
 
-        def make_report(replace: bool) -> None:
+        def make_report(replace: bool, reporter: StepProgress) -> None:
             from quantkit.report import build_report
 
             build_report([results], report_dir,

@@ -109,7 +109,10 @@ def gpt2_tokenizer():
     from transformers import GPT2Tokenizer
 
     # transformers 5: the vocab and merges file paths go in as `vocab=` and `merges=`
-    return GPT2Tokenizer(vocab=str(vocab), merges=str(vocab.parent / "merges.txt"))
+    # (`vocab_file=`/`merges_file=` build an empty tokenizer); check the known GPT-2 ids
+    tokenizer = GPT2Tokenizer(vocab=str(vocab), merges=str(vocab.parent / "merges.txt"))
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

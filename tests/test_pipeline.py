@@ -44,7 +44,7 @@ def recipe_file(tmp_path_factory, tiny_llama):
 def test_run_then_resume_then_invalidate_one_engine(recipe_file):
     recipe = Recipe.load(recipe_file)
     lines: list[str] = []
-    first = run_recipe(recipe, say=lines.append)
+    first = run_recipe(recipe, say=lines.append, heartbeat=0)  # 0: a line per batch
     names = [s.name for s in first.steps]
     assert names == ["export", "calibrate", "build fp32", "build fp16", "build int8",
                      "build mixed", "eval", "report"]
@@ -54,9 +54,23 @@ def test_run_then_resume_then_invalidate_one_engine(recipe_file):
     results = json.loads(first.results.read_text())
     assert [e["name"] for e in results["engines"]] == ["fp32", "int8", "mixed"]
     assert first.report_html.is_file()
+    # long steps say what they are doing: export phases, calibration batches i/N
+    progress = [line.rsplit(" (", 1)[0] for line in lines]
+    for expected in ("export: loading", "export: exporting to ONNX (torch.onnx.export, dynamo)",
+                     "export: comparing ONNX Runtime with PyTorch on a padded batch",
+                     "calibrate: collecting activation statistics 1/2 batches",
+                     "calibrate: collecting activation statistics 2/2 batches"):
+        assert any(p.startswith(expected) for p in progress), (expected, lines)
 
+    lines.clear()
     again = run_recipe(recipe, say=lines.append)
     assert [s.reused for s in again.steps if not s.skipped] == [True] * 7
+    # the optional FP16 engine's verdict is remembered: not checked, nor explained, again
+    assert [s.name for s in again.steps if s.skipped] == ["build fp16"]
+    assert again.steps[3].reused and "float16" in (again.steps[3].skipped or "")
+    fp16_lines = [line for line in lines if line.startswith("build fp16:")]
+    assert len(fp16_lines) == 1 and "same settings and libraries" in fp16_lines[0], lines
+    assert not any("float16 kernel" in line for line in lines)
 
     # a changed plan rebuilds that engine, then eval and report; nothing else
     plan_path = recipe.engines[3].plan

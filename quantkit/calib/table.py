@@ -15,6 +15,9 @@ TABLE_FORMAT = "quantkit-calibration-table"
 TABLE_VERSION = 1
 INT8_MAX = 127.0
 WEIGHTS_FILE = "weights.npz"  # GPTQ int8 weights beside table.json (quantkit.calib.gptq)
+# a calibration directory (quantkit calibrate) holds the table and the same scales as a cache
+TABLE_FILE = "table.json"
+CACHE_BESIDE = "calibration.cache"
 
 
 @dataclass
@@ -156,7 +159,38 @@ class CalibrationTable:
                                     f"{beside.name}, which is not beside it",
                                     "copy the whole calibration directory, or recalibrate")
             table.weights = load_weights(beside)
+        if path.name == TABLE_FILE and (path.parent / CACHE_BESIDE).exists():
+            check_cache_beside(path, table)
         return table
+
+
+def check_cache_beside(path: Path, table: CalibrationTable) -> None:
+    """Refuse a calibration directory whose ``calibration.cache`` is corrupt or does not hold
+    ``table``'s scales.
+
+    Checked by design, not ignored: quantkit's own builds make TensorRT caches from the table,
+    but the cache beside it is what users hand to other TensorRT tools (``trtexec --calib``), so a
+    damaged or stale one would go unnoticed until an engine came out wrong. A table without a
+    cache beside it is fine."""
+    from quantkit.calib.trt_cache import TrtCache, table_to_trt_cache
+
+    cache_path = path.parent / CACHE_BESIDE
+    hint = ("recalibrate, or delete it: quantkit builds its TensorRT caches from the table; "
+            "only other tools read this file")
+    try:
+        cache = TrtCache.read(cache_path)
+    except OSError as exc:
+        raise QuantkitError(f"cannot read {cache_path}: {exc.strerror or exc}", hint) from None
+    except QuantkitError as exc:  # its message names the file and the damage
+        raise QuantkitError(f"damaged calibration cache beside {path.name}: {exc.message}",
+                            hint) from None
+    expected = table_to_trt_cache(table, cache.version).scales
+    differ = sorted(n for n in expected.keys() | cache.scales.keys()
+                    if expected.get(n) != cache.scales.get(n))
+    if differ:
+        raise QuantkitError(
+            f"{cache_path} does not match {path.name} beside it: {len(differ)} of "
+            f"{len(expected)} tensor scales differ or are missing (e.g. {differ[0]!r})", hint)
 
 
 def _as_float(value: Any, name: str) -> float:

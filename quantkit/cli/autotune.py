@@ -47,8 +47,7 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
 
     \b
     quantkit autotune --onnx out/export --table out/calib/table.json \\
-        --dataset ../shared/data/wikitext-2-raw/wiki.test.raw --split "train[40%:50%]" \\
-        --max-ppl-increase 1% --out out/autotune
+        --dataset wikitext --split validation --max-ppl-increase 1% --out out/autotune
     """
     import dataclasses
 

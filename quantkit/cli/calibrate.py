@@ -103,22 +103,26 @@ def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: 
 
 
 class _Progress:
-    """A rich progress bar over batches with tokens/s, on stderr."""
+    """A rich progress bar over batches with tokens/s, on stderr.
+
+    The bar starts only once the blocks are chosen: an error before that (bad data, too little
+    text) is then the command's only output, not a line after an empty bar's blank line."""
 
     def __enter__(self) -> _Progress:
+        self.progress: Any = None
+        self.task: Any = None
+        self.started = time.perf_counter()
+        self.first: tuple[float, int] | None = None
+        return self
+
+    def start(self, blocks: Any) -> None:
         from quantkit.progress import progress_bar
 
         self.progress = progress_bar("calibrating",
                                      "batches  {task.fields[tokens_per_s]:,.0f} tokens/s")
         self.progress.__enter__()
-        self.task: Any = None
         self.started = time.perf_counter()
         self.first = None
-        return self
-
-    def start(self, blocks: Any) -> None:
-        self.started = time.perf_counter()
-        self.first: tuple[float, int] | None = None
         self.task = self.progress.add_task("calibrate", total=len(blocks), tokens_per_s=0.0)
 
     def advance(self, batches: int, tokens: int) -> None:
@@ -134,4 +138,5 @@ class _Progress:
         self.progress.update(self.task, completed=batches, tokens_per_s=rate)
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+        if self.progress is not None:
+            self.progress.__exit__(*exc)

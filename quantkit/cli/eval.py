@@ -109,6 +109,8 @@ def _print_table(results: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from quantkit.report.fmt import signed_percent
+
     data = results.dataset
     table = Table(title=f"{data['num_tokens']} tokens, {data['num_windows']} windows of "
                         f"{data['max_length']} (stride {data['stride']})")
@@ -122,8 +124,8 @@ def _print_table(results: Any) -> None:
             eng.name, eng.precision,
             "-" if eng.int8_coverage is None else f"{100 * eng.int8_coverage:.0f}%",
             f"{eng.perplexity:.3f}",
-            "-" if eng.delta_vs_fp32 is None else f"{eng.delta_vs_fp32.pct:+.3g}%",
-            "-" if eng.delta_vs_fp16 is None else f"{eng.delta_vs_fp16.pct:+.3g}%",
+            "-" if eng.delta_vs_fp32 is None else signed_percent(eng.delta_vs_fp32.pct),
+            "-" if eng.delta_vs_fp16 is None else signed_percent(eng.delta_vs_fp16.pct),
             "-" if eng.size_bytes is None else f"{eng.size_bytes / 1e6:.1f}",
         ]
         cells += [f"{p.p50_ms:.1f}" for p in eng.latency]

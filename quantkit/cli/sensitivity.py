@@ -23,8 +23,7 @@ def command(top: int, out: Path, force: bool, **kw: Any) -> None:
 
     \b
     quantkit sensitivity --onnx out/export --table out/calib/table.json \\
-        --dataset ../shared/data/wikitext-2-raw/wiki.test.raw --split "train[40%:50%]" \\
-        --out out/sensitivity
+        --dataset wikitext --split validation --out out/sensitivity
     """
     from quantkit.progress import progress_bar
     from quantkit.tune.sensitivity import run_sensitivity

@@ -113,7 +113,7 @@ def _align(table: Table, i: int) -> str:
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
        color: #1b1b1b; background: #ffffff; margin: 0; }
-main { max-width: 1180px; margin: 0 auto; padding: 24px 28px 60px; }
+main { max-width: 1320px; margin: 0 auto; padding: 24px 28px 60px; }
 h1 { font-size: 26px; margin: 0 0 6px; }
 h2 { font-size: 20px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid #ddd; }
 h3 { font-size: 16px; margin: 22px 0 8px; }
@@ -122,8 +122,9 @@ table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13px; }
 th, td { border: 1px solid #d6d6d6; padding: 4px 8px; vertical-align: top; }
 th { background: #f3f4f6; text-align: left; }
 td.r, th.r { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th.r { white-space: normal; }  /* long headers ("speedup vs FP32") wrap; numbers never do */
 tr.hl td { background: #eef6ee; font-weight: 600; }
-.scroll { overflow-x: auto; }
+.scroll { overflow-x: auto; max-width: 100%; }  /* a table wider than the page scrolls in place */
 figure { margin: 10px 0 18px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e3e3e3; }
 figcaption { color: #5f6368; font-size: 12.5px; margin-top: 4px; }

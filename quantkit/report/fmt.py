@@ -13,10 +13,22 @@ def ppl(value: float | None) -> str:
 
 
 def delta(d: Mapping[str, float] | None) -> str:
-    """``+0.123 (+0.71%)``."""
+    """``+0.123 (+0.71%)``; large ones ``+1,234.000 (+1,410%)``."""
     if d is None:
         return DASH
-    return f"{d['abs']:+.3f} ({d['pct']:+.2f}%)"
+    return f"{d['abs']:+,.3f} ({signed_percent(d['pct'])})"
+
+
+def signed_percent(value: float | None) -> str:
+    """A relative change already in percent, readable at any size: ``+0.71%``, ``-14.2%``,
+    ``+1,410%`` (never ``+1.41e+03%``)."""
+    if value is None:
+        return DASH
+    if abs(value) >= 100:
+        return f"{value:+,.0f}%"
+    if abs(value) >= 10:
+        return f"{value:+.1f}%"
+    return f"{value:+.2f}%"
 
 
 def ms(value: float | None) -> str:

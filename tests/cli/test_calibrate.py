@@ -78,8 +78,9 @@ def test_user_errors_are_one_line(export_dir, tmp_path, args, message):
     out = tmp_path / "o"
     result = invoke("--onnx", str(export_dir), *SMALL, *args, "--out", str(out))
     assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.output
+    lines = result.output.rstrip("\n").splitlines()  # no blank line before the error either
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], \
+        result.output
     assert not out.exists()
 
 
@@ -119,3 +120,42 @@ def test_calibrate_a_model_exports_it_first(tiny_gpt2, tmp_path):
     assert TrtCache.read(out / "calibration.cache").algorithm == "MinMaxCalibration"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"]["onnx"] == "export/model.onnx"
+
+
+def test_damaged_or_stale_cache_beside_the_table_is_named(export_dir, tmp_path):
+    """calibration.cache is checked against table.json whenever the table is loaded (build,
+    tune, report): other TensorRT tools read that file, so it must not be silently wrong."""
+    out = tmp_path / "calib"
+    assert invoke("--onnx", str(export_dir), *SMALL, "--out", str(out)).exit_code == 0
+    cache_path = out / "calibration.cache"
+    good = cache_path.read_bytes()
+
+    def build_error() -> str:
+        result = CliRunner().invoke(cli, ["build", "--onnx", str(export_dir), "--precision",
+                                          "int8", "--table", str(out / "table.json"),
+                                          "--out", str(tmp_path / "engine")])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "engine").exists()
+        return lines[0]
+
+    cache_path.write_bytes(b"\x00\x01 not a cache")
+    line = build_error()
+    assert f"damaged calibration cache beside table.json: {cache_path}" in line, line
+    assert "recalibrate, or delete it" in line
+
+    header, first, *rest = good.decode().splitlines()
+    name = first.rpartition(": ")[0]
+    cache_path.write_text("\n".join([header, f"{name}: 3f800000", *rest]) + "\n")
+    line = build_error()
+    assert f"{cache_path} does not match table.json beside it: 1 of" in line, line
+    assert repr(name) in line
+
+    cache_path.write_text("\n".join([header, *rest]) + "\n")  # one tensor missing
+    assert "does not match" in build_error()
+
+    cache_path.write_bytes(good)
+    assert CalibrationTable.load(out / "table.json").amax  # intact again: loads
+    cache_path.unlink()
+    assert CalibrationTable.load(out / "table.json").amax  # no cache beside it: fine

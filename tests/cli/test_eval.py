@@ -114,3 +114,17 @@ def test_help_imports_no_heavy_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True)
     assert json.loads(out.stdout.strip().replace("'", '"')) == []
+
+
+def test_table_prints_large_deltas_readably(capsys) -> None:
+    """A broken INT8 engine can be 14x worse: the table says +1,410%, not +1.41e+03%."""
+    import dataclasses
+
+    from quantkit.cli.eval import _print_table
+    from quantkit.eval.results import Delta
+
+    results = load_results(REPO / "tests" / "report" / "data" / "results-ort-cpu.json")
+    worse = dataclasses.replace(results.engines[-1], delta_vs_fp32=Delta(abs=300.0, pct=1410.3))
+    _print_table(dataclasses.replace(results, engines=[*results.engines[:-1], worse]))
+    out = capsys.readouterr().out
+    assert "+1,410%" in out and "e+03" not in out

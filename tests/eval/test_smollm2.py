@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.eval.engines import WIKITEXT_TEST
 from tests.eval.reference import hf_guide_perplexity
 
 pytestmark = pytest.mark.slow
@@ -12,10 +11,11 @@ pytestmark = pytest.mark.slow
 NUM_TOKENS = 2048  # 4 windows of 512
 
 
-def test_smollm2_fp32_engine_matches_pytorch(smollm2, smollm2_export, tmp_path_factory) -> None:
-    """``smollm2`` / ``smollm2_export`` are the session fixtures of tests/conftest.py."""
-    if not WIKITEXT_TEST.is_file():
-        pytest.skip(f"{WIKITEXT_TEST} not found (../shared is absent)")
+def test_smollm2_fp32_engine_matches_pytorch(wikitext_test_file, smollm2, smollm2_export,
+                                             tmp_path_factory) -> None:
+    """``smollm2`` / ``smollm2_export`` are the session fixtures of tests/conftest.py;
+    ``wikitext_test_file`` comes first so that, without ../shared, the test skips before the
+    model is fetched and exported."""
     from quantkit.backends import get_backend
     from quantkit.backends.base import BuildRequest
     from quantkit.data import resolve_text_source
@@ -29,7 +29,7 @@ def test_smollm2_fp32_engine_matches_pytorch(smollm2, smollm2_export, tmp_path_f
     )
     tokenizer = load_tokenizer(engine.path / "tokenizer")
     assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(smollm2.tokenizer)
-    text = load_evaluation_text(resolve_text_source(str(WIKITEXT_TEST), split="test"))
+    text = load_evaluation_text(resolve_text_source(str(wikitext_test_file), split="test"))
     ids = tokenize_text(tokenizer, text.text, limit_tokens=NUM_TOKENS).ids
     with engine.runner(threads=2) as runner:
         result = evaluate_perplexity(runner, ids, 512, 512, batch_size=2)

@@ -56,7 +56,12 @@ PROBE = """<script>
       sizes: images.map(function (i) { return [i.naturalWidth, i.naturalHeight]; }),
       resources: performance.getEntriesByType('resource').map(function (r) { return r.name; }),
       errors: errors,
-      title: document.title
+      title: document.title,
+      viewport: window.innerWidth,
+      pageWidth: document.documentElement.scrollWidth,
+      scrollBoxes: Array.prototype.map.call(document.querySelectorAll('.scroll'), function (d) {
+        return [d.scrollWidth, d.clientWidth];
+      })
     });
     document.body.appendChild(out);
   });
@@ -83,6 +88,9 @@ class PageReport:
     console: list[str]  # messages Chromium logged from the page's console
     title: str
     dom: str
+    viewport: int = 0  # window.innerWidth
+    page_width: int = 0  # the document's scroll width: > viewport means the page scrolls sideways
+    scroll_boxes: tuple[tuple[int, int], ...] = ()  # (content, visible) width of each .scroll box
 
 
 def _run(chromium: str, args: list[str], timeout: int = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -97,8 +105,10 @@ def console_messages(stderr: str) -> list[str]:
     return [m.group(1) for line in stderr.splitlines() if (m := _CONSOLE_LINE.search(line))]
 
 
-def inspect_page(chromium: str, html: Path, workdir: Path) -> PageReport:
-    """Load ``html`` (a probed copy, in ``workdir``) and return what the probe saw."""
+def inspect_page(chromium: str, html: Path, workdir: Path, width: int = 1280,
+                 height: int = 1000) -> PageReport:
+    """Load ``html`` (a probed copy, in ``workdir``) in a ``width`` x ``height`` window and
+    return what the probe saw."""
     text = html.read_text(encoding="utf-8")
     head = re.search(r"<head[^>]*>", text, flags=re.I)
     if head is None:
@@ -106,7 +116,8 @@ def inspect_page(chromium: str, html: Path, workdir: Path) -> PageReport:
     probed = workdir / f"probed-{html.name}"
     probed.write_text(text[:head.end()] + PROBE + text[head.end():], encoding="utf-8")
     proc = _run(chromium, ["--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000",
-                           "--dump-dom", probed.resolve().as_uri()])
+                           f"--window-size={width},{height}", "--dump-dom",
+                           probed.resolve().as_uri()])
     match = re.search(rf'<pre id="{PROBE_ID}">(.*?)</pre>', proc.stdout, flags=re.S)
     if match is None:
         raise AssertionError(
@@ -120,6 +131,8 @@ def inspect_page(chromium: str, html: Path, workdir: Path) -> PageReport:
         images=probe["images"], loaded=probe["loaded"], sizes=probe["sizes"],
         resources=probe["resources"], errors=probe["errors"],
         console=console_messages(proc.stderr), title=probe["title"], dom=proc.stdout,
+        viewport=probe["viewport"], page_width=probe["pageWidth"],
+        scroll_boxes=tuple((int(a), int(b)) for a, b in probe["scrollBoxes"]),
     )
 
 

@@ -52,6 +52,22 @@ def test_report_html_in_chromium(chromium, report, tmp_path):
     assert not is_blank(png)
 
 
+def test_tables_fit_or_scroll_inside_their_box(chromium, report, tmp_path):
+    """At 1400 px the engine table (13 columns) fits its container; in a narrower window wide
+    tables scroll inside their own box and the page itself never scrolls sideways."""
+    wide = inspect_page(chromium, report.html, tmp_path, width=1400)
+    assert wide.viewport == 1400 and wide.page_width <= wide.viewport
+    engines_table = wide.scroll_boxes[0]
+    assert engines_table[0] <= engines_table[1], wide.scroll_boxes
+    png, _ = screenshot(chromium, report.html, tmp_path / "report-1400.png", width=1400,
+                        height=900)
+    assert not is_blank(png)
+
+    narrow = inspect_page(chromium, report.html, tmp_path, width=900)
+    assert narrow.page_width <= narrow.viewport, (narrow.page_width, narrow.viewport)
+    assert narrow.scroll_boxes[0][0] > narrow.scroll_boxes[0][1]  # it scrolls in its box
+
+
 def test_probe_catches_broken_pages(chromium, tmp_path):
     """The checks above can fail: a broken image, a script error and console.error are seen."""
     pixel = base64.b64encode(b"not a png").decode()

@@ -43,6 +43,9 @@ def test_number_formats():
     assert fmt.delta({"abs": 0.18459, "pct": 0.88248}) == "+0.185 (+0.88%)"
     assert fmt.delta({"abs": -0.0029, "pct": -0.0139}) == "-0.003 (-0.01%)"
     assert fmt.delta(None) == "—"
+    assert fmt.delta({"abs": 1234.5, "pct": 1410.3}) == "+1,234.500 (+1,410%)"
+    assert [fmt.signed_percent(v) for v in (1410.3, -14.23, 0.882, 123456.0, None)] == \
+        ["+1,410%", "-14.2%", "+0.88%", "+123,456%", "—"]
     assert [fmt.ms(v) for v in (0.8801, 2.214, 151.04)] == ["0.880", "2.21", "151.0"]
     assert fmt.speedup(38.4 / 11.6) == "3.31×"
     assert fmt.percent(0.68022) == "68.0%"
