@@ -160,8 +160,11 @@ def choose_transform(onnx_path: Path, wanted: str) -> dict[str, Any]:
 
 
 def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
-             say: Callable[[str], None] = print, command: str | None = None) -> QuantizeResult:
-    """Run (or resume) every step into ``out``; return the result (also ``OUT/quantize.json``)."""
+             say: Callable[[str], None] = print, command: str | None = None,
+             progress: bool = False) -> QuantizeResult:
+    """Run (or resume) every step into ``out``; return the result (also ``OUT/quantize.json``).
+    ``progress``: a rich progress line per step on stderr (a terminal), else a heartbeat line
+    through ``say`` every 10 s of a long step."""
     from quantkit.artifacts import atomic_write_json
     from quantkit.data import resolve_text_source
     from quantkit.export import find_onnx
@@ -174,7 +177,7 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
                for role, p in config.parts.items()}
     check_roles_disjoint([role_of_source(role, s) for role, s in sources.items()])
     started = time.perf_counter()
-    steps = Steps(out, total=6 + (config.model is not None), say=say, force=force)
+    steps = Steps(out, total=6 + (config.model is not None), say=say, force=force, tty=progress)
 
     export_dir = out / "export"
     if config.model is not None:

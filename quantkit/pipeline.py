@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.artifacts import (
-    MANIFEST_NAME,
-    atomic_write_json,
     make_dirs,
-    read_json,
     sha256_file,
     sha256_json,
 )
 from quantkit.config import Recipe
 from quantkit.errors import QuantkitError
 from quantkit.progress import StepProgress
+from quantkit.steps import StepState, artifact_hash
 
 STATE_NAME = "run-state.json"
 RESULTS_NAME = "results.json"
@@ -55,49 +53,6 @@ class RunOutcome:
 
 
 Say = Callable[[str], None]
-
-
-class _State:
-    """run-state.json: step name -> {key, artifact (manifest or file hash)}."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.path = workdir / STATE_NAME
-        self.steps: dict[str, dict[str, str]] = {}
-        if self.path.is_file():
-            data = read_json(self.path)
-            self.steps = dict(data.get("steps", {}))
-
-    def matches(self, step: str, key: str, artifact: Path) -> bool:
-        entry = self.steps.get(step)
-        return bool(entry) and entry.get("key") == key and artifact.exists() \
-            and entry.get("artifact") == _artifact_hash(artifact)
-
-    def owns(self, step: str) -> bool:
-        return step in self.steps and "skipped" not in self.steps[step]
-
-    def record(self, step: str, key: str, artifact: Path) -> None:
-        self.steps[step] = {"key": key, "artifact": _artifact_hash(artifact)}
-        self._save()
-
-    def skipped(self, step: str, key: str) -> str | None:
-        """Why an optional step was skipped by an earlier run with the same key, if it was."""
-        entry = self.steps.get(step) or {}
-        return entry.get("skipped") if entry.get("key") == key else None
-
-    def record_skip(self, step: str, key: str, reason: str) -> None:
-        self.steps[step] = {"key": key, "skipped": reason}
-        self._save()
-
-    def _save(self) -> None:
-        atomic_write_json(self.path, {"schema": "quantkit.run-state/1", "steps": self.steps})
-
-
-def _artifact_hash(path: Path) -> str:
-    """A directory artifact is identified by its manifest, a file by its content."""
-    if path.is_dir():
-        manifest = path / MANIFEST_NAME
-        return sha256_file(manifest) if manifest.is_file() else ""
-    return sha256_file(path) if path.is_file() else ""
 
 
 def _environment_key() -> dict[str, Any]:
@@ -147,7 +102,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     check_recipe_texts(recipe)
     work = Path(workdir or recipe.workdir)
     make_dirs(work)  # an unwritable workdir: one clear error before any step runs
-    state = _State(work)
+    state = StepState(work / STATE_NAME, "quantkit.run-state/1")
     outcome = RunOutcome(work)
 
     def step(name: str, key_parts: Any, artifact: Path,
@@ -214,7 +169,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
             rotate_export(find_onnx(source), rotated_dir,
                           down_block=recipe.export.down_block, force=replace)
 
-        step("rotate", {"onnx": _artifact_hash(export_dir),
+        step("rotate", {"onnx": artifact_hash(export_dir),
                         "down_block": recipe.export.down_block}, rotated_dir, make_rotation)
         export_dir = rotated_dir
     cal = recipe.calibration
@@ -245,7 +200,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     needs_table = cal.smoothquant is not None or any(
         e.precision in ("int8", "mixed") for e in recipe.engines)
     if needs_table:
-        step("calibrate", {"onnx": _artifact_hash(export_dir), "calibration": asdict(cal)},
+        step("calibrate", {"onnx": artifact_hash(export_dir), "calibration": asdict(cal)},
              calib_dir, make_calibration)
     table = calib_dir / "table.json" if needs_table else None
 
@@ -267,8 +222,8 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
                          backend=engine.backend, options=dict(engine.options), force=replace)
 
         if step(f"build {engine.name}", {
-            "onnx": _artifact_hash(onnx_dir),
-            "table": _artifact_hash(calib_dir) if uses_table else None,
+            "onnx": artifact_hash(onnx_dir),
+            "table": artifact_hash(calib_dir) if uses_table else None,
             "engine": asdict(engine), "plan": _plan_digest(engine.plan),
         }, engine_dir, make_engine, optional=engine.optional):
             engine_dirs.append(engine_dir)
@@ -287,7 +242,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
         write_results(evaluated, results, force=True)
 
     if engine_dirs:
-        step("eval", {"engines": [_artifact_hash(d) for d in engine_dirs],
+        step("eval", {"engines": [artifact_hash(d) for d in engine_dirs],
                       "names": built_names,
                       "evaluation": asdict(recipe.evaluation)}, results, make_results)
 
@@ -301,7 +256,7 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
                          calibration=calib_dir if needs_table else None,
                          force=replace, command=command)
 
-        step("report", {"results": _artifact_hash(results),
-                        "calibration": _artifact_hash(calib_dir) if needs_table else None},
+        step("report", {"results": artifact_hash(results),
+                        "calibration": artifact_hash(calib_dir) if needs_table else None},
              report_dir, make_report)
     return outcome

@@ -27,6 +27,44 @@ def artifact_hash(path: Path) -> str:
     return sha256_file(path) if path.is_file() else ""
 
 
+class StepState:
+    """The step record file (``run-state.json`` of ``quantkit run``, ``steps.json`` of
+    ``quantkit quantize``): step name -> {key, artifact (manifest or file hash)}, or {key,
+    skipped: why} for an optional step that could not be done here."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = Path(path)
+        self.schema = schema
+        self.steps: dict[str, dict[str, str]] = {}
+        if self.path.is_file():
+            self.steps = dict(read_json(self.path).get("steps", {}))
+
+    def matches(self, step: str, key: str, artifact: Path) -> bool:
+        entry = self.steps.get(step)
+        return bool(entry) and entry.get("key") == key and artifact.exists() \
+            and entry.get("artifact") == artifact_hash(artifact)
+
+    def owns(self, step: str) -> bool:
+        return step in self.steps and "skipped" not in self.steps[step]
+
+    def record(self, step: str, key: str, artifact: Path) -> None:
+        self.steps[step] = {"key": key, "artifact": artifact_hash(artifact)}
+        self._save()
+
+    def skipped(self, step: str, key: str) -> str | None:
+        """Why an optional step was skipped by an earlier run with the same key, if it was."""
+        entry = self.steps.get(step) or {}
+        return entry.get("skipped") if entry.get("key") == key else None
+
+    def record_skip(self, step: str, key: str, reason: str) -> None:
+        self.steps[step] = {"key": key, "skipped": reason}
+        self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, {"schema": self.schema, "steps": self.steps})
+
+
 @dataclass
 class StepRecord:
     name: str
@@ -41,46 +79,44 @@ class StepRecord:
 
 @dataclass
 class Steps:
-    """Runs or reuses named steps in ``workdir``; ``say`` reports each one as it starts/ends."""
+    """Runs or reuses named steps in ``workdir``; ``say`` reports each one as it starts and
+    ends, and a long step's progress (``quantkit.progress.StepProgress``) while it runs."""
 
     workdir: Path
     total: int
     say: Callable[[str], None] = print
     force: bool = False
+    tty: bool = False
     records: list[StepRecord] = field(default_factory=list)
-    _state: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
-        self.path = self.workdir / "steps.json"
-        if self.path.is_file():
-            self._state = dict(read_json(self.path).get("steps", {}))
+        self.state = StepState(self.workdir / "steps.json", STEPS_SCHEMA)
 
     def run(self, name: str, key_parts: Any, artifact: Path,
             make: Callable[[bool], None]) -> Path:
         """Reuse ``artifact`` if made with the same key, else ``make(replace)`` it."""
+        from quantkit.progress import StepProgress
+
         key = sha256_json(key_parts)
         number = f"[{len(self.records) + 1}/{self.total}]"
-        entry = self._state.get(name) or {}
-        if (entry.get("key") == key and artifact.exists()
-                and entry.get("artifact") == artifact_hash(artifact)):
+        if self.state.matches(name, key, artifact):
             self.records.append(StepRecord(name, artifact, True, 0.0))
             self.say(f"{number} {name}: reused {artifact}")
             return artifact
         replace = artifact.exists()
-        if replace and not (self.force or name in self._state):
+        if replace and not (self.force or self.state.owns(name)):
             raise QuantkitError(f"{artifact} exists but was not made by this command",
                                 "pass --force to replace it, or use another --out")
         self.say(f"{number} {name} ...")
         start = time.perf_counter()
-        make(replace)
+        with StepProgress(f"{number} {name}", self.say, tty=self.tty):
+            make(replace)
         seconds = time.perf_counter() - start
-        self._state[name] = {"key": key, "artifact": artifact_hash(artifact)}
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, {"schema": STEPS_SCHEMA, "steps": self._state})
+        self.state.record(name, key, artifact)
         self.records.append(StepRecord(name, artifact, False, seconds))
         self.say(f"{number} {name}: done in {seconds:.0f} s")
         return artifact
 
 
-__all__ = ["Steps", "StepRecord", "artifact_hash"]
+__all__ = ["StepRecord", "StepState", "Steps", "artifact_hash"]

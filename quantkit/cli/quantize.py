@@ -87,7 +87,8 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
         eval_tokens=eval_tokens or None, seed=seed, threads=threads,
         trust_remote_code=trust_remote_code)
     result = run(config, out, force=force, say=click.echo,
-                 command=typed_command(click.get_current_context()))
+                 command=typed_command(click.get_current_context()),
+                 progress=sys.stderr.isatty())
     click.echo("")
     for label in ("fp32", "int8-naive", "quantized"):
         latency = result.p50_ms.get(label)
