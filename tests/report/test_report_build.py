@@ -179,3 +179,16 @@ def test_no_fp32_engine_and_no_latency_still_report(tmp_path):
     assert "No latency was measured." in md
     row = next(line for line in md.splitlines() if line.startswith("| int8 |"))
     assert "| 21.734 | — | +0.813 (+3.89%) | — | — | — | — | — |" in row
+
+
+def test_environment_names_the_instruction_set(tmp_path):
+    """Results record the CPU's instruction set (quantkit.environment); older ones say so."""
+    data = json.loads(ORT.read_text())
+    data["environment"]["isa"] = {"arch": "x86_64", "name": "avx2", "flags": ["avx2"],
+                                  "u8s8_saturates": True, "source": "/proc/cpuinfo"}
+    results = tmp_path / "results-avx2.json"
+    results.write_text(json.dumps(data))
+    md = build_report([results, TRT], tmp_path / "out").markdown.read_text()
+    assert ("| instruction set | avx2 (x86_64; ONNX Runtime's u8 x s8 kernels saturate here) |"
+            in md)
+    assert "| instruction set | not recorded |" in md  # the TensorRT fixture predates it
