@@ -77,7 +77,7 @@ class CpuIsa:
             "avx_vnni": "AVX-VNNI: exact u8 x s8 dot products",
             "avx512": "AVX-512 without VNNI: u8 x s8 kernels saturate",
             "avx2": "no VNNI: u8 x s8 kernels saturate",
-            "x86": "no AVX2: widening integer kernels",
+            "x86": "no AVX2: SSE integer kernels",
             "arm64_dotprod": "dot-product instructions (asimddp)",
             "arm64": "no dot-product instructions: widening integer kernels",
         }
@@ -138,11 +138,11 @@ def weight_layout_for(isa: CpuIsa) -> tuple[str, str]:
         return "u8", (f"{isa.name} without VNNI: ONNX Runtime's u8 x s8 kernels saturate int16 "
                       "pair sums; uint8 weights (zero point 128, the same values) run on its "
                       "u8 x u8 kernels, which do not")
-    if isa.arch == "x86_64" and isa.name == "unknown":
-        return "u8", ("x86 instruction set not detected: uint8 weights (zero point 128) are "
-                      "exact on every x86 kernel")
     if isa.name in ("avx512_vnni", "avx_vnni"):
         return "s8", f"{isa.name}: u8 x s8 dot products are exact and fastest"
+    if isa.arch == "x86_64":  # older or undetected x86: u8 x u8 is exact on every x86 kernel
+        return "u8", (f"{isa.name} x86 without VNNI: uint8 weights (zero point 128, the same "
+                      "values) run on ONNX Runtime's u8 x u8 kernels, exact on every x86 CPU")
     return "s8", f"{isa.name}: ONNX Runtime's integer kernels here do not saturate"
 
 

@@ -49,7 +49,7 @@ Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid
     (ALDER_LAKE_AVX_VNNI, "x86_64", "avx_vnni", False, "s8"),
     (SKYLAKE_X_AVX512, "x86_64", "avx512", True, "u8"),
     (EPYC_MILAN_AVX2, "x86_64", "avx2", True, "u8"),
-    (OLD_X86, "x86_64", "x86", False, "s8"),
+    (OLD_X86, "x86_64", "x86", False, "u8"),
     (GRAVITON2_DOTPROD, "aarch64", "arm64_dotprod", False, "s8"),
     (CORTEX_A53, "aarch64", "arm64", False, "s8"),
 ])
@@ -82,6 +82,7 @@ def test_only_the_first_flags_line_counts_and_words_match_whole():
     # "avx512_vnni" must not be found inside another flag, nor "avx2" inside "avx512..."
     text = "flags : sse2 avx avx512_vnnix avx2x\nflags : avx2 avx512_vnni\n"
     assert parse_cpu_isa(text, "x86_64").name == "x86"
+    assert weight_layout_for(parse_cpu_isa(text, "x86_64"))[0] == "u8"
 
 
 def test_this_machine_is_recorded_in_the_environment():

@@ -160,14 +160,14 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
     counts = m.get("as_built_counts")
     if counts:
         click.echo("Nodes as built: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    layout = m.get("weight_layout")
-    if layout:
-        click.echo(f"INT8 weights: {layout['layout']} ({layout['reason']})")
     fusion = m.get("onnxruntime_fusion")
     if fusion:
         kernels = ", ".join(f"{k} {v}" for k, v in sorted(fusion["integer_ops"].items()))
         click.echo(f"ONNX Runtime integer kernels: {kernels or 'none'}; Q/DQ left unfused: "
                    f"{len(fusion['unfused_dequantized_matmuls'])}")
+    layout = m.get("weight_layout")
+    if layout:
+        click.echo(f"INT8 weights: {layout['layout']} ({layout['reason']})")
 
 
 def parse_profile(text: str) -> dict[str, list[int]]:
