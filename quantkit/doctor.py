@@ -257,7 +257,7 @@ def check_rows(results: Sequence[CheckResult], checks: Sequence[TrtCheck] = TRT_
                ) -> list[tuple[str, ...]]:
     """Rows of the pass/fail table: check, status, measured, tolerance, against what, detail."""
     by_name = {c.name: c for c in checks}
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for r in results:
         check = by_name.get(r.name)
         rows.append((r.name, r.status.upper(),

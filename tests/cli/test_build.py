@@ -181,3 +181,24 @@ def test_build_from_a_model_exports_it_first(tiny_llama, tmp_path):
     both = one_line_error(invoke("build", "--model", model_dir, "--onnx", out, "--precision",
                                  "fp32", "--out", tmp_path / "x"))
     assert "exactly one of --onnx and --model" in both
+
+
+def test_eval_of_an_s8_engine_on_a_saturating_cpu_warns_in_one_line(
+        tiny_llama_export, table_file, tmp_path, monkeypatch):
+    from quantkit.environment import CpuIsa
+
+    out = tmp_path / "s8"
+    result = invoke("build", "--onnx", tiny_llama_export.directory, "--table", table_file,
+                    "--precision", "int8", "--out", out, "--weight-layout", "s8")
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr("quantkit.backends.onnxruntime.cpu_isa",
+                        lambda: CpuIsa("x86_64", "avx2", ("avx2",)))
+    result = invoke("eval", "--engine", out, "--dataset", "sample", "--split", "test",
+                    "--max-length", "32", "--limit-tokens", "100", "--latency-grid", "1x16",
+                    "--warmup", "0", "--iterations", "1", "--threads", "1",
+                    "--out", tmp_path / "results.json")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("Warning: ")]
+    assert len(warned) >= 1 and all("saturating u8 x s8 kernels" in w for w in warned)
+    assert "--weight-layout auto" in warned[0]
+    assert "Traceback" not in result.output and "QuantkitWarning" not in result.output
