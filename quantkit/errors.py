@@ -25,3 +25,8 @@ class MissingDependencyError(QuantkitError):
         )
         self.library = library
         self.extra = extra
+
+
+class QuantkitWarning(UserWarning):
+    """Something that makes numbers less trustworthy but is not an error (the CLI prints it as one
+    line on stderr)."""

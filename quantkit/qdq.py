@@ -12,6 +12,14 @@ What the rewrite produces (explicit quantization, the form TensorRT 10/11 and ON
   into the int8 initializer. Gemm biases stay float. The Q/DQ sit on the op's inputs and nowhere
   else, as TensorRT's Q/DQ placement guidance asks, so TensorRT and ONNX Runtime both fuse
   ``DQ -> op`` into an integer kernel.
+* **Weight layouts** (``QdqOptions.weight_layout``; ONNX Runtime engines only, TensorRT always
+  gets ``s8``): ``s8`` is the symmetric int8 weight above, which ONNX Runtime multiplies with its
+  u8 x s8 kernels (it turns int8 activation pairs into uint8 ones itself); on x86 without VNNI
+  those kernels add pairs of products into int16 with saturation. ``u8`` stores the same
+  integers plus 128 as uint8 with zero point 128: DequantizeLinear gives the very same values,
+  and ONNX Runtime runs them on its u8 x u8 kernels, which widen to int16 before multiplying and
+  cannot saturate. ``s7`` quantizes weights to [-63, 63] (``max|w| / 63``; ONNX Runtime's
+  ``reduce_range``): it cannot saturate either, but has half the weight resolution.
 * **One pair per consumer.** ONNX Runtime fuses ``DQ -> MatMul`` into an integer kernel only when
   the DequantizeLinear feeds that op alone, and its common-subexpression pass merges identical
   Q/DQ nodes back together (which is why ``quantize_static``'s ``DedicatedQDQPair`` does not help).
@@ -46,6 +54,9 @@ from quantkit.errors import QuantkitError
 from quantkit.plan import QUANTIZABLE_OP_TYPES, Precision, PrecisionPlan, int8_capable
 
 INT8_MAX = 127
+INT7_MAX = 63
+WEIGHT_LAYOUTS = ("s8", "u8", "s7")  # see the module docstring; quantkit.environment chooses
+U8_ZERO_POINT = 128
 FP16_MAX = float(np.finfo(np.float16).max)
 SHARED_INPUT_MODES = ("fuse", "dedicated")
 # ops whose output holds exactly the values of their first input (same range)
@@ -69,6 +80,7 @@ class QdqOptions:
 
     per_channel: bool = True
     shared_inputs: str = "fuse"
+    weight_layout: str = "s8"  # s8 | u8 | s7: how INT8 weights are stored (module docstring)
 
     def __post_init__(self) -> None:
         if self.shared_inputs not in SHARED_INPUT_MODES:
@@ -76,9 +88,32 @@ class QdqOptions:
                 f"unknown shared_inputs mode '{self.shared_inputs}'",
                 f"use one of: {', '.join(SHARED_INPUT_MODES)}",
             )
+        check_weight_layout(self.weight_layout)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"per_channel": self.per_channel, "shared_inputs": self.shared_inputs}
+        return {"per_channel": self.per_channel, "shared_inputs": self.shared_inputs,
+                "weight_layout": self.weight_layout}
+
+
+def check_weight_layout(layout: str) -> str:
+    if layout not in WEIGHT_LAYOUTS:
+        raise QuantkitError(f"unknown weight layout '{layout}'",
+                            f"use one of: {', '.join(WEIGHT_LAYOUTS)}")
+    return layout
+
+
+def weight_qmax(layout: str) -> int:
+    """The largest |integer| of a weight in ``layout`` (127, or 63 for ``s7``)."""
+    return INT7_MAX if check_weight_layout(layout) == "s7" else INT8_MAX
+
+
+def stored_weight(q: np.ndarray, layout: str) -> tuple[np.ndarray, np.generic]:
+    """The initializer and the zero point that store the symmetric integers ``q`` in ``layout``:
+    int8 with zero point 0, or for ``u8`` ``q + 128`` as uint8 with zero point 128
+    (DequantizeLinear gives the same values)."""
+    if layout == "u8":
+        return (q.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8), np.uint8(U8_ZERO_POINT)
+    return q.astype(np.int8), np.int8(0)
 
 
 @dataclass
@@ -103,30 +138,32 @@ class RewriteResult:
 
 
 # -- numerics ----------------------------------------------------------------------------------
-def symmetric_scale(amax: np.ndarray | float) -> np.ndarray:
-    """``amax / 127``; an all-zero channel or tensor gets scale 1 (its values quantize to 0)."""
+def symmetric_scale(amax: np.ndarray | float, qmax: int = INT8_MAX) -> np.ndarray:
+    """``amax / qmax`` (127 by default); an all-zero channel or tensor gets scale 1 (its values
+    quantize to 0)."""
     amax = np.asarray(amax, dtype=np.float64)
     if not np.all(np.isfinite(amax)):
         raise QuantkitError("cannot quantize a tensor whose range is not finite")
-    return np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    return np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
 
 
-def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 quantization of a weight, per channel along ``axis`` (None: per tensor).
+def quantize_weight(weight: np.ndarray, axis: int | None,
+                    qmax: int = INT8_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric integer quantization of a weight, per channel along ``axis`` (None: per tensor).
 
-    Returns ``(q, scale)`` with ``q`` int8 in [-127, 127] and ``scale`` float32 of shape
-    ``[weight.shape[axis]]`` (or a scalar)."""
+    Returns ``(q, scale)`` with ``q`` int8 in [-qmax, qmax] (127, or 63 for 7-bit weights) and
+    ``scale`` float32 of shape ``[weight.shape[axis]]`` (or a scalar)."""
     weight = np.asarray(weight, dtype=np.float32)
     if axis is None:
-        scale = symmetric_scale(np.max(np.abs(weight)))
-        q = np.clip(np.rint(weight / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+        scale = symmetric_scale(np.max(np.abs(weight)), qmax)
+        q = np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8)
         return q, scale.reshape(())
     axis = axis % weight.ndim
     reduce = tuple(i for i in range(weight.ndim) if i != axis)
-    scale = symmetric_scale(np.max(np.abs(weight), axis=reduce))
+    scale = symmetric_scale(np.max(np.abs(weight), axis=reduce), qmax)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(weight / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    q = np.clip(np.rint(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -416,7 +453,8 @@ class _Rewriter:
                     q_name, scale, axis = self._quantized_weight(
                         node, index, weight, attrs, base)
                     s_name = self._add_init(scale, f"{base}/scale")
-                    zp_name = self._add_init(np.zeros(scale.shape, np.int8), f"{base}/zero_point")
+                    _, zero = stored_weight(np.zeros((), np.int8), self.options.weight_layout)
+                    zp_name = self._add_init(np.full(scale.shape, zero), f"{base}/zero_point")
                     dq_out = self._unique(f"{base}/DequantizeLinear_output_0")
                     dq = helper.make_node(
                         "DequantizeLinear", [q_name, s_name, zp_name], [dq_out],
@@ -503,12 +541,16 @@ class _Rewriter:
         axis = weight_axis(node.op_type, index, value.ndim, attrs)
         per_axis = axis if self.options.per_channel else None
         key = (source, perm, per_axis)
+        layout = self.options.weight_layout
         q, scale = self._given_weight(source, perm, value, per_axis) or \
-            quantize_weight(value, per_axis)
+            quantize_weight(value, per_axis, weight_qmax(layout))
         if key in self._weight_cache:
             q_name = self._weight_cache[key]
         else:
-            q_name = self._add_init(q, f"{source}_int8" if perm is None else f"{source}_T_int8")
+            stored, _ = stored_weight(q, layout)
+            suffix = {"s8": "int8", "u8": "uint8", "s7": "int7"}[layout]
+            q_name = self._add_init(stored, f"{source}_{suffix}" if perm is None
+                                    else f"{source}_T_{suffix}")
             self._weight_cache[key] = q_name
         return q_name, scale, axis
 
@@ -520,6 +562,7 @@ class _Rewriter:
         given = self.weights.get(weight_key(source, perm))
         if given is None:
             return None
+        check_given_weights_layout(self.options.weight_layout)
         if axis is None:
             raise QuantkitError("the calibration table's int8 weights (GPTQ) are per output "
                                 "channel; this build asks for per-tensor weights",
@@ -637,6 +680,15 @@ class _Rewriter:
         self.graph.initializer.extend(keep)
         # element types changed (fp16) and tensors were added: let inference recompute them
         del self.graph.value_info[:]
+
+
+def check_given_weights_layout(layout: str) -> None:
+    """GPTQ weights are 8-bit integers: ``s8`` and ``u8`` store them as they are; ``s7`` would
+    round them a second time, undoing what GPTQ chose."""
+    if layout == "s7":
+        raise QuantkitError("the calibration table's GPTQ weights are 8-bit; the s7 weight "
+                            "layout would round them again to 7 bits",
+                            "build with weight_layout=u8 (exact on every x86 CPU) or s8")
 
 
 def float_node_precisions(model: Any) -> dict[str, str]:

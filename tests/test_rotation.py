@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from quantkit.cli.main import cli
 from quantkit.errors import QuantkitError
 from quantkit.plan import ROTATION_SEGMENT, PlanRecipe, PlanRule, Precision, resolve_plan
-from quantkit.qdq import linear_layer_macs, rewrite_model
+from quantkit.qdq import QdqOptions, linear_layer_macs, rewrite_model
 from quantkit.rotation import (
     online_factors,
     random_orthogonal,
@@ -21,7 +21,7 @@ from quantkit.rotation import (
     trace_residual,
 )
 from quantkit.tune.groups import groups_of_model
-from tests.build_helpers import make_table, run_onnx, token_feeds
+from tests.build_helpers import MACHINE_WEIGHT_LAYOUT, make_table, run_onnx, token_feeds
 from tests.conftest import loaded, make_tiny_llama
 
 
@@ -131,7 +131,8 @@ def _int8_error(onnx_path, calib, feed) -> float:
     model = onnx.load(str(onnx_path))
     plan = resolve_plan(PlanRecipe.uniform("int8"), model)
     table = make_table(onnx_path, calib)
-    int8 = rewrite_model(model, plan, table.amax).model
+    layout = QdqOptions(weight_layout=MACHINE_WEIGHT_LAYOUT)  # exact kernels on this CPU
+    int8 = rewrite_model(model, plan, table.amax, layout).model
     return _relative(run_onnx(onnx_path, feed), run_onnx(int8, feed))
 
 

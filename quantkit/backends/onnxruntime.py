@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from quantkit.backends.base import Backend, BuildRequest, Engine, Runner
-from quantkit.errors import MissingDependencyError, QuantkitError
+from quantkit.environment import CpuIsa, cpu_isa, weight_layout_for
+from quantkit.errors import MissingDependencyError, QuantkitError, QuantkitWarning
 from quantkit.export import ONNX_NAME, TOKENIZER_DIR, export_manifest, onnx_model_hash
 from quantkit.plan import NodeDecision, PlanRecipe, Precision, PrecisionPlan, resolve_plan
 from quantkit.qdq import (
+    WEIGHT_LAYOUTS,
     QdqOptions,
     RewriteResult,
     float_node_precisions,
@@ -74,6 +77,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "provider": None,  # execution provider the engine is built for (default: CUDA if present)
     "coverage_seq": 512,  # reference sequence length for the INT8 MAC coverage (batch 1)
     "verify": True,  # load the engine in ONNX Runtime and record which Q/DQ ops it fused
+    # INT8 weights: auto (for this machine's CPU) | s8 | u8 | s7 (quantkit.qdq's docstring)
+    "weight_layout": "auto",
 }
 INTEGER_OPS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "MatMulInteger",
                          "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"})
@@ -122,6 +127,8 @@ class OnnxRuntimeBackend(Backend):
             as_built = result.as_built
             fields["rewrite"] = {**result.summary(), "options": {
                 k: options[k] for k in ("per_channel", "shared_inputs")}}
+            fields["rewrite"]["options"]["weight_layout"] = resolve_weight_layout(
+                options, provider)[0]
             fields["fp16"] = {
                 "provider": provider,
                 "nodes": sum(1 for v in as_built.values() if v == "fp16"),
@@ -130,6 +137,8 @@ class OnnxRuntimeBackend(Backend):
             if fallback:
                 fields["plan_as_built"] = plan_used.to_dict()
         fields["as_built_counts"] = dict(sorted(Counter(as_built.values()).items()))
+        fields["weight_layout"] = (layout_record(options, provider)
+                                   if "int8" in as_built.values() else None)
         fields.update(coverage_fields(request.onnx_path, as_built, options, fields))
         fields["provider"] = provider
         if request.table is not None:
@@ -152,11 +161,35 @@ def build_options(given: Mapping[str, Any]) -> dict[str, Any]:
         raise QuantkitError(f"unknown onnxruntime build option(s): {', '.join(unknown)}",
                             f"known: {', '.join(DEFAULT_OPTIONS)}")
     options = {**DEFAULT_OPTIONS, **given}
+    if options["weight_layout"] not in ("auto", *WEIGHT_LAYOUTS):
+        raise QuantkitError(f"unknown weight_layout '{options['weight_layout']}'",
+                            f"use one of: auto, {', '.join(WEIGHT_LAYOUTS)}")
     QdqOptions(per_channel=bool(options["per_channel"]),
                shared_inputs=str(options["shared_inputs"]))  # validates
     if int(options["coverage_seq"]) < 1:
         raise QuantkitError("coverage_seq must be at least 1")
     return options
+
+
+def resolve_weight_layout(options: Mapping[str, Any], provider: str,
+                          isa: CpuIsa | None = None) -> tuple[str, str]:
+    """The INT8 weight layout of a build and why: the option when it names one, else for the CPU
+    provider the layout ``quantkit.environment.weight_layout_for`` gives this machine's (or
+    ``isa``'s) instruction set, and ``s8`` for other providers (GPUs have no such kernels)."""
+    layout = str(options.get("weight_layout", "auto"))
+    if layout != "auto":
+        return layout, "weight_layout option"
+    if provider != "CPUExecutionProvider":
+        return "s8", f"{provider}: symmetric int8 weights"
+    return weight_layout_for(isa or cpu_isa())
+
+
+def layout_record(options: Mapping[str, Any], provider: str) -> dict[str, Any]:
+    """What the manifest says about the INT8 weight layout: the layout, why, and the instruction
+    set of the machine that built it (the runner compares it with its own)."""
+    layout, reason = resolve_weight_layout(options, provider)
+    return {"layout": layout, "requested": str(options.get("weight_layout", "auto")),
+            "reason": reason, "built_on": cpu_isa().to_dict()}
 
 
 def effective_plan(request: BuildRequest, graph: Any) -> PrecisionPlan:
@@ -220,7 +253,8 @@ def rewrite_for_provider(
     model = _load_graph(request.onnx_path, with_weights=True)
     table = request.table
     qdq_options = QdqOptions(per_channel=bool(options["per_channel"]),
-                             shared_inputs=str(options["shared_inputs"]))
+                             shared_inputs=str(options["shared_inputs"]),
+                             weight_layout=resolve_weight_layout(options, provider)[0])
     amax = table.amax if table is not None else None
     skipped = table.skipped if table is not None else None
     weights = table.weights if table is not None else None
@@ -398,6 +432,29 @@ def _copy_onnx(src: Path, dst: Path) -> None:
         shutil.copyfile(data, dst.parent / data.name)
 
 
+# measured with benchmarks/int8_cpu_layouts.py on an AMD EPYC (family 25, AVX2, no VNNI), ONNX
+# Runtime 1.32, SmolLM2-135M, WikiText-2 (README "INT8 on CPUs without VNNI")
+S8_ON_AVX2_CONSEQUENCE = ("measured on SmolLM2-135M: perplexity 490.1 against 360.1 for the "
+                          "same engine's Q/DQ computed exactly, 186.6 against 157.0 with the "
+                          "down projections FP32")
+
+
+def saturation_warning(path: Path, manifest: Mapping[str, Any], isa: CpuIsa) -> str | None:
+    """One line when an INT8 engine with ``s8`` weights (built for a CPU with VNNI, or for
+    TensorRT) runs on ``isa`` whose u8 x s8 kernels saturate; None when it is exact here."""
+    record = manifest.get("weight_layout")
+    if record is None and "weight_layout" not in manifest and \
+            (manifest.get("as_built_counts") or {}).get("int8"):
+        record = {"layout": "s8"}  # built before quantkit recorded layouts: always s8
+    if not isa.u8s8_saturates or not record or record.get("layout") != "s8":
+        return None
+    built_on = (record.get("built_on") or {}).get("name", "another CPU")
+    return (f"{path} has s8 INT8 weights (built on {built_on}); this CPU ({isa.name}, no VNNI) "
+            f"runs them on ONNX Runtime's saturating u8 x s8 kernels, so its numbers are wrong "
+            f"here ({S8_ON_AVX2_CONSEQUENCE}); rebuild it on this machine with 'quantkit build "
+            f"... --weight-layout auto' (or u8)")
+
+
 OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                        "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -437,6 +494,11 @@ class OnnxRuntimeRunner(Runner):
             p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
         ]
         self._check_fp16(providers)
+        if providers and providers[0] == "CPUExecutionProvider" and \
+                self.optimization in ("extended", "all"):
+            message = saturation_warning(self.engine.path, self.engine.manifest, cpu_isa())
+            if message:
+                warnings.warn(message, QuantkitWarning, stacklevel=3)
         path = self.engine.path / str(self.engine.manifest.get("onnx", ENGINE_ONNX))
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)

@@ -36,6 +36,12 @@ from quantkit.cli.options import force_option, trust_remote_code_option
 @click.option("--provider", default=None,
               help="ONNX Runtime execution provider to build for (default: CUDA if present, "
                    "else CPU).")
+@click.option("--weight-layout", default=None, metavar="auto|s8|u8|s7",
+              help="onnxruntime: how INT8 weights are stored. auto (default) picks for this "
+                   "machine's CPU: s8 (int8, u8 x s8 kernels) where they are exact (VNNI, ARM), "
+                   "u8 (the same values as uint8 + 128, u8 x u8 kernels) on x86 without VNNI, "
+                   "where u8 x s8 saturates; s7: 7-bit weights. Name one to build for another "
+                   "machine ('quantkit doctor' says what this one gets).")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="Backend build option (repeatable; VALUE is read as YAML), e.g. for tensorrt "
                    "--option workspace_mib=4096 --option calibrator=minmax.")
@@ -72,7 +78,8 @@ from quantkit.cli.options import force_option, trust_remote_code_option
 def command(onnx_path: Path | None, model: str | None, table: Path | None, precision: str,
             plan_path: Path | None, backend: str, out: Path, per_tensor_weights: bool,
             shared_inputs: str | None, fp16_fallback: bool, provider: str | None,
-            extra: tuple[str, ...], profiles: tuple[str, ...], trt_mode: str | None,
+            weight_layout: str | None, extra: tuple[str, ...], profiles: tuple[str, ...],
+            trt_mode: str | None,
             constraints: str | None, timing_cache: Path | None, dataset: str | None,
             dataset_config: str | None, split: str | None, text_column: str | None,
             num_samples: int | None, seq_len: int | None, batch_size: int | None,
@@ -98,9 +105,12 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
         options["fp16_fallback"] = True
     if provider is not None:
         options["provider"] = provider
+    if weight_layout is not None:
+        options["weight_layout"] = weight_layout.lower()
     if options and backend != "onnxruntime":
         raise QuantkitError(
-            f"--per-tensor-weights/--shared-inputs/--fp16-fallback/--provider are onnxruntime "
+            f"--per-tensor-weights/--shared-inputs/--fp16-fallback/--provider/--weight-layout "
+            f"are onnxruntime "
             f"options, not {backend} ones", "pass backend options with --option KEY=VALUE")
     trt_options: dict[str, Any] = {}
     if profiles:
@@ -155,6 +165,9 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
         kernels = ", ".join(f"{k} {v}" for k, v in sorted(fusion["integer_ops"].items()))
         click.echo(f"ONNX Runtime integer kernels: {kernels or 'none'}; Q/DQ left unfused: "
                    f"{len(fusion['unfused_dequantized_matmuls'])}")
+    layout = m.get("weight_layout")
+    if layout:
+        click.echo(f"INT8 weights: {layout['layout']} ({layout['reason']})")
 
 
 def parse_profile(text: str) -> dict[str, list[int]]:

@@ -1,14 +1,16 @@
-"""The ``quantkit`` click group. User errors print one line and exit 2; Ctrl-C exits 130."""
+"""The ``quantkit`` click group. User errors print one line and exit 2; Ctrl-C exits 130;
+quantkit's warnings print as one ``Warning: ...`` line on stderr."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import click
 
 from quantkit import __version__
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, QuantkitWarning
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -19,7 +21,17 @@ class QuantkitGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                shown = warnings.showwarning
+
+                def show(message: Any, category: type[Warning], *args: Any, **kw: Any) -> None:
+                    if issubclass(category, QuantkitWarning):
+                        click.echo(f"Warning: {message}", err=True)  # one line, no source
+                    else:
+                        shown(message, category, *args, **kw)
+
+                warnings.showwarning = show
+                return super().invoke(ctx)
         except QuantkitError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
@@ -44,6 +56,7 @@ def _register() -> None:
         build,
         calibrate,
         demo,
+        doctor,
         export,
         plan,
         quantize,
@@ -55,7 +68,7 @@ def _register() -> None:
     from quantkit.cli import eval as eval_command
 
     for module in (export, calibrate, build, plan, eval_command, report, run, demo,
-                   sensitivity, autotune, rotate, quantize):
+                   sensitivity, autotune, rotate, quantize, doctor):
         cli.add_command(module.command)
 
 

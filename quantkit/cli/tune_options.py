@@ -36,6 +36,9 @@ _OPTIONS = [
                  show_default=True,
                  help="group: per transformer block x op kind; op: every MatMul/Gemm alone."),
     click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads."),
+    click.option("--weight-layout", default="auto", show_default=True, metavar="auto|s8|u8|s7",
+                 help="INT8 weights of the probe and the engines built (as 'quantkit build "
+                      "--weight-layout'); auto: this machine's."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                  help="Measurement cache (default $QUANTKIT_CACHE/tune)."),
     click.option("--allow-overlap", is_flag=True,
@@ -60,9 +63,10 @@ def tune_settings(search_windows: int, holdout_windows: int, **kw: Any) -> Any:
         rank_windows=kw["rank_windows"], search_windows=search_windows,
         holdout_windows=holdout_windows,
         batch_size=kw["batch_size"], seed=kw["seed"], granularity=kw["granularity"],
-        threads=kw["threads"], cache_dir=kw["cache_dir"], allow_overlap=kw["allow_overlap"])
+        threads=kw["threads"], cache_dir=kw["cache_dir"], allow_overlap=kw["allow_overlap"],
+        weight_layout=str(kw.get("weight_layout") or "auto").lower())
 
 
 TUNE_KEYS = ("onnx_path", "table", "dataset", "dataset_config", "split", "text_column",
              "limit_tokens", "max_length", "rank_windows", "batch_size", "seed",
-             "granularity", "threads", "cache_dir", "allow_overlap")
+             "granularity", "threads", "cache_dir", "allow_overlap", "weight_layout")

@@ -8,6 +8,8 @@ Schema ``quantkit.results/1`` (every key below is present; ``null`` only where m
       "commands": ["quantkit eval --engine ... --out results.json"],   # exact command line(s)
       "environment": {                                   # where it was measured
         "python", "platform", "cpu" (model name), "cpu_count",
+        "isa": {"arch", "name", "flags", "u8s8_saturates", "source"} (quantkit.environment;
+               absent in results written before it was recorded),
         "libraries": {"quantkit", "numpy", "onnx", "onnxruntime", "torch", "transformers",
                       "tensorrt": version or null},
         "commit": git commit of quantkit ("-dirty" if modified) or null,

@@ -496,6 +496,7 @@ def _environment_section(sources: Sequence[Mapping[str, Any]],
         blocks.append(Heading(3, f"{source['path']} ({', '.join(source['engines'])})"))
         rows = [
             ["machine", f"{env.get('cpu')} ({env.get('cpu_count')} cores)"],
+            ["instruction set", _isa_text(env.get("isa"))],
             ["GPU", _gpu_text(env.get("gpu"))],
             ["platform", str(env.get("platform"))],
             ["python", str(env.get("python"))],
@@ -523,6 +524,15 @@ def _setting(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(str(v) for v in value)
     return str(value)
+
+
+def _isa_text(isa: Any) -> str:
+    """``avx2 (x86_64; ONNX Runtime's u8 x s8 kernels saturate here)``; results written before
+    quantkit recorded the instruction set say so."""
+    if not isinstance(isa, Mapping):
+        return "not recorded"
+    note = "; ONNX Runtime's u8 x s8 kernels saturate here" if isa.get("u8s8_saturates") else ""
+    return f"{isa.get('name')} ({isa.get('arch')}{note})"
 
 
 def _gpu_text(gpu: Any) -> str:

@@ -537,7 +537,8 @@ def build_plan_engine(context: TuneContext, int8_groups: Sequence[str], table: A
         "int8" if len(int8_groups) == len(context.groups) else "mixed")
     recipe = plan_recipe(context, int8_groups, budget) if precision == "mixed" else None
     return build_engine(out, precision=precision, onnx=context.onnx_path,
-                        table=table if int8_groups else None, plan=recipe, force=True)
+                        table=table if int8_groups else None, plan=recipe, force=True,
+                        options={"weight_layout": context.weight_layout})
 
 
 def engine_perplexity(context: TuneContext, engine: Any, subset: str) -> float:

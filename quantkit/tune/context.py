@@ -39,6 +39,7 @@ class TuneSettings:
     seed: int = 0
     granularity: str = "group"
     per_channel: bool = True
+    weight_layout: str = "auto"  # INT8 weights of the probe and the engines (quantkit.qdq)
     threads: int | None = None
     cache_dir: Path | None = None  # None: $QUANTKIT_CACHE/tune
     allow_overlap: bool = False  # tuning text may share records with the calibration text
@@ -51,6 +52,10 @@ class TuneSettings:
             raise QuantkitError("max-length must be at least 2")
         if self.search_windows < 0 or self.holdout_windows < 0:
             raise QuantkitError("search-windows and holdout-windows must not be negative")
+        if self.weight_layout != "auto":
+            from quantkit.qdq import check_weight_layout
+
+            check_weight_layout(self.weight_layout)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -74,6 +79,7 @@ class TuneContext:
     vocab_size: int = 0
     probe: Any = None
     measurer: Any = None
+    weight_layout: str = "s8"  # the layout settings.weight_layout resolved to on this machine
     notes: list[str] = field(default_factory=list)
 
     def coverage(self, int8_groups: Any) -> float:
@@ -118,7 +124,7 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     import onnx
 
     from quantkit.artifacts import sha256_json
-    from quantkit.backends.onnxruntime import check_table
+    from quantkit.backends.onnxruntime import check_table, resolve_weight_layout
     from quantkit.calib.gptq import weights_digest
     from quantkit.calib.table import CalibrationTable
     from quantkit.data import resolve_text_source
@@ -166,8 +172,11 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
                           vocab_size=len(tokenizer), notes=notes)
     if say is not None:
         say(f"Building the probe graph ({len(groups)} groups) ...")
+    context.weight_layout = resolve_weight_layout(
+        {"weight_layout": settings.weight_layout}, "CPUExecutionProvider")[0]
     context.probe = ProbeSession(onnx_path, groups, table.amax, per_channel=settings.per_channel,
-                                 threads=settings.threads, weights=table.weights)
+                                 threads=settings.threads, weights=table.weights,
+                                 weight_layout=context.weight_layout)
     key_inputs = {
         "model_hash": model_hash,
         "tables": sha256_json(tables),
@@ -175,6 +184,8 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
         "per_channel": settings.per_channel,
         "max_length": settings.max_length,
     }
+    if context.weight_layout == "s7":  # s8 and u8 hold the same values: their keys stay
+        key_inputs["weight_bits"] = 7
     digest = weights_digest(table.weights)
     if digest is not None:  # GPTQ weights (keys without stay as they were: caches still hit)
         key_inputs["weights"] = digest

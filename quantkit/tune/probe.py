@@ -14,7 +14,10 @@ computed once. Dequantizing and selecting every weight in every run cost more th
 themselves (SmolLM2-135M, 1 x 512: 1.3 s of a 2.2 s run).
 
 The values a switched-on group sees are the ones its Q/DQ engine computes (quantize, round, clip,
-dequantize); only the order of the float accumulation differs from an integer kernel. Engines
+dequantize); only the order of the float accumulation differs from an integer kernel. The
+weight layout (``quantkit.qdq``: ``s8``/``u8`` store the same 8-bit values, ``s7`` 7-bit ones)
+must be the engine's: ``weight_layout``. The probe is exact, so it matches an engine whose
+integer kernels are exact on the machine, which is what the layout ``auto`` chooses. Engines
 that autotune writes are still built by the ONNX Runtime backend and verified on their own.
 """
 
@@ -33,6 +36,8 @@ from quantkit.calib.gptq import weight_key
 from quantkit.errors import QuantkitError
 from quantkit.graph_edit import drop_unused
 from quantkit.qdq import (
+    check_given_weights_layout,
+    check_weight_layout,
     constant_weight,
     dequantize,
     node_attrs,
@@ -40,6 +45,7 @@ from quantkit.qdq import (
     range_source,
     symmetric_scale,
     weight_axis,
+    weight_qmax,
 )
 from quantkit.tune.groups import QuantGroup
 
@@ -71,13 +77,18 @@ def build_probe_model(
     *,
     per_channel: bool = True,
     weights: Mapping[str, Any] | None = None,
+    weight_layout: str = "s8",
 ) -> ProbeGraph:
     """The switchable graph (a new ModelProto), per group the calibrated tensors whose scale
     inputs it reads, and the values of its weight inputs. ``model`` must hold its weights;
-    ``weights`` (``CalibrationTable.weights``, GPTQ) replaces round-to-nearest where given."""
+    ``weights`` (``CalibrationTable.weights``, GPTQ) replaces round-to-nearest where given;
+    ``weight_layout`` is the engine's (``s7``: 7-bit weights)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    qmax = weight_qmax(check_weight_layout(weight_layout))
+    if weights:
+        check_given_weights_layout(weight_layout)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -117,7 +128,7 @@ def build_probe_model(
                                 "this probe (per-tensor weights, or another export)",
                                 "tune with per-channel weights and the table of this export")
         q, scale = (given.q, given.scale) if given is not None else \
-            quantize_weight(value, per_axis)
+            quantize_weight(value, per_axis, qmax)
         name = unique(f"{WEIGHT_PREFIX}{group}/{source}")
         probe_weights[name] = ProbeWeight(group, value, dequantize(q, scale, per_axis))
         weight_inputs[key] = name
@@ -197,12 +208,14 @@ class ProbeSession:
 
     def __init__(self, onnx_path: Path, groups: Sequence[QuantGroup], amax: Mapping[str, float],
                  *, per_channel: bool = True, threads: int | None = None,
-                 weights: Mapping[str, Any] | None = None) -> None:
+                 weights: Mapping[str, Any] | None = None, weight_layout: str = "s8") -> None:
         import onnx
         import onnxruntime as ort
 
         model = onnx.load(str(onnx_path))
-        built = build_probe_model(model, groups, amax, per_channel=per_channel, weights=weights)
+        built = build_probe_model(model, groups, amax, per_channel=per_channel, weights=weights,
+                                  weight_layout=weight_layout)
+        self.weight_layout = weight_layout
         del model
         probe, self.group_tensors, self.weights = built.model, built.group_tensors, built.weights
         self.groups = list(groups)

@@ -11,12 +11,19 @@ import pytest
 
 from quantkit.backends import get_backend
 from quantkit.backends.base import BuildRequest, Engine
+from quantkit.backends.onnxruntime import build_options, resolve_weight_layout, saturation_warning
 from quantkit.build import plan_for
-from quantkit.errors import QuantkitError
+from quantkit.environment import CpuIsa, cpu_isa
+from quantkit.errors import QuantkitError, QuantkitWarning
 from quantkit.export import onnx_model_hash
 from quantkit.plan import PlanRecipe, PlanRule, Precision, resolve_plan
 from quantkit.qdq import linear_layer_macs
-from tests.build_helpers import INT8_LOGIT_TOLERANCE, run_onnx
+from tests.build_helpers import (
+    INT8_LOGIT_TOLERANCE,
+    MACHINE_WEIGHT_LAYOUT,
+    QDQ_REFERENCE_TOLERANCE,
+    run_onnx,
+)
 
 pytest_plugins = ("tests.fixtures_build",)
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -60,7 +67,11 @@ def test_int8_engine_manifest_and_outputs(tiny_llama_export, llama_table, eval_f
     assert m["onnxruntime_fusion"]["unfused_dequantized_matmuls"] == []
     assert sum(m["onnxruntime_fusion"]["integer_ops"].values()) == 13  # 19 minus 2x(2+1) merged
     assert m["as_built_counts"]["int8"] == 19
-    assert m["rewrite"]["options"] == {"per_channel": True, "shared_inputs": "fuse"}
+    assert m["rewrite"]["options"] == {"per_channel": True, "shared_inputs": "fuse",
+                                       "weight_layout": MACHINE_WEIGHT_LAYOUT}
+    assert m["weight_layout"]["layout"] == MACHINE_WEIGHT_LAYOUT
+    assert m["weight_layout"]["requested"] == "auto"
+    assert m["weight_layout"]["built_on"] == m["environment"]["isa"]
     assert m["environment"]["libraries"]["onnxruntime"]
     fp32_size = tiny_llama_export.onnx_path.stat().st_size
     assert m["size_bytes"] == (engine.path / "engine.onnx").stat().st_size < fp32_size
@@ -173,3 +184,96 @@ def test_dedicated_mode_and_per_tensor_weights(tiny_llama_export, llama_table, e
     err_channel = np.abs(run_engine(dedicated, eval_feed) - ref).mean()
     err_tensor = np.abs(run_engine(per_tensor, eval_feed) - ref).mean()
     assert err_channel < err_tensor
+
+
+# -- INT8 weight layout per instruction set ---------------------------------------------------
+VNNI = CpuIsa("x86_64", "avx512_vnni", ("avx512_vnni",))
+AVX2 = CpuIsa("x86_64", "avx2", ("avx2",))
+
+
+def weight_types(engine: Engine) -> set[int]:
+    import onnx
+
+    model = onnx.load(str(engine.path / "engine.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    return {inits[n.input[0]].data_type for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+
+@pytest.mark.parametrize(("isa", "option", "layout"), [
+    (VNNI, None, "s8"), (AVX2, None, "u8"), (VNNI, "u8", "u8"), (AVX2, "s7", "s7"),
+])
+def test_weight_layout_follows_the_cpu_or_the_option(isa, option, layout, tiny_llama_export,
+                                                     llama_table, eval_feed, tmp_path,
+                                                     monkeypatch):
+    import onnx
+
+    monkeypatch.setattr("quantkit.backends.onnxruntime.cpu_isa", lambda: isa)
+    options = {"weight_layout": option} if option else {}
+    engine = build(tiny_llama_export, "int8", tmp_path / "e", table=llama_table, **options)
+    record = engine.manifest["weight_layout"]
+    assert record["layout"] == layout and record["requested"] == (option or "auto")
+    assert record["built_on"]["name"] == isa.name
+    assert (isa.name in record["reason"]) if option is None else (
+        record["reason"] == "weight_layout option")
+    dtype = onnx.TensorProto.UINT8 if layout == "u8" else onnx.TensorProto.INT8
+    assert weight_types(engine) == {dtype}
+    # whatever the layout, the engine fuses fully and (on this CPU's kernels) is within the
+    # INT8 tolerance of FP32
+    assert engine.manifest["onnxruntime_fusion"]["unfused_dequantized_matmuls"] == []
+    if layout != "s8" or not cpu_isa().u8s8_saturates:
+        ref = run_onnx(tiny_llama_export.onnx_path, eval_feed)
+        out = run_engine(engine, eval_feed)
+        assert np.max(np.abs(out - ref)) / np.max(np.abs(ref)) < INT8_LOGIT_TOLERANCE
+
+
+def test_fused_engine_matches_its_qdq_reference(tiny_llama_export, llama_table, eval_feed,
+                                                tmp_path):
+    """The engine as built here, run fused and with its Q/DQ literally (ORT_DISABLE_ALL)."""
+    engine = build(tiny_llama_export, "int8", tmp_path / "e", table=llama_table)
+    with engine.runner(threads=1, optimization="disable") as runner:
+        reference = runner.run(eval_feed, ["logits"])["logits"]
+    out = run_engine(engine, eval_feed)
+    assert np.max(np.abs(out - reference)) / np.max(np.abs(reference)) < QDQ_REFERENCE_TOLERANCE
+
+
+def test_layout_option_is_checked_and_other_providers_get_s8():
+    with pytest.raises(QuantkitError, match="unknown weight_layout 's4'"):
+        build_options({"weight_layout": "s4"})
+    options = build_options({})
+    assert resolve_weight_layout(options, "CPUExecutionProvider", AVX2)[0] == "u8"
+    assert resolve_weight_layout(options, "CPUExecutionProvider", VNNI)[0] == "s8"
+    assert resolve_weight_layout(options, "CUDAExecutionProvider", AVX2)[0] == "s8"
+    assert resolve_weight_layout({"weight_layout": "s7"}, "CPUExecutionProvider", VNNI) == (
+        "s7", "weight_layout option")
+
+
+def test_runner_warns_when_s8_weights_meet_saturating_kernels(tiny_llama_export, llama_table,
+                                                              eval_feed, tmp_path, monkeypatch):
+    import warnings
+
+    s8 = build(tiny_llama_export, "int8", tmp_path / "s8", table=llama_table, weight_layout="s8")
+    u8 = build(tiny_llama_export, "int8", tmp_path / "u8", table=llama_table, weight_layout="u8")
+    fp32 = build(tiny_llama_export, "fp32", tmp_path / "fp32")
+    monkeypatch.setattr("quantkit.backends.onnxruntime.cpu_isa", lambda: AVX2)
+    with pytest.warns(QuantkitWarning) as caught, s8.runner(threads=1):
+        pass
+    message = str(caught[0].message)
+    assert "\n" not in message and "saturating u8 x s8" in message
+    assert "--weight-layout auto" in message and "perplexity" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for engine in (u8, fp32):  # exact here, or no INT8
+            with engine.runner(threads=1):
+                pass
+        with s8.runner(threads=1, optimization="disable"):  # Q/DQ run literally: exact
+            pass
+        monkeypatch.setattr("quantkit.backends.onnxruntime.cpu_isa", lambda: VNNI)
+        with s8.runner(threads=1):
+            pass
+    # an engine built before layouts were recorded has s8 weights
+    manifest = dict(s8.manifest)
+    del manifest["weight_layout"]
+    assert saturation_warning(s8.path, manifest, AVX2) is not None
+    assert saturation_warning(s8.path, manifest, VNNI) is None
+    assert saturation_warning(fp32.path, fp32.manifest, AVX2) is None

@@ -109,20 +109,34 @@ def test_calibrate_writes_gptq_weights_for_every_linear(tiny_llama_export, gptq_
     assert manifest["files"]["weights"] == "weights.npz"
 
 
-@pytest.mark.parametrize("shared_inputs", ["fuse", "dedicated"])
-def test_int8_build_uses_the_gptq_weights(tiny_llama_export, gptq_calibration, tmp_path,
-                                          shared_inputs) -> None:
+def stored_ints(model) -> list[np.ndarray]:
+    """The 2-D integer weights of an engine as symmetric integers, whatever their layout (s8:
+    int8; u8: uint8 with zero point 128)."""
     from onnx import numpy_helper
 
+    out = []
+    for t in model.graph.initializer:
+        if len(t.dims) != 2:
+            continue
+        if t.data_type == onnx.TensorProto.INT8:
+            out.append(numpy_helper.to_array(t))
+        elif t.data_type == onnx.TensorProto.UINT8:
+            out.append((numpy_helper.to_array(t).astype(np.int16) - 128).astype(np.int8))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["s8", "u8"])
+@pytest.mark.parametrize("shared_inputs", ["fuse", "dedicated"])
+def test_int8_build_uses_the_gptq_weights(tiny_llama_export, gptq_calibration, tmp_path,
+                                          shared_inputs, layout) -> None:
     from quantkit.build import build_engine
 
     table = CalibrationTable.load(gptq_calibration / "table.json")
     engine = build_engine(tmp_path / "int8", precision="int8",
                           onnx=tiny_llama_export.directory, table=table,
-                          options={"shared_inputs": shared_inputs})
+                          options={"shared_inputs": shared_inputs, "weight_layout": layout})
     built = onnx.load(str(engine.path / ENGINE_ONNX))
-    int8 = [numpy_helper.to_array(t) for t in built.graph.initializer
-            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    int8 = stored_ints(built)
     export = onnx.load(str(tiny_llama_export.onnx_path), load_external_data=False)
     key_of = {t.node: t.key for t in weight_targets(export)}
 
@@ -139,11 +153,27 @@ def test_int8_build_uses_the_gptq_weights(tiny_llama_export, gptq_calibration, t
         assert any(a.shape == q.shape and np.array_equal(a, q) for a in int8)
     plain = CalibrationTable(method=table.method, amax=table.amax, model_hash=table.model_hash)
     rtn = build_engine(tmp_path / "rtn", precision="int8", onnx=tiny_llama_export.directory,
-                       table=plain)
-    rtn_model = onnx.load(str(rtn.path / ENGINE_ONNX))
-    rtn_ints = [numpy_helper.to_array(t) for t in rtn_model.graph.initializer
-                if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+                       table=plain, options={"weight_layout": layout})
+    rtn_ints = stored_ints(onnx.load(str(rtn.path / ENGINE_ONNX)))
     assert not any(a.shape == down.shape and np.array_equal(a, down) for a in rtn_ints)
+
+
+def test_gptq_weights_refuse_the_7_bit_layout(tiny_llama_export, gptq_calibration,
+                                              tmp_path) -> None:
+    """7-bit weights would round GPTQ's 8-bit choice again: refused, in the build and the probe."""
+    from quantkit.build import build_engine
+    from quantkit.tune.groups import groups_of_model
+    from quantkit.tune.probe import build_probe_model
+
+    table = CalibrationTable.load(gptq_calibration / "table.json")
+    with pytest.raises(QuantkitError, match="GPTQ weights are 8-bit; the s7 weight layout"):
+        build_engine(tmp_path / "s7", precision="int8", onnx=tiny_llama_export.directory,
+                     table=table, options={"weight_layout": "s7"})
+    assert not (tmp_path / "s7").exists()
+    model = onnx.load(str(tiny_llama_export.onnx_path))
+    with pytest.raises(QuantkitError, match="GPTQ weights are 8-bit"):
+        build_probe_model(model, groups_of_model(model), table.amax, weights=table.weights,
+                          weight_layout="s7")
 
 
 def test_probe_uses_the_gptq_weights(tiny_llama_export, gptq_calibration, tmp_path) -> None:

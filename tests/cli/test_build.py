@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from quantkit.environment import cpu_isa
+from tests.build_helpers import MACHINE_WEIGHT_LAYOUT
 from tests.cli.cli_helpers import invoke, one_line_error
 
 pytest_plugins = ("tests.fixtures_build",)
@@ -33,8 +35,24 @@ def test_build_int8_and_mixed(tiny_llama_export, table_file, tmp_path):
     assert "int8 19" in lines[1]
     assert lines[2].startswith("ONNX Runtime integer kernels:") and lines[2].endswith(
         "Q/DQ left unfused: 0")
+    assert lines[3].startswith(f"INT8 weights: {MACHINE_WEIGHT_LAYOUT} ({cpu_isa().name}")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "engine" and manifest["precision"] == "int8"
+
+    s7 = tmp_path / "s7"
+    result = invoke("build", "--onnx", tiny_llama_export.directory, "--table", table_file,
+                    "--precision", "int8", "--out", s7, "--weight-layout", "S7")
+    assert result.exit_code == 0, result.output
+    assert "INT8 weights: s7 (weight_layout option)" in result.output
+    result = invoke("build", "--onnx", tiny_llama_export.directory, "--table", table_file,
+                    "--precision", "int8", "--out", tmp_path / "bad", "--weight-layout", "s4")
+    assert result.exit_code == 2
+    assert "unknown weight_layout 's4' (use one of: auto, s8, u8, s7)" in result.output
+    assert not (tmp_path / "bad").exists()
+    result = invoke("build", "--backend", "tensorrt", "--onnx", tiny_llama_export.directory,
+                    "--precision", "int8", "--table", table_file, "--out", tmp_path / "trt",
+                    "--weight-layout", "u8")
+    assert result.exit_code == 2 and "are onnxruntime options, not tensorrt ones" in result.output
 
     mixed = tmp_path / "mixed"
     result = invoke("build", "--onnx", tiny_llama_export.onnx_path, "--table", table_file,
@@ -163,3 +181,24 @@ def test_build_from_a_model_exports_it_first(tiny_llama, tmp_path):
     both = one_line_error(invoke("build", "--model", model_dir, "--onnx", out, "--precision",
                                  "fp32", "--out", tmp_path / "x"))
     assert "exactly one of --onnx and --model" in both
+
+
+def test_eval_of_an_s8_engine_on_a_saturating_cpu_warns_in_one_line(
+        tiny_llama_export, table_file, tmp_path, monkeypatch):
+    from quantkit.environment import CpuIsa
+
+    out = tmp_path / "s8"
+    result = invoke("build", "--onnx", tiny_llama_export.directory, "--table", table_file,
+                    "--precision", "int8", "--out", out, "--weight-layout", "s8")
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr("quantkit.backends.onnxruntime.cpu_isa",
+                        lambda: CpuIsa("x86_64", "avx2", ("avx2",)))
+    result = invoke("eval", "--engine", out, "--dataset", "sample", "--split", "test",
+                    "--max-length", "32", "--limit-tokens", "100", "--latency-grid", "1x16",
+                    "--warmup", "0", "--iterations", "1", "--threads", "1",
+                    "--out", tmp_path / "results.json")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.output.splitlines() if line.startswith("Warning: ")]
+    assert len(warned) >= 1 and all("saturating u8 x s8 kernels" in w for w in warned)
+    assert "--weight-layout auto" in warned[0]
+    assert "Traceback" not in result.output and "QuantkitWarning" not in result.output

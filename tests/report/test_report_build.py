@@ -196,3 +196,16 @@ def test_dataset_section_shows_each_roles_text():
     row = "| calibration of int8 | wiki.test.raw records 0-1155 of 2891 (train\\[:40%\\]) |"
     assert row in text
     assert "Overlap allowed by the user: a overlaps b." in text
+
+
+def test_environment_names_the_instruction_set(tmp_path):
+    """Results record the CPU's instruction set (quantkit.environment); older ones say so."""
+    data = json.loads(ORT.read_text())
+    data["environment"]["isa"] = {"arch": "x86_64", "name": "avx2", "flags": ["avx2"],
+                                  "u8s8_saturates": True, "source": "/proc/cpuinfo"}
+    results = tmp_path / "results-avx2.json"
+    results.write_text(json.dumps(data))
+    md = build_report([results, TRT], tmp_path / "out").markdown.read_text()
+    assert ("| instruction set | avx2 (x86_64; ONNX Runtime's u8 x s8 kernels saturate here) |"
+            in md)
+    assert "| instruction set | not recorded |" in md  # the TensorRT fixture predates it

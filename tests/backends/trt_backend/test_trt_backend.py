@@ -233,6 +233,7 @@ def test_check_int8_sources_accepts_what_makes_a_batch():
 
 def test_explicit_path_writes_the_plans_qdq_onnx(tiny_llama_export, llama_table, tmp_path):
     import onnx
+    from onnx import numpy_helper
 
     from quantkit.backends.tensorrt.backend import write_qdq_onnx
     from quantkit.backends.tensorrt.version import TrtVersion
@@ -247,7 +248,15 @@ def test_explicit_path_writes_the_plans_qdq_onnx(tiny_llama_export, llama_table,
     names = {n.name for n in model.graph.node}
     # dedicated pairs: every planned MatMul keeps its name, so the inspector maps back to the plan
     assert set(plan.nodes_with(Precision.INT8)) <= names
-    assert summary["options"] == {"per_channel": True, "shared_inputs": "dedicated"}
+    # TensorRT reads symmetric int8 weights whatever CPU built the ONNX (no ISA-specific layout)
+    assert summary["options"] == {"per_channel": True, "shared_inputs": "dedicated",
+                                  "weight_layout": "s8"}
+    inits = {t.name: t for t in model.graph.initializer}
+    weight_dqs = [n for n in model.graph.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weight_dqs and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 and
+                              not numpy_helper.to_array(inits[n.input[2]]).any()
+                              for n in weight_dqs)
     assert summary["qdq_pairs"] > 0 and summary["file"] == "model.qdq.onnx"
 
     fp16 = plan_for(tiny_llama_export.onnx_path, "fp16", None)
