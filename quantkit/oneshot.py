@@ -175,7 +175,8 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     out = Path(out)
     sources = {role: resolve_text_source(p.dataset, p.dataset_config, p.split, p.text_column)
                for role, p in config.parts.items()}
-    check_roles_disjoint([role_of_source(role, s) for role, s in sources.items()])
+    check_roles_disjoint([role_of_source(role, s) for role, s in sources.items()],
+                         allow_with=None)
     started = time.perf_counter()
     steps = Steps(out, total=6 + (config.model is not None), say=say, force=force, tty=progress)
 
@@ -330,7 +331,7 @@ def _result(config: QuantizeConfig, out: Path, engines: dict[str, Path], results
         notes.append(f"the quantized engine misses the {budget} budget on the evaluation text "
                      f"({quantized.perplexity:.4f} vs FP32 {fp32:.4f}, allowed "
                      f"{budget.limit(fp32):.4f})")
-    if transform["name"] != "none" and config.onnx is None:
+    if transform["name"] != "none":
         notes.append(f"FP32 and naive INT8 are engines of the {transform['name']} graph (the "
                      "same function as the export, checked when it was written)")
     return QuantizeResult(

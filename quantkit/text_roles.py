@@ -104,11 +104,13 @@ def role_of_source(role: str, source: TextSource) -> RoleText:
 
 
 def check_roles_disjoint(roles: Iterable[RoleText | None], allow_overlap: bool = False,
-                         focus: str | None = None, allow_with: str = ALLOW_FLAG) -> list[str]:
+                         focus: str | None = None, allow_with: str | None = ALLOW_FLAG
+                         ) -> list[str]:
     """Refuse two roles that read the same records (one clear error naming both ranges), unless
     ``allow_overlap``; then return the overlaps as warnings for the results to carry. With
     ``focus``, only pairs that include that role are checked (evaluation checks its own text
-    against each engine's calibration and tuning text, not those against each other)."""
+    against each engine's calibration and tuning text, not those against each other).
+    ``allow_with`` names how the user allows an overlap (None: it cannot be allowed)."""
     known = [r for r in roles if r is not None]
     clashes = []
     for i, a in enumerate(known):
@@ -121,8 +123,8 @@ def check_roles_disjoint(roles: Iterable[RoleText | None], allow_overlap: bool =
         raise QuantkitError(
             "the text of two roles overlaps: " + "; ".join(dict.fromkeys(clashes)),
             "give each role its own part, e.g. --split 'train[:40%]' for calibration, "
-            "'train[40%:50%]' for tuning and 'test[50%:]' for evaluation, or pass "
-            f"{allow_with} if you mean it",
+            "'train[40%:50%]' for tuning and 'test[50%:]' for evaluation"
+            + (f", or pass {allow_with} if you mean it" if allow_with else ""),
         )
     return list(dict.fromkeys(clashes))
 

@@ -100,6 +100,7 @@ def test_bad_input_is_one_error_and_writes_nothing(fragile_export, tmp_path) -> 
                                   "--tuning-split", "train[50%:]", "--out", str(out)])
     assert overlap.exit_code == 2
     assert "calibration: calibration.txt records 0-244" in overlap.output
+    assert "--allow-overlap" not in overlap.output  # quantize's parts must be disjoint
     assert not out.exists()
     both = runner.invoke(cli, ["quantize", "--onnx", onnx, "--model", "x", "--dataset",
                                "sample", "--out", str(out)])
