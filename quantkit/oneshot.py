@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.text_roles import ROLES
 
 QUANTIZE_NAME = "quantize.json"
 QUANTIZE_SCHEMA = "quantkit.quantize/1"
-ROLES = ("calibration", "tuning", "evaluation")
 # one local file or folder is cut by record into these parts (percent)
 LOCAL_PARTS = {"calibration": (0, 40), "tuning": (40, 50), "evaluation": (50, 100)}
 # the bundled sample has two files: calibration and tuning share calibration.txt
