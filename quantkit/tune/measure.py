@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ class Measurer:
         self.key = sha256_json(dict(key_inputs))
         self.cache_path = cache_path
         self.runs = 0  # measurements that ran the model (not cached)
+        self._run_seconds = 0.0  # time of those runs ...
+        self._run_windows = 0  # ... and the windows they scored
         self._cache: dict[str, dict[str, Any]] = {}
         if cache_path is not None and cache_path.is_file():
             try:
@@ -92,6 +95,11 @@ class Measurer:
                     self._cache = dict(data.get("measurements", {}))
             except (OSError, ValueError):
                 self._cache = {}
+
+    def window_seconds(self) -> float | None:
+        """Mean seconds of one window of ``max_length`` tokens in the runs so far (None before
+        the first run): what time limits are planned with."""
+        return self._run_seconds / self._run_windows if self._run_windows else None
 
     def amax_for(self, methods: Mapping[str, str]) -> dict[str, float]:
         """The ranges of the overridden tensors."""
@@ -114,8 +122,11 @@ class Measurer:
             return Measurement(subset, chosen, overrides, float(hit["perplexity"]),
                                float(hit["nll_sum"]), int(hit["num_scored_tokens"]), True)
         self.probe.configure(chosen, self.amax_for(dict(overrides)))
+        started = time.perf_counter()
         result = evaluate_perplexity(self.probe, self.subsets[subset], self.max_length,
                                      self.max_length, self.batch_size)
+        self._run_seconds += time.perf_counter() - started
+        self._run_windows += len(self.subsets[subset]) // self.max_length
         if not math.isfinite(result.perplexity):
             raise QuantkitError("a probe configuration gave a non-finite perplexity")
         self.runs += 1

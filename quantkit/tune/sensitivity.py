@@ -89,9 +89,12 @@ def rank(entries: list[GroupSensitivity]) -> list[GroupSensitivity]:
 def measure_sensitivity(context: TuneContext, subset: str = "rank",
                         progress: Callable[[int, int], None] | None = None,
                         methods: Mapping[str, str] | None = None,
-                        only: Collection[str] | None = None) -> SensitivityResult:
+                        only: Collection[str] | None = None,
+                        stop: Callable[[], bool] | None = None) -> SensitivityResult:
     """One measurement per group (cached; ``only``: just these groups) plus the FP32 baseline.
-    ``methods`` (tensor -> calibration method) overrides the table's ranges where given."""
+    ``methods`` (tensor -> calibration method) overrides the table's ranges where given.
+    ``stop`` (asked before each group) ends the pass early: the groups not measured are left
+    out of the result."""
     started = time.perf_counter()
     measurer = context.measurer
     runs_before = measurer.runs
@@ -99,6 +102,8 @@ def measure_sensitivity(context: TuneContext, subset: str = "rank",
     entries: list[GroupSensitivity] = []
     measured = [g for g in context.groups if only is None or g.name in only]
     for i, group in enumerate(measured):
+        if stop is not None and stop():
+            break
         tensors = context.probe.group_tensors.get(group.name, [])
         own = {t: m for t, m in (methods or {}).items() if t in tensors}
         ppl = measurer.measure(subset, (group.name,), own).perplexity

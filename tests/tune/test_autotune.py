@@ -214,7 +214,7 @@ def test_holdout_miss_tightens_when_no_checkpoint_holds() -> None:
     from quantkit.tune.autotune import holdout_phase
 
     order = ["g1", "g2", "g3", "g4"]
-    # the checkpoint misses held out too; half the search budget drops g3 and g4
+    # the checkpoint misses held out too; tighter search targets drop g4, then g3
     costs = {"search": {"g3": 0.06, "g4": 0.06}, "holdout": {"g3": 0.5, "g4": 0.5}}
     search = _ScriptedSearch(costs)
     plan, ppl, met = holdout_phase(search, order, [("the bisection's prefix", order[:3])],
@@ -222,3 +222,68 @@ def test_holdout_miss_tightens_when_no_checkpoint_holds() -> None:
     assert met and plan == ["g1", "g2"] and ppl == pytest.approx(10.0)
     assert [s.stage for s in search.path][:2] == ["holdout", "holdout"]
     assert "tighten" in {s.stage for s in search.path}
+
+
+class _ScriptedGreedy(_ScriptedSearch):
+    """What the chunked greedy pass reads besides ``measure``."""
+
+    def __init__(self, costs: dict[str, dict[str, float]], greedy_runs: int = 16) -> None:
+        from types import SimpleNamespace
+
+        super().__init__(costs)
+        self.settings = SimpleNamespace(greedy_runs=greedy_runs)
+        self.context = SimpleNamespace(subsets={"search": None})
+
+
+def test_chunked_greedy_takes_fitting_chunks_whole_and_halves_the_others() -> None:
+    """16 groups of which two do not fit: whole chunks go in, the two bad ones are isolated by
+    halving, at far fewer measurements than one per group."""
+    from quantkit.tune.autotune import chunked_greedy
+
+    rest = [f"g{i}" for i in range(16)]
+    search = _ScriptedGreedy({"search": {"g3": 0.5, "g12": 0.5}})
+    plan = chunked_greedy(search, ["kind"], rest, 10.1)
+    assert plan[0] == "kind" and set(plan[1:]) == set(rest) - {"g3", "g12"}
+    assert len(search.path) < 16
+    assert all(s.stage == "greedy" for s in search.path)
+    # every accepted plan was within the limit
+    assert 10.0 + sum(search.costs["search"].get(g, 0.0) for g in plan) <= 10.1
+
+
+def test_chunked_greedy_stops_at_its_run_bound() -> None:
+    from quantkit.tune.autotune import chunked_greedy
+
+    rest = [f"g{i}" for i in range(16)]
+    search = _ScriptedGreedy({"search": {g: 0.5 for g in rest}}, greedy_runs=3)
+    assert chunked_greedy(search, [], rest, 10.1) == []
+    assert len(search.path) == 3
+
+
+def test_time_limit_stops_the_search_but_not_the_held_out_check(tune_settings, tmp_path) -> None:
+    """A time limit already spent: no search measurement beyond the ones that start it, the
+    held-out check and the verification still run, and the result says why."""
+    settings = AutotuneSettings(budget=Budget.parse("1%"), methods=("minmax",), max_evals=40,
+                                time_limit_s=1e-6)
+    result = autotune(tune_settings, settings, tmp_path / "tuned")
+    assert not [s for s in result.path if s.stage in ("method", "kinds", "greedy")]
+    assert any("time limit" in n for n in result.notes)
+    assert result.met_on_holdout is not None and result.engine is not None
+    assert result.engine["within_budget"] == (result.engine["perplexity"]
+                                              <= result.limits["holdout"])
+
+
+def test_search_aims_below_the_budget(tune_settings, tmp_path) -> None:
+    """The search target and the held-out target are the configured shares of the budget."""
+    settings = AutotuneSettings(budget=Budget.parse("1%"), methods=("minmax",), max_evals=40,
+                                build=False, search_share=0.5, holdout_share=0.75)
+    result = autotune(tune_settings, settings, tmp_path / "tuned")
+    assert result.limits["search"] == pytest.approx(result.baseline["search"] * 1.005)
+    assert result.limits["holdout"] == pytest.approx(result.baseline["holdout"] * 1.0075)
+    assert result.search_perplexity <= result.limits["search"]
+
+
+def test_shares_outside_zero_to_one_are_refused() -> None:
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match="search-share"):
+        AutotuneSettings(search_share=1.5).check()
