@@ -33,6 +33,12 @@ What the rewrite produces (explicit quantization, the form TensorRT 10/11 and ON
   outputs are cast back to float32 where an FP32/INT8 consumer or a graph output reads them. Ops
   whose output type is fixed by an attribute (Cast, ConstantOfShape, ...) and nodes with no float
   input stay as they are. Graph inputs and outputs keep their types.
+  With ``fp16="emulate"`` (a CPU without float16 kernels) the same nodes compute in float32 but
+  every value a float16 engine holds in float16 is rounded to it: initializers are stored
+  rounded, and each input entering the region and each output of an FP16 node passes through a
+  ``Cast`` to float16 and back (overflow gives inf, as in float16). The perplexity is FP16's
+  (accumulation inside an op is float32, as in float16 GEMMs with float32 accumulators); the
+  speed is not, so such engines are accuracy-only.
 * **FP32 nodes** are untouched.
 
 ``rewrite_model`` also reports what was built (``as_built``: node -> precision actually used),
@@ -59,6 +65,7 @@ WEIGHT_LAYOUTS = ("s8", "u8", "s7")  # see the module docstring; quantkit.enviro
 U8_ZERO_POINT = 128
 FP16_MAX = float(np.finfo(np.float16).max)
 SHARED_INPUT_MODES = ("fuse", "dedicated")
+FP16_MODES = ("native", "emulate")
 # ops whose output holds exactly the values of their first input (same range)
 _ALIAS_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
@@ -81,6 +88,7 @@ class QdqOptions:
     per_channel: bool = True
     shared_inputs: str = "fuse"
     weight_layout: str = "s8"  # s8 | u8 | s7: how INT8 weights are stored (module docstring)
+    fp16: str = "native"  # native: float16 tensors; emulate: float32 rounded to float16
 
     def __post_init__(self) -> None:
         if self.shared_inputs not in SHARED_INPUT_MODES:
@@ -88,11 +96,14 @@ class QdqOptions:
                 f"unknown shared_inputs mode '{self.shared_inputs}'",
                 f"use one of: {', '.join(SHARED_INPUT_MODES)}",
             )
+        if self.fp16 not in FP16_MODES:
+            raise QuantkitError(f"unknown fp16 mode '{self.fp16}'",
+                                f"use one of: {', '.join(FP16_MODES)}")
         check_weight_layout(self.weight_layout)
 
     def to_dict(self) -> dict[str, Any]:
         return {"per_channel": self.per_channel, "shared_inputs": self.shared_inputs,
-                "weight_layout": self.weight_layout}
+                "weight_layout": self.weight_layout, "fp16": self.fp16}
 
 
 def check_weight_layout(layout: str) -> str:
@@ -599,6 +610,9 @@ class _Rewriter:
         self._fp16_nodes = fp16_nodes
         if not fp16_nodes:
             return
+        if self.options.fp16 == "emulate":
+            self._fp16_emulated(fp16_nodes, is_float)
+            return
         half_name: dict[str, str] = {}  # fp32 tensor -> its fp16 twin
         converted_inits: set[str] = set()
         clamped = 0
@@ -643,6 +657,54 @@ class _Rewriter:
                 half_name[tensor] = half_out
                 nodes.append(helper.make_node("Cast", [half_out], [tensor], to=float_t,
                                               name=self._unique(f"{tensor}/Cast_to_fp32")))
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        if clamped:
+            self.notes.append(f"{clamped} float32 constant values clamped to the float16 range")
+
+    def _fp16_emulated(self, fp16_nodes: set[str], is_float: Any) -> None:
+        """FP16 regions in float32, every value rounded where a float16 engine stores it."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        def round_trip(tensor: str, rounded: str) -> list[Any]:
+            half = self._unique(f"{tensor}/fp16")
+            return [helper.make_node("Cast", [tensor], [half], to=TensorProto.FLOAT16,
+                                     name=self._unique(f"{tensor}/Cast_to_fp16")),
+                    helper.make_node("Cast", [half], [rounded], to=TensorProto.FLOAT,
+                                     name=self._unique(f"{tensor}/Cast_to_fp32"))]
+
+        rounded: dict[str, str] = {}  # float32 tensor -> its value rounded to float16
+        rounded_inits: dict[str, str] = {}
+        clamped = 0
+        nodes: list[Any] = []
+        for node in self.graph.node:
+            if node.name not in fp16_nodes:
+                nodes.append(node)
+                continue
+            for i, tensor in enumerate(node.input):
+                if not tensor or not is_float(tensor):
+                    continue
+                if tensor in rounded:
+                    node.input[i] = rounded[tensor]
+                elif tensor in self.inits:
+                    if tensor not in rounded_inits:
+                        value = numpy_helper.to_array(self.inits[tensor]).astype(np.float32)
+                        clamped += int(np.count_nonzero(np.abs(value) > FP16_MAX))
+                        half = np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16)
+                        rounded_inits[tensor] = self._add_init(half.astype(np.float32),
+                                                               f"{tensor}/fp16_rounded")
+                    node.input[i] = rounded_inits[tensor]
+                else:
+                    name = self._unique(f"{tensor}/fp16_rounded")
+                    nodes.extend(round_trip(tensor, name))
+                    rounded[tensor] = node.input[i] = name
+            nodes.append(node)
+            for i, tensor in enumerate(node.output):
+                if tensor and is_float(tensor):
+                    raw = self._unique(f"{tensor}/fp32")
+                    node.output[i] = raw
+                    nodes.extend(round_trip(raw, tensor))  # consumers read the rounded value
+                    rounded[tensor] = tensor
         del self.graph.node[:]
         self.graph.node.extend(nodes)
         if clamped:

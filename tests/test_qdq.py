@@ -484,3 +484,48 @@ def test_linear_layer_macs(tiny_llama_export):
     assert macs["/model/layers.1/self_attn/MatMul"] == heads * 16 * head_dim * 16
     assert macs["/lm_head/MatMul"] == 16 * hidden * vocab
     assert len(macs) == 19
+
+
+def test_fp16_emulation_rounds_every_value_a_float16_engine_stores() -> None:
+    """MatMul then Add in fp16, emulated: the graph computes in float32 on values rounded to
+    float16 at the input, the weights, the MatMul's output and the Add's output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.plan import PlanRecipe, resolve_plan
+    from quantkit.qdq import QdqOptions, rewrite_model
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    b = (rng.standard_normal(4) * 1e-3 + 1.0).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+         helper.make_node("Add", ["m", "b"], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    plan = resolve_plan(PlanRecipe.uniform("fp16"), model)
+    result = rewrite_model(model, plan, None, QdqOptions(fp16="emulate"))
+    onnx.checker.check_model(result.model)
+    assert result.as_built == {"mm": "fp16", "add": "fp16"}
+    assert {i.type.tensor_type.elem_type for i in result.model.graph.output} == {1}
+    x = (rng.standard_normal((2, 8)) * 3).astype(np.float32)
+
+    def half(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float16).astype(np.float32)
+
+    expected = half(half(half(x) @ half(w)) + half(b))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(result.model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    # float16 values (the output is stored in float16), equal to the rounded computation up to
+    # one float16 step where float32 accumulation order tips a rounding
+    np.testing.assert_array_equal(half(got), got)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=0)
+    assert np.mean(got == expected) > 0.8
+    assert not np.array_equal(got, x @ w + b)  # the rounding is there
+    with pytest.raises(QuantkitError, match="fp16 mode"):
+        QdqOptions(fp16="half")

@@ -74,12 +74,17 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "per_channel": True,  # per-output-channel weight scales (False: per tensor)
     "shared_inputs": "fuse",  # fuse | dedicated: one activation feeding several INT8 MatMuls
     "fp16_fallback": False,  # keep ops without a float16 kernel in fp32 instead of failing
+    # native: float16 kernels; emulate: float32 rounded to float16 where a float16 engine
+    # stores values (FP16's accuracy on a CPU without float16 kernels; no FP16 latency)
+    "fp16": "native",
     "provider": None,  # execution provider the engine is built for (default: CUDA if present)
     "coverage_seq": 512,  # reference sequence length for the INT8 MAC coverage (batch 1)
     "verify": True,  # load the engine in ONNX Runtime and record which Q/DQ ops it fused
     # INT8 weights: auto (for this machine's CPU) | s8 | u8 | s7 (quantkit.qdq's docstring)
     "weight_layout": "auto",
 }
+ACCURACY_ONLY_FP16 = ("accuracy only: float16 rounding emulated in float32 (fp16=emulate); its "
+                      "perplexity is an FP16 engine's, its speed is not")
 INTEGER_OPS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "MatMulInteger",
                          "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"})
 FLOAT_MATMUL_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "FusedGemm"})
@@ -133,7 +138,10 @@ class OnnxRuntimeBackend(Backend):
                 "provider": provider,
                 "nodes": sum(1 for v in as_built.values() if v == "fp16"),
                 "fallback_to_fp32": fallback,
+                "mode": options["fp16"],
             }
+            if options["fp16"] == "emulate" and fields["fp16"]["nodes"]:
+                fields["accuracy_only"] = ACCURACY_ONLY_FP16
             if fallback:
                 fields["plan_as_built"] = plan_used.to_dict()
         fields["as_built_counts"] = dict(sorted(Counter(as_built.values()).items()))
@@ -165,7 +173,7 @@ def build_options(given: Mapping[str, Any]) -> dict[str, Any]:
         raise QuantkitError(f"unknown weight_layout '{options['weight_layout']}'",
                             f"use one of: auto, {', '.join(WEIGHT_LAYOUTS)}")
     QdqOptions(per_channel=bool(options["per_channel"]),
-               shared_inputs=str(options["shared_inputs"]))  # validates
+               shared_inputs=str(options["shared_inputs"]), fp16=str(options["fp16"]))
     if int(options["coverage_seq"]) < 1:
         raise QuantkitError("coverage_seq must be at least 1")
     return options
@@ -254,13 +262,14 @@ def rewrite_for_provider(
     table = request.table
     qdq_options = QdqOptions(per_channel=bool(options["per_channel"]),
                              shared_inputs=str(options["shared_inputs"]),
-                             weight_layout=resolve_weight_layout(options, provider)[0])
+                             weight_layout=resolve_weight_layout(options, provider)[0],
+                             fp16=str(options["fp16"]))
     amax = table.amax if table is not None else None
     skipped = table.skipped if table is not None else None
     weights = table.weights if table is not None else None
     result = rewrite_model(model, plan, amax, qdq_options, skipped, weights)
     fp16_nodes = [n for n, v in result.as_built.items() if v == "fp16"]
-    if not fp16_nodes:
+    if not fp16_nodes or qdq_options.fp16 == "emulate":  # emulated: float32 kernels
         return result, plan, {}
     unsupported = fp16_unsupported(result.model, fp16_nodes, provider)
     if not unsupported:
@@ -272,8 +281,9 @@ def rewrite_for_provider(
             f"ONNX Runtime's {provider} has no float16 kernel for {len(unsupported)} of "
             f"{len(fp16_nodes)} fp16 nodes: {op_list}; it would cast them to float32 and the "
             "engine would not be FP16",
-            "build fp16 for TensorRT (--backend tensorrt) or CUDA, keep these ops fp32 in the "
-            "plan, or pass --fp16-fallback to do that automatically (recorded in the manifest)",
+            "build fp16 for TensorRT (--backend tensorrt) or CUDA, pass --fp16-emulate for "
+            "FP16's accuracy here (float16 rounding in float32, no FP16 speed), keep these ops "
+            "fp32 in the plan, or pass --fp16-fallback to do that automatically",
         )
     reason = f"fp16 -> fp32: no float16 kernel in {provider}"
     decisions = dict(plan.decisions)
@@ -512,6 +522,8 @@ class OnnxRuntimeRunner(Runner):
         """An engine with FP16 nodes runs as FP16 only on the provider it was checked for; on
         another one ONNX Runtime may cast them to float32 without a word."""
         fp16 = self.engine.manifest.get("fp16") or {}
+        if fp16.get("mode") == "emulate":
+            return  # float32 kernels everywhere
         if fp16.get("nodes") and providers and providers[0] != fp16.get("provider"):
             raise QuantkitError(
                 f"{self.engine.path} has {fp16['nodes']} fp16 nodes checked for "

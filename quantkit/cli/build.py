@@ -33,6 +33,10 @@ from quantkit.cli.options import force_option, trust_remote_code_option
 @click.option("--fp16-fallback", is_flag=True,
               help="Keep fp16 ops that the execution provider cannot run in float16 in fp32 "
                    "(recorded in the manifest) instead of failing.")
+@click.option("--fp16-emulate", is_flag=True,
+              help="onnxruntime: compute fp16 ops in float32 with every value rounded to float16 "
+                   "where a float16 engine stores it: FP16's perplexity on a CPU without "
+                   "float16 kernels (an accuracy-only engine: no latency is measured).")
 @click.option("--provider", default=None,
               help="ONNX Runtime execution provider to build for (default: CUDA if present, "
                    "else CPU).")
@@ -77,7 +81,8 @@ from quantkit.cli.options import force_option, trust_remote_code_option
 @force_option
 def command(onnx_path: Path | None, model: str | None, table: Path | None, precision: str,
             plan_path: Path | None, backend: str, out: Path, per_tensor_weights: bool,
-            shared_inputs: str | None, fp16_fallback: bool, provider: str | None,
+            shared_inputs: str | None, fp16_fallback: bool, fp16_emulate: bool,
+            provider: str | None,
             weight_layout: str | None, extra: tuple[str, ...], profiles: tuple[str, ...],
             trt_mode: str | None,
             constraints: str | None, timing_cache: Path | None, dataset: str | None,
@@ -103,14 +108,16 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
         options["shared_inputs"] = shared_inputs
     if fp16_fallback:
         options["fp16_fallback"] = True
+    if fp16_emulate:
+        options["fp16"] = "emulate"
     if provider is not None:
         options["provider"] = provider
     if weight_layout is not None:
         options["weight_layout"] = weight_layout.lower()
     if options and backend != "onnxruntime":
         raise QuantkitError(
-            f"--per-tensor-weights/--shared-inputs/--fp16-fallback/--provider/--weight-layout "
-            f"are onnxruntime "
+            f"--per-tensor-weights/--shared-inputs/--fp16-fallback/--fp16-emulate/--provider/"
+            f"--weight-layout are onnxruntime "
             f"options, not {backend} ones", "pass backend options with --option KEY=VALUE")
     trt_options: dict[str, Any] = {}
     if profiles:

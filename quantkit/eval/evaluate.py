@@ -323,7 +323,8 @@ def evaluate_engine(
             runner, tokens, max_length, stride, config.batch_size,
             use_nll=config.use_nll, vocab_size=vocab, on_batch=on_batch,
         )
-        latency = measure_latency(
+        accuracy_only = info.manifest.get("accuracy_only")
+        latency = [] if accuracy_only else measure_latency(
             runner, config.latency_grid, vocab, config.warmup, config.iterations
         )
         described = runner.describe()
@@ -354,6 +355,7 @@ def evaluate_engine(
         peak_rss_delta_bytes=memory.delta_bytes,
         peak_rss_method=memory.method,
         runner=dict(described),
+        accuracy_only=str(accuracy_only) if accuracy_only else None,
     )
 
 

@@ -110,6 +110,8 @@ class EngineResult:
     peak_rss_delta_bytes: int | None
     peak_rss_method: str
     runner: dict[str, Any] = field(default_factory=dict)
+    # why the engine has no latency: it emulates a precision (FP16 rounding in float32)
+    accuracy_only: str | None = None
 
     def latency_at(self, batch: int, seq: int) -> LatencyPoint | None:
         return next((p for p in self.latency if (p.batch, p.seq) == (batch, seq)), None)
@@ -299,6 +301,7 @@ def _parse_engine(data: Any, where: str) -> EngineResult:
         peak_rss_delta_bytes=c.integer("peak_rss_delta_bytes", nullable=True),
         peak_rss_method=c.string("peak_rss_method"),
         runner=dict(c.obj("runner").data),
+        accuracy_only=data.get("accuracy_only") if isinstance(data, dict) else None,
     )
 
 

@@ -308,7 +308,8 @@ def _engine_section(engines: Sequence[Mapping[str, Any]], shape: str) -> list[Bl
         rows.append([
             e["label"], e["backend"], e["precision"], fmt.percent(e["int8_coverage"]),
             fmt.ppl(e["perplexity"]), fmt.delta(e["delta_vs_fp32"]), fmt.delta(e["delta_vs_fp16"]),
-            fmt.ms(at.get("p50_ms")), fmt.ms(at.get("p99_ms")), fmt.rate(at.get("tokens_per_s")),
+            "accuracy only" if e.get("accuracy_only") else fmt.ms(at.get("p50_ms")),
+            fmt.ms(at.get("p99_ms")), fmt.rate(at.get("tokens_per_s")),
             fmt.speedup(at.get("speedup_vs_fp32")), fmt.speedup(at.get("speedup_vs_fp16")),
             fmt.size(e["size_bytes"]), "yes" if e["pareto"] else "",
         ])
@@ -327,6 +328,8 @@ def _engine_section(engines: Sequence[Mapping[str, Any]], shape: str) -> list[Bl
              "Rows in bold are on the Pareto front."),
         Table(headers, rows, align="lllrrrrrrrrrrl", highlight=[e["pareto"] for e in engines]),
         Bullets([
+            *(f"{e['label']}: {e['accuracy_only']}; no latency is measured." for e in engines
+              if e.get("accuracy_only")),
             f"INT8 coverage: {DEFINITIONS['int8_coverage']}.",
             f"Δ: {DEFINITIONS['delta']}.",
             f"Speedup: {DEFINITIONS['speedup']}.",

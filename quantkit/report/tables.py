@@ -68,6 +68,7 @@ def collect_engines(files: Sequence[ResultsFile]) -> list[dict[str, Any]]:
                 "runner": engine.get("runner") or {},
                 "machine": machine_of(f.environment),
                 "latency": [dict(row) for row in engine["latency"]],
+                "accuracy_only": engine.get("accuracy_only"),
             })
     return rows
 

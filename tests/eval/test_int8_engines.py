@@ -55,3 +55,31 @@ def test_int8_and_fp16_against_fp32(engines: dict[str, Path]) -> None:
     assert fp16.delta_vs_fp16 is not None and fp16.delta_vs_fp16.abs == 0
     assert int8.size_bytes is not None and fp32.size_bytes is not None
     assert int8.size_bytes < fp32.size_bytes
+
+
+def test_emulated_fp16_engine_has_fp16_accuracy_and_no_latency(engines: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """An FP16 engine on a CPU without float16 kernels: its perplexity, no latency, and the
+    report says why."""
+    from quantkit.report import build_report
+
+    emulated = build.build_engine(tmp_path / "fp16-emulated", precision="fp16",
+                                  onnx=engines["fp32"].parent / "llama-export",
+                                  options={"fp16": "emulate"})
+    assert emulated.manifest["fp16"]["mode"] == "emulate"
+    assert "accuracy" in emulated.manifest["accuracy_only"]
+    config = EvalConfig(dataset="sample", split="test", max_length=128, limit_tokens=2000,
+                        batch_size=4, latency_grid=(GridPoint(1, 64),), warmup=1, iterations=2,
+                        threads=1)
+    results = evaluate_engines([engines["fp32"], emulated.path], config)
+    fp32, fp16 = results.engines
+    assert fp16.precision == "fp16" and fp16.accuracy_only and fp16.latency == ()
+    assert fp32.latency and fp32.accuracy_only is None
+    # rounded to float16, so not FP32's number, but within float16's error of it
+    assert fp16.perplexity != fp32.perplexity
+    assert abs(fp16.perplexity / fp32.perplexity - 1) < 0.01
+    from quantkit.eval.results import write_results
+
+    path = write_results(results, tmp_path / "results.json")
+    md = build_report([path], tmp_path / "report").markdown.read_text()
+    assert "accuracy only" in md and "float16 rounding emulated" in md
