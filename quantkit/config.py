@@ -159,6 +159,9 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     engines: list[EngineConfig] = field(default_factory=list)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    # 'quantize' recipes: ``quantkit.oneshot.QuantizeConfig.from_recipe`` reads this mapping
+    # and ``quantkit run`` runs ``quantkit quantize`` instead of the sections above
+    quantize: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.version != RECIPE_VERSION:
@@ -177,6 +180,15 @@ class Recipe:
         data = dict(data)
         if "model" not in data:
             raise QuantkitError(f"{where} has no 'model'")
+        if data.get("quantize") is not None:
+            given = sorted({"calibration", "engines", "evaluation", "export"} & set(data))
+            if given:
+                raise QuantkitError(
+                    f"{where} has a 'quantize' section and {', '.join(given)}: quantize "
+                    "chooses its own calibration, engines and evaluation",
+                    "remove those sections, or the 'quantize' section for a run of your own")
+            if not isinstance(data["quantize"], dict):
+                raise QuantkitError(f"{where}.quantize must be a mapping")
         export = _from_mapping(ExportConfig, data.pop("export", None), f"{where}.export")
         calibration = _from_mapping(
             CalibrationConfig, data.pop("calibration", None), f"{where}.calibration"
@@ -197,7 +209,13 @@ class Recipe:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.quantize is None:
+            del data["quantize"]
+        else:  # quantize chooses these itself
+            for key in ("export", "calibration", "engines", "evaluation"):
+                del data[key]
+        return data
 
     @classmethod
     def load(cls, path: Path) -> Recipe:

@@ -30,6 +30,19 @@ LOCAL_PARTS = {"calibration": (0, 40), "tuning": (40, 50), "evaluation": (50, 10
 SAMPLE_SPLITS = {"calibration": "train[:70%]", "tuning": "train[70%:]", "evaluation": "test"}
 HUB_SPLITS = {"calibration": "train", "tuning": "validation", "evaluation": "test"}
 EXIT_BUDGET_MISSED = 3
+MIN_TIME_BUDGET_S = 180
+
+
+def parse_duration(text: str) -> float:
+    """'15m', '900s', '1h', '90' (seconds) -> seconds."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(s|m|min|h)?\s*", str(text))
+    if match is None:
+        raise QuantkitError(f"cannot read the time budget '{text}'",
+                            "write e.g. 15m, 900s or 1h")
+    unit = {"s": 1, None: 1, "m": 60, "min": 60, "h": 3600}[match.group(2)]
+    return float(match.group(1)) * unit
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,27 @@ def default_parts(dataset: str, dataset_config: str | None = None, text_column: 
     return parts
 
 
+def parts_for(dataset: str, dataset_config: str | None = None, text_column: str = "text",
+              calibration_split: str | None = None, tuning_split: str | None = None,
+              evaluation_split: str | None = None,
+              evaluation_dataset: str | None = None) -> dict[str, TextPart]:
+    """``default_parts`` with the overrides the command line and recipes name."""
+    overrides = {}
+    for role, split in (("calibration", calibration_split), ("tuning", tuning_split)):
+        if split:
+            overrides[role] = TextPart(dataset, split, dataset_config, text_column)
+    if evaluation_dataset or evaluation_split:
+        overrides["evaluation"] = TextPart(evaluation_dataset or dataset,
+                                           evaluation_split or "test",
+                                           None if evaluation_dataset else dataset_config,
+                                           text_column)
+    return default_parts(dataset, dataset_config, text_column, overrides)
+
+
+PART_KEYS = ("dataset", "dataset_config", "text_column", "calibration_split", "tuning_split",
+             "evaluation_split", "evaluation_dataset")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """Everything ``quantize`` does; the defaults are the measured best (README)."""
@@ -76,10 +110,16 @@ class QuantizeConfig:
     num_samples: int = 128
     seq_len: int = 256
     gptq: bool = True
-    rank_windows: int = 2
-    search_windows: int = 6
-    holdout_windows: int = 6
+    # the search: sensitivity ranks on one window (it only orders the groups; the few that
+    # matter stand out by 10x), budget checks on 4, the held-out check on 12 (its verdict is
+    # what generalises, README "quantize"); margins: AutotuneSettings.search_share/holdout_share
+    rank_windows: int = 1
+    search_windows: int = 4
+    holdout_windows: int = 12
+    method_groups: int = 3
+    greedy_runs: int = 10
     max_evals: int = 120
+    time_budget: str | None = None  # '15m', '900s', '1h': the search stops to finish in time
     eval_tokens: int | None = 20480
     seed: int = 0
     threads: int | None = None
@@ -103,6 +143,14 @@ class QuantizeConfig:
         from quantkit.tune.autotune import OBJECTIVES, Budget
 
         Budget.parse(self.max_ppl_increase)
+        if self.time_budget is not None:
+            seconds = parse_duration(self.time_budget)
+            if seconds < MIN_TIME_BUDGET_S:
+                raise QuantkitError(
+                    f"--time-budget {self.time_budget} is too small: export, calibration, "
+                    f"builds and the evaluation alone take minutes, and the search needs at "
+                    f"least one measurement",
+                    f"give at least {MIN_TIME_BUDGET_S // 60} minutes, e.g. --time-budget 15m")
         if self.objective not in OBJECTIVES:
             raise QuantkitError(f"unknown objective '{self.objective}'",
                                 f"use one of: {', '.join(OBJECTIVES)}")
@@ -111,6 +159,32 @@ class QuantizeConfig:
         out = asdict(self)
         out["onnx"] = None if self.onnx is None else str(self.onnx)
         return out
+
+    @classmethod
+    def from_recipe(cls, model: str, section: Any, trust_remote_code: bool = False,
+                    where: str = "recipe.quantize") -> QuantizeConfig:
+        """A recipe's ``quantize:`` section: ``QuantizeConfig`` fields and the text keys of
+        ``parts_for`` (``dataset`` defaults to wikitext, as on the command line)."""
+        import dataclasses
+
+        if not isinstance(section, dict):
+            raise QuantkitError(f"{where} must be a mapping")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"model", "onnx", "parts",
+                                                                "trust_remote_code"}
+        unknown = sorted(set(section) - fields - set(PART_KEYS))
+        if unknown:
+            raise QuantkitError(f"{where}: unknown key(s) {', '.join(unknown)}",
+                                f"known: {', '.join(sorted(fields | set(PART_KEYS)))}")
+        texts = {k: section[k] for k in PART_KEYS if k in section}
+        texts.setdefault("dataset", "wikitext")
+        settings = {k: v for k, v in section.items() if k in fields}
+        if "max_ppl_increase" in settings:
+            settings["max_ppl_increase"] = str(settings["max_ppl_increase"])
+        try:
+            return cls(model=model, parts=parts_for(**texts),
+                       trust_remote_code=trust_remote_code, **settings)
+        except TypeError as exc:
+            raise QuantkitError(f"{where}: {exc}") from None
 
 
 @dataclass
@@ -127,6 +201,7 @@ class QuantizeResult:
     p50_ms: dict[str, float]  # engine label -> p50 latency at 1 x max_length
     budget: str
     met_budget: bool
+    max_length: int  # the windows perplexity and latency were measured on
     parts: dict[str, Any]  # role -> the text it read
     steps: list[dict[str, Any]]
     seconds: float
@@ -178,7 +253,7 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     check_roles_disjoint([role_of_source(role, s) for role, s in sources.items()],
                          allow_with=None)
     started = time.perf_counter()
-    steps = Steps(out, total=6 + (config.model is not None), say=say, force=force, tty=progress)
+    steps = Steps(out, total=7 + (config.model is not None), say=say, force=force, tty=progress)
 
     export_dir = out / "export"
     if config.model is not None:
@@ -237,21 +312,37 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     def make_autotune(replace_: bool) -> None:
         from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
 
-        settings = AutotuneSettings(budget=Budget.parse(config.max_ppl_increase),
-                                    objective=config.objective, max_evals=config.max_evals)
+        time_limit = None
+        if config.time_budget is not None:
+            time_limit = parse_duration(config.time_budget) - (time.perf_counter() - started)
+            if time_limit <= 0:
+                raise QuantkitError(
+                    f"the time budget ({config.time_budget}) was spent before the search "
+                    f"began ({time.perf_counter() - started:.0f} s so far)",
+                    "rerun with a larger --time-budget: the finished steps are reused")
+        settings = AutotuneSettings(
+            budget=Budget.parse(config.max_ppl_increase), objective=config.objective,
+            max_evals=config.max_evals, method_groups=config.method_groups,
+            greedy_runs=config.greedy_runs, time_limit_s=time_limit,
+            reserve_windows=_windows_after_search(config, tune_part, out))
         autotune(tune, settings, tune_dir, force=replace_, say=say)
 
     steps.run("autotune", {"calibration": artifact_hash(calib_dir), "tune": tune.to_dict(),
                            "budget": config.max_ppl_increase, "objective": config.objective,
-                           "max_evals": config.max_evals}, tune_dir, make_autotune)
+                           "max_evals": config.max_evals, "method_groups": config.method_groups,
+                           "greedy_runs": config.greedy_runs,
+                           "time_budget": config.time_budget}, tune_dir, make_autotune)
 
-    engines = {"fp32": out / "engines" / "fp32", "int8-naive": out / "engines" / "int8-naive"}
-    for label, path in engines.items():
+    fp16_options = fp16_build_options()
+    references = {"fp32": ("fp32", None, {}), "fp16": ("fp16", None, fp16_options),
+                  "int8-naive": ("int8", calib_dir / "table.json", {})}
+    engines: dict[str, Path] = {}
+    for label, (precision, table, options) in references.items():
+        engines[label] = path = out / "engines" / label
         steps.run(f"build {label}", {"onnx": artifact_hash(graph_dir),
-                                     "table": artifact_hash(calib_dir) if "int8" in label
-                                     else None}, path,
-                  _builder(path, graph_dir, calib_dir / "table.json" if "int8" in label
-                           else None))
+                                     "table": artifact_hash(calib_dir) if table else None,
+                                     "options": options}, path,
+                  _builder(path, graph_dir, precision, table, options))
     engines["quantized"] = tune_dir / "engine"
 
     results = out / "results.json"
@@ -303,21 +394,43 @@ def _tune_settings(config: QuantizeConfig, onnx_dir: Path, table: Path, part: Te
                         threads=config.threads, cache_dir=out / "tune-cache")
 
 
-def _builder(path: Path, onnx_dir: Path, table: Path | None) -> Callable[[bool], None]:
+def _windows_after_search(config: QuantizeConfig, part: TextPart, out: Path) -> int:
+    """Model runs of ``max_length`` tokens left after the search, for a time budget: the
+    engine's verification, three builds (about 10 windows each, measured), the evaluation of
+    four engines and the latency runs of three (FP16 on a CPU is accuracy-only)."""
+    eval_windows = -(-(config.eval_tokens or 40 * config.max_length) // config.max_length)
+    builds = 0 if (out / "engines" / "int8-naive").is_dir() else 30
+    return (10 + config.holdout_windows + builds + 4 * eval_windows
+            + 3 * (2 + config.latency_iterations))
+
+
+def fp16_build_options() -> dict[str, Any]:
+    """The FP16 reference: a real float16 engine where ONNX Runtime has CUDA, else FP16's
+    accuracy emulated in float32 (an accuracy-only engine, no latency)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return {}
+    return {"fp16": "emulate"}
+
+
+def _builder(path: Path, onnx_dir: Path, precision: str, table: Path | None,
+             options: dict[str, Any]) -> Callable[[bool], None]:
     def make(replace_: bool) -> None:
         from quantkit.build import build_engine
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        build_engine(path, precision="int8" if table else "fp32", onnx=onnx_dir, table=table,
-                     force=replace_)
+        build_engine(path, precision=precision, onnx=onnx_dir, table=table, force=replace_,
+                     options=options)
     return make
 
 
 def _result(config: QuantizeConfig, out: Path, engines: dict[str, Path], results: Path,
             tune_dir: Path, transform: dict[str, Any], steps: Any, started: float
             ) -> QuantizeResult:
+    from quantkit.artifacts import read_json
     from quantkit.eval.results import load_results
-    from quantkit.tune.autotune import PLAN_NAME, Budget
+    from quantkit.tune.autotune import AUTOTUNE_NAME, PLAN_NAME, Budget
 
     evaluated = load_results(results)
     by_name = {e.name: e for e in evaluated.engines}
@@ -331,6 +444,8 @@ def _result(config: QuantizeConfig, out: Path, engines: dict[str, Path], results
         notes.append(f"the quantized engine misses the {budget} budget on the evaluation text "
                      f"({quantized.perplexity:.4f} vs FP32 {fp32:.4f}, allowed "
                      f"{budget.limit(fp32):.4f})")
+    tuned = read_json(tune_dir / AUTOTUNE_NAME)
+    notes += [n for n in tuned.get("notes", []) if "time limit" in n]
     if transform["name"] != "none":
         notes.append(f"FP32 and naive INT8 are engines of the {transform['name']} graph (the "
                      "same function as the export, checked when it was written)")
@@ -340,7 +455,7 @@ def _result(config: QuantizeConfig, out: Path, engines: dict[str, Path], results
         perplexity={k: e.perplexity for k, e in labelled.items()},
         delta_pct={k: 100.0 * (e.perplexity / fp32 - 1.0) for k, e in labelled.items()},
         p50_ms={k: e.latency[0].p50_ms for k, e in labelled.items() if e.latency},
-        budget=str(budget), met_budget=met,
+        budget=str(budget), met_budget=met, max_length=config.max_length,
         parts={r["label"].split(":", 1)[0]: r for r in evaluated.dataset.get("roles") or []},
         steps=[s.to_dict() for s in steps.records],
         seconds=time.perf_counter() - started, notes=notes)

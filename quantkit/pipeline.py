@@ -42,6 +42,7 @@ class StepOutcome:
 class RunOutcome:
     workdir: Path
     steps: list[StepOutcome] = field(default_factory=list)
+    quantized: Any = None  # the QuantizeResult of a 'quantize' recipe
 
     @property
     def report_html(self) -> Path:
@@ -86,6 +87,21 @@ def check_recipe_texts(recipe: Recipe) -> None:
                          allow_with="'allow_overlap: true' in the recipe's evaluation section")
 
 
+def run_quantize_recipe(recipe: Recipe, *, workdir: Path | None, force: bool, say: Say,
+                        progress: bool, command: str) -> RunOutcome:
+    """A recipe with a ``quantize:`` section: ``quantkit quantize`` into the workdir."""
+    from quantkit.oneshot import QuantizeConfig, quantize
+
+    config = QuantizeConfig.from_recipe(recipe.model, recipe.quantize,
+                                        recipe.trust_remote_code)
+    work = Path(workdir or recipe.workdir)
+    result = quantize(config, work, force=force, say=say, command=command, progress=progress)
+    outcome = RunOutcome(work, quantized=result)
+    outcome.steps = [StepOutcome(s["name"], Path(s["path"]), bool(s["reused"]),
+                                 float(s["seconds"])) for s in result.steps]
+    return outcome
+
+
 def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = False,
                say: Say = print, progress: bool = False, heartbeat: float = 10.0,
                command: str | None = None) -> RunOutcome:
@@ -99,6 +115,9 @@ def run_recipe(recipe: Recipe, *, workdir: Path | None = None, force: bool = Fal
     """
 
     command = command or f"quantkit run (recipe '{recipe.name}')"
+    if recipe.quantize is not None:
+        return run_quantize_recipe(recipe, workdir=workdir, force=force, say=say,
+                                   progress=progress, command=command)
     check_recipe_texts(recipe)
     work = Path(workdir or recipe.workdir)
     make_dirs(work)  # an unwritable workdir: one clear error before any step runs

@@ -84,3 +84,42 @@ def test_calibration_weights_option_is_checked():
         Recipe.from_dict({**RECIPE, "calibration": {"weights": "awq"}})
     with pytest.raises(QuantkitError, match="gptq-samples must be at least 1"):
         Recipe.from_dict({**RECIPE, "calibration": {"weights": "gptq", "gptq_samples": 0}})
+
+
+def test_every_shipped_recipe_loads() -> None:
+    from pathlib import Path
+
+    from quantkit.oneshot import QuantizeConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    recipes = [p for p in sorted(configs.glob("*.yaml")) if "model:" in p.read_text()]
+    assert {p.name for p in recipes} >= {"demo.yaml", "compare-precisions.yaml"}
+    for path in recipes:
+        recipe = Recipe.load(path)
+        if recipe.quantize is not None:
+            config = QuantizeConfig.from_recipe(recipe.model, recipe.quantize)
+            config.check()
+    demo = Recipe.load(configs / "demo.yaml")
+    config = QuantizeConfig.from_recipe(demo.model, demo.quantize)
+    assert config.parts["calibration"].split == "train[:50%]"
+    assert config.parts["tuning"].split == "train[50%:]"
+    assert config.parts["evaluation"].split == "test"
+    assert config.max_length == 256 and config.max_ppl_increase == "1%"
+
+
+def test_quantize_recipe_round_trips_and_refuses_other_sections(tmp_path) -> None:
+    section = {"dataset": "sample", "max_ppl_increase": "2%", "max_length": 128}
+    recipe = Recipe.from_dict({"model": "m", "quantize": section})
+    path = tmp_path / "q.yaml"
+    path.write_text(recipe.to_yaml())
+    assert Recipe.load(path) == recipe
+    with pytest.raises(QuantkitError, match="'quantize' section and engines"):
+        Recipe.from_dict({"model": "m", "quantize": section,
+                          "engines": [{"name": "fp32", "precision": "fp32"}]})
+
+
+def test_quantize_section_names_its_unknown_keys() -> None:
+    from quantkit.oneshot import QuantizeConfig
+
+    with pytest.raises(QuantkitError, match="unknown key.*max_ppl.*known:"):
+        QuantizeConfig.from_recipe("m", {"max_ppl": "1%"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,9 +41,14 @@ from quantkit.cli.options import force_option, typed_command
 @click.option("--seq-len", default=256, show_default=True, type=int,
               help="Calibration block length (tokens).")
 @click.option("--no-gptq", is_flag=True, help="Round weights to nearest instead of GPTQ.")
-@click.option("--search-windows", default=6, show_default=True, type=int)
-@click.option("--holdout-windows", default=6, show_default=True, type=int)
+@click.option("--search-windows", default=4, show_default=True, type=int,
+              help="Windows the search checks plans on.")
+@click.option("--holdout-windows", default=12, show_default=True, type=int,
+              help="Windows, disjoint from the search's, that must confirm the plan.")
 @click.option("--max-evals", default=120, show_default=True, type=int)
+@click.option("--time-budget", default=None,
+              help="Finish within this time (15m, 900s, 1h): the search stops early at the "
+                   "best plan so far, which is still checked on held-out text and verified.")
 @click.option("--eval-tokens", default=20480, show_default=True, type=int,
               help="Tokens of the evaluation part scored (0: all).")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -56,7 +62,8 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
             tuning_split: str | None, evaluation_split: str | None,
             evaluation_dataset: str | None, max_ppl_increase: str, objective: str,
             max_length: int, transform: str, num_samples: int, seq_len: int, no_gptq: bool,
-            search_windows: int, holdout_windows: int, max_evals: int, eval_tokens: int,
+            search_windows: int, holdout_windows: int, max_evals: int,
+            time_budget: str | None, eval_tokens: int,
             seed: int, threads: int | None, trust_remote_code: bool, out: Path,
             force: bool) -> None:
     """Export, transform, calibrate, autotune, build and evaluate in one command: the quantized
@@ -66,35 +73,38 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
     \b
     quantkit quantize --model smollm2-135m --dataset wiki.test.raw --out out/q
     """
-    from quantkit.oneshot import EXIT_BUDGET_MISSED, QuantizeConfig, TextPart, default_parts
+    from quantkit.oneshot import QuantizeConfig, parts_for
     from quantkit.oneshot import quantize as run
 
-    overrides = {}
-    for role, split in (("calibration", calibration_split), ("tuning", tuning_split)):
-        if split:
-            overrides[role] = TextPart(dataset, split, dataset_config, text_column)
-    if evaluation_dataset or evaluation_split:
-        overrides["evaluation"] = TextPart(evaluation_dataset or dataset,
-                                           evaluation_split or "test",
-                                           None if evaluation_dataset else dataset_config,
-                                           text_column)
     config = QuantizeConfig(
         model=model, onnx=onnx_path,
-        parts=default_parts(dataset, dataset_config, text_column, overrides),
+        parts=parts_for(dataset, dataset_config, text_column, calibration_split, tuning_split,
+                        evaluation_split, evaluation_dataset),
         max_ppl_increase=max_ppl_increase, objective=objective, max_length=max_length,
         transform=transform, num_samples=num_samples, seq_len=seq_len, gptq=not no_gptq,
         search_windows=search_windows, holdout_windows=holdout_windows, max_evals=max_evals,
+        time_budget=time_budget,
         eval_tokens=eval_tokens or None, seed=seed, threads=threads,
         trust_remote_code=trust_remote_code)
     result = run(config, out, force=force, say=click.echo,
                  command=typed_command(click.get_current_context()),
                  progress=sys.stderr.isatty())
+    print_result(result, out)
+
+
+def print_result(result: Any, out: Path) -> None:
+    """The comparison table and where everything is; exit code 3 when the budget is missed."""
+    from quantkit.oneshot import EXIT_BUDGET_MISSED
+
     click.echo("")
-    for label in ("fp32", "int8-naive", "quantized"):
+    max_length = result.max_length
+    for label in result.perplexity:
         latency = result.p50_ms.get(label)
         click.echo(f"{label:>11}: perplexity {result.perplexity[label]:.4f} "
                    f"({result.delta_pct[label]:+.2f}% vs FP32)"
-                   + (f", p50 {latency:.1f} ms at 1x{max_length}" if latency else ""))
+                   + (f", p50 {latency:.1f} ms at 1x{max_length}" if latency else
+                      ", accuracy only (float16 emulated in float32)" if label == "fp16"
+                      else ""))
     if result.coverage is not None:
         click.echo(f"INT8 coverage of the quantized engine: {100 * result.coverage:.1f}% of "
                    "linear-layer MACs")

@@ -19,6 +19,12 @@ def run_and_print(recipe_path: Path, workdir: Path | None, force: bool, command:
     outcome = run_recipe(recipe, workdir=workdir, force=force, say=click.echo,
                          progress=sys.stderr.isatty(), command=command)
     reused = sum(s.reused for s in outcome.steps)
+    if outcome.quantized is not None:
+        from quantkit.cli.quantize import print_result
+
+        click.echo(f"{len(outcome.steps)} steps ({reused} reused).")
+        print_result(outcome.quantized, outcome.workdir)
+        return
     click.echo(f"{len(outcome.steps)} steps ({reused} reused). Results: {outcome.results}")
     if outcome.report_html.is_file():
         click.echo(f"Report: {outcome.report_html.resolve()}")

@@ -29,14 +29,17 @@ def test_every_step_and_the_verified_engine(quantized) -> None:
     result, out, lines = quantized
     assert result.transform["name"] == "rotate"
     assert [s["name"] for s in result.steps] == [
-        "rotate", "calibrate", "autotune", "build fp32", "build int8-naive", "evaluate", "report"]
+        "rotate", "calibrate", "autotune", "build fp32", "build fp16", "build int8-naive",
+        "evaluate", "report"]
     assert not any(s["reused"] for s in result.steps)
     for name in ("rotated/manifest.json", "calibration/table.json", "calibration/weights.npz",
                  "autotune/plan.yaml", "autotune/engine/manifest.json", "results.json",
                  "report/report.html", "quantize.json"):
         assert (out / name).is_file(), name
-    assert set(result.perplexity) == {"fp32", "int8-naive", "quantized"}
+    assert set(result.perplexity) == {"fp32", "fp16", "int8-naive", "quantized"}
     fp32 = result.perplexity["fp32"]
+    # FP16 on a CPU: float16 emulated, its perplexity within float16's error of FP32's
+    assert abs(result.delta_pct["fp16"]) < 0.5 and result.perplexity["fp16"] != fp32
     assert result.met_budget and result.perplexity["quantized"] <= fp32 * 1.05
     assert result.delta_pct["quantized"] == pytest.approx(
         100 * (result.perplexity["quantized"] / fp32 - 1))
@@ -44,7 +47,7 @@ def test_every_step_and_the_verified_engine(quantized) -> None:
     assert set(result.p50_ms) == {"fp32", "int8-naive", "quantized"}
     saved = json.loads((out / "quantize.json").read_text())
     assert saved["schema"] == "quantkit.quantize/1" and saved["met_budget"] is True
-    assert any(line.startswith("[1/7] rotate") for line in lines)
+    assert any(line.startswith("[1/8] rotate") for line in lines)
 
 
 def test_roles_read_disjoint_text(quantized) -> None:
@@ -109,3 +112,26 @@ def test_bad_input_is_one_error_and_writes_nothing(fragile_export, tmp_path) -> 
                                  "--max-ppl-increase", "lots", "--out", str(out)])
     assert budget.exit_code == 2 and budget.output.count("Error:") == 1
     assert not out.exists()
+
+
+def test_time_budget_too_small_or_unreadable_is_refused_before_any_work(fragile_export,
+                                                                        tmp_path) -> None:
+    from quantkit.cli.main import cli
+
+    onnx = str(fragile_export.onnx_path.parent)
+    out = tmp_path / "q"
+    runner = CliRunner()
+    small = runner.invoke(cli, ["quantize", "--onnx", onnx, "--dataset", "sample",
+                                "--time-budget", "30s", "--out", str(out)])
+    assert small.exit_code == 2 and "--time-budget 30s is too small" in small.output
+    unreadable = runner.invoke(cli, ["quantize", "--onnx", onnx, "--dataset", "sample",
+                                     "--time-budget", "soon", "--out", str(out)])
+    assert unreadable.exit_code == 2 and "cannot read the time budget 'soon'" in unreadable.output
+    assert not out.exists()
+
+
+def test_parse_duration() -> None:
+    from quantkit.oneshot import parse_duration
+
+    assert [parse_duration(t) for t in ("15m", "900s", "1h", "90", "2.5min")] == [
+        900, 900, 3600, 90, 150]
