@@ -111,10 +111,10 @@ class QuantizeConfig:
     seq_len: int = 256
     gptq: bool = True
     # the search: sensitivity ranks on one window (it only orders the groups; the few that
-    # matter stand out by 10x), budget checks on 4, the held-out check on 12 (its verdict is
-    # what generalises, README "quantize"); margins: AutotuneSettings.search_share/holdout_share
+    # matter stand out by 10x), budget checks on 6 and the held-out check on 12, each at the
+    # upper 90 % confidence bound of the increase (AutotuneSettings.confidence)
     rank_windows: int = 1
-    search_windows: int = 4
+    search_windows: int = 6
     holdout_windows: int = 12
     method_groups: int = 3
     greedy_runs: int = 10

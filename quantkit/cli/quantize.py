@@ -41,7 +41,7 @@ from quantkit.cli.options import force_option, typed_command
 @click.option("--seq-len", default=256, show_default=True, type=int,
               help="Calibration block length (tokens).")
 @click.option("--no-gptq", is_flag=True, help="Round weights to nearest instead of GPTQ.")
-@click.option("--search-windows", default=4, show_default=True, type=int,
+@click.option("--search-windows", default=6, show_default=True, type=int,
               help="Windows the search checks plans on.")
 @click.option("--holdout-windows", default=12, show_default=True, type=int,
               help="Windows, disjoint from the search's, that must confirm the plan.")

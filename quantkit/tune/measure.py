@@ -2,8 +2,9 @@
 
 The evaluation text is tokenized once and cut into consecutive windows of ``max_length`` tokens;
 a seeded permutation assigns them to named, disjoint subsets (``search`` and ``holdout``). A
-subset is scored as its windows back to back with ``stride == max_length``, so each window scores
-all of its tokens but the first, exactly as ``quantkit eval`` does.
+subset is scored window by window (each scores all of its tokens but the first, exactly as
+``quantkit eval`` does with ``stride == max_length``), and each window's mean NLL is kept: the
+search tells a plan's increase from the spread of that increase between windows.
 
 Every measurement (subset, INT8 groups, per-tensor method overrides) is cached in one JSON file
 per probe key (the model, table, stats, groups and windows it depends on), written atomically
@@ -27,7 +28,7 @@ from quantkit.artifacts import atomic_write_json, sha256_json
 from quantkit.errors import QuantkitError
 from quantkit.eval.perplexity import evaluate_perplexity
 
-CACHE_SCHEMA = "quantkit.tune-cache/1"
+CACHE_SCHEMA = "quantkit.tune-cache/2"  # 2: mean NLL per window
 
 
 def choose_windows(ids: np.ndarray, max_length: int, counts: Mapping[str, int],
@@ -63,6 +64,7 @@ class Measurement:
     nll_sum: float
     num_scored_tokens: int
     cached: bool
+    window_nll: tuple[float, ...] = ()  # mean NLL of each window, in the subset's order
 
 
 class Measurer:
@@ -120,20 +122,27 @@ class Measurer:
         hit = self._cache.get(entry_key)
         if hit is not None:
             return Measurement(subset, chosen, overrides, float(hit["perplexity"]),
-                               float(hit["nll_sum"]), int(hit["num_scored_tokens"]), True)
+                               float(hit["nll_sum"]), int(hit["num_scored_tokens"]), True,
+                               tuple(float(v) for v in hit.get("window_nll", ())))
         self.probe.configure(chosen, self.amax_for(dict(overrides)))
         started = time.perf_counter()
-        result = evaluate_perplexity(self.probe, self.subsets[subset], self.max_length,
-                                     self.max_length, self.batch_size)
+        ids = self.subsets[subset]
+        windows = [evaluate_perplexity(self.probe, ids[i : i + self.max_length],
+                                       self.max_length, self.max_length, self.batch_size)
+                   for i in range(0, len(ids) - self.max_length + 1, self.max_length)]
         self._run_seconds += time.perf_counter() - started
-        self._run_windows += len(self.subsets[subset]) // self.max_length
-        if not math.isfinite(result.perplexity):
+        self._run_windows += len(windows)
+        nll_sum = sum(w.nll_sum for w in windows)
+        count = sum(w.num_scored_tokens for w in windows)
+        perplexity = math.exp(nll_sum / count)
+        if not math.isfinite(perplexity):
             raise QuantkitError("a probe configuration gave a non-finite perplexity")
+        window_nll = tuple(w.nll_sum / w.num_scored_tokens for w in windows)
         self.runs += 1
-        self._cache[entry_key] = {"perplexity": result.perplexity, "nll_sum": result.nll_sum,
-                                  "num_scored_tokens": result.num_scored_tokens}
+        self._cache[entry_key] = {"perplexity": perplexity, "nll_sum": nll_sum,
+                                  "num_scored_tokens": count, "window_nll": list(window_nll)}
         if self.cache_path is not None:
             atomic_write_json(self.cache_path, {"schema": CACHE_SCHEMA, "key": self.key,
                                                 "measurements": self._cache})
-        return Measurement(subset, chosen, overrides, result.perplexity, result.nll_sum,
-                           result.num_scored_tokens, False)
+        return Measurement(subset, chosen, overrides, perplexity, nll_sum, count, False,
+                           window_nll)

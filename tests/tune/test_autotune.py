@@ -287,3 +287,28 @@ def test_shares_outside_zero_to_one_are_refused() -> None:
 
     with pytest.raises(QuantkitError, match="search-share"):
         AutotuneSettings(search_share=1.5).check()
+
+
+def test_upper_bound_grows_with_the_spread_between_windows() -> None:
+    """Two plans with the same perplexity: the one whose increase varies between windows gets
+    the higher bound; with confidence 0 the bound is the measured perplexity."""
+    import math
+    from types import SimpleNamespace
+
+    from quantkit.tune.autotune import _Search
+    from quantkit.tune.measure import Measurement
+
+    base = Measurement("search", (), (), math.exp(3.0), 0.0, 1, True, (3.0, 3.0, 3.0, 3.0))
+
+    def plan(windows: tuple[float, ...]) -> Measurement:
+        return Measurement("search", ("g",), (), math.exp(sum(windows) / 4), 0.0, 1, True,
+                           windows)
+
+    steady, spread = plan((3.01, 3.01, 3.01, 3.01)), plan((2.98, 3.04, 2.98, 3.04))
+    fake = SimpleNamespace(settings=SimpleNamespace(confidence=0.9),
+                           measurer=SimpleNamespace(measure=lambda subset, groups: base))
+    assert _Search.upper_bound(fake, steady) == pytest.approx(steady.perplexity)
+    bound = _Search.upper_bound(fake, spread)
+    assert bound > spread.perplexity * 1.01  # sd 0.035 over 4 windows: more than +1 %
+    fake.settings.confidence = 0.0
+    assert _Search.upper_bound(fake, spread) == spread.perplexity
