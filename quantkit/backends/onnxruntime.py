@@ -377,6 +377,7 @@ def inspect_fusion(onnx_path: Path, provider: str) -> dict[str, Any]:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(path)
+        options.log_severity_level = 3  # not the "hardware specific optimizations" warning
         try:
             ort.InferenceSession(str(onnx_path), options, providers=[provider])
         except Exception as exc:  # onnxruntime raises its own exception types

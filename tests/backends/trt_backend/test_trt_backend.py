@@ -250,7 +250,7 @@ def test_explicit_path_writes_the_plans_qdq_onnx(tiny_llama_export, llama_table,
     assert set(plan.nodes_with(Precision.INT8)) <= names
     # TensorRT reads symmetric int8 weights whatever CPU built the ONNX (no ISA-specific layout)
     assert summary["options"] == {"per_channel": True, "shared_inputs": "dedicated",
-                                  "weight_layout": "s8"}
+                                  "weight_layout": "s8", "fp16": "native"}
     inits = {t.name: t for t in model.graph.initializer}
     weight_dqs = [n for n in model.graph.node
                   if n.op_type == "DequantizeLinear" and n.input[0] in inits]
