@@ -113,7 +113,10 @@ def export_model(
         cache_fields: dict[str, Any] = {}
         if layout is not None:  # plain exports keep the manifest they always had
             inputs["with_cache"] = True
-            cache_fields["cache"] = layout.to_dict()
+            from quantkit.export_cache import generation_defaults
+
+            cache_fields["cache"] = {**layout.to_dict(),
+                                     "generation": generation_defaults(loaded.model)}
         manifest = make_manifest(
             EXPORT_KIND,
             inputs,

@@ -86,6 +86,19 @@ def cache_layout(config: Any) -> CacheLayout:
     return CacheLayout(int(layers), int(kv_heads), int(head_dim))
 
 
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """The end-of-text and padding token ids Hugging Face's ``generate`` uses for ``model`` (its
+    generation config, else its config), for ``quantkit generate`` to stop where it stops."""
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    eos_ids = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else (
+        [] if eos is None else [int(eos)])
+    pad = getattr(config, "pad_token_id", None)
+    return {"eos_token_ids": eos_ids, "pad_token_id": None if pad is None else int(pad)}
+
+
 def make_cache_wrapper(model: Any, attr: str) -> Any:
     """A torch module ``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``
     holding ``model`` as ``attr``. Torch is imported here, not at module import."""
