@@ -128,13 +128,16 @@ def build_engine(
     force: bool = False,
     trust_remote_code: bool = False,
     calibration: CalibrationData | None = None,
+    table_onnx: Path | None = None,
 ) -> Engine:
     """Build one engine into ``out`` from ``onnx`` (an export directory or .onnx file) or from
     ``model`` (exported first, into a temporary directory that is removed afterwards).
 
     ``calibration``: text for TensorRT's own INT8 calibration (TensorRT 10, implicit path),
     instead of a ``table``. For ``backend="tensorrt"`` TensorRT and a CUDA GPU are checked before
-    anything is exported, read or written."""
+    anything is exported, read or written. A KV-cache export takes the table of a plain export
+    of the same model (``quantkit.cache_tables``); ``table_onnx`` names that export's ONNX where
+    ``table`` is not a path whose calibration manifest says it."""
     from quantkit.backends import get_backend
     from quantkit.backends.base import BuildRequest
     from quantkit.export import find_onnx
@@ -171,6 +174,12 @@ def build_engine(
         else:
             assert onnx is not None
             onnx_path = find_onnx(Path(onnx))
+        if calib_table is not None:
+            from quantkit.cache_tables import table_for_cache_graph
+
+            if table_onnx is None and isinstance(table, (str, Path)):
+                table_onnx = _calibrated_onnx(Path(table))
+            calib_table = table_for_cache_graph(calib_table, onnx_path, table_onnx)
         resolved = plan_for(onnx_path, precision, recipe)
         if isinstance(plan, (str, Path)):
             resolved = PrecisionPlan(resolved.default, resolved.decisions,
@@ -186,6 +195,16 @@ def build_engine(
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _calibrated_onnx(table: Path) -> Path | None:
+    """The ONNX a table.json's calibration manifest names, or None for a table without one."""
+    from quantkit.calib.run import calibration_onnx
+
+    try:
+        return calibration_onnx(table)
+    except QuantkitError:
+        return None
 
 
 def check_calibration_request(backend: str, precision: str, recipe: PlanRecipe,

@@ -1,4 +1,5 @@
-"""HF causal LM -> FP32 ONNX (``input_ids``, ``attention_mask`` -> ``logits`` [, ``nll``]).
+"""HF causal LM -> FP32 ONNX (``input_ids``, ``attention_mask`` -> ``logits`` [, ``nll``]), or
+with ``with_cache`` the KV-cache decoder graph of ``quantkit.export_cache``.
 
 Uses ``torch.onnx.export(dynamo=True)`` at opset 18, then renames nodes after the module that made
 them (``/model/layers.3/mlp/down_proj/MatMul``) and intermediate tensors after their node
@@ -43,13 +44,17 @@ def export_model(
     *,
     opset: int = DEFAULT_OPSET,
     with_nll: bool = False,
+    with_cache: bool = False,
     force: bool = False,
     check_tolerance: float = CHECK_TOLERANCE,
     on_phase: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export ``loaded`` (a ``quantkit.models.LoadedModel``) into the directory ``out``.
 
-    ``on_phase`` is told each phase as it starts (the export takes minutes on a real model)."""
+    ``on_phase`` is told each phase as it starts (the export takes minutes on a real model).
+    ``with_cache`` exports the KV-cache graph (``quantkit.export_cache``) instead; it does not
+    combine with ``with_nll``: perplexity runs on the plain graph over whole windows, while the
+    cache graph serves generation, where a log-softmax over every new token is wasted work."""
     import onnx
 
     phase = on_phase or (lambda _: None)
@@ -59,6 +64,17 @@ def export_model(
             f"opset {opset} is not supported",
             "the dynamo exporter emits opset 18; at 17 it leaves a Split node the checker rejects",
         )
+    if with_cache and with_nll:
+        raise QuantkitError(
+            "--with-cache and --with-nll do not combine",
+            "export twice: --with-nll for calibration and perplexity, --with-cache for "
+            "'quantkit generate'; their node names match, so plans apply to both",
+        )
+    layout = None
+    if with_cache:
+        from quantkit.export_cache import cache_layout
+
+        layout = cache_layout(loaded.model.config)  # an unsupported model fails before export
     out = Path(out)
     if loaded.tokenizer is not None:  # an empty tokenizer saved beside the export poisons it
         from quantkit.models import check_tokenizer
@@ -67,14 +83,26 @@ def export_model(
     with atomic_output_dir(out, force=force) as tmp:
         onnx_path = tmp / ONNX_NAME
         phase("exporting to ONNX (torch.onnx.export, dynamo)")
-        proto = _export_proto(loaded.model, opset, with_nll)
+        if with_cache:
+            from quantkit.export_cache import export_cache_proto
+
+            proto = export_cache_proto(loaded.model, opset, _WRAPPER_ATTR)
+        else:
+            proto = _export_proto(loaded.model, opset, with_nll)
         phase("naming nodes and saving the ONNX graph")
         rename_by_module_path(proto, prefix=f"{_WRAPPER_ATTR}.")
         _save(proto, onnx_path)
         phase("checking the ONNX graph")
         onnx.checker.check_model(str(onnx_path), full_check=True)
-        phase("comparing ONNX Runtime with PyTorch on a padded batch")
-        check = check_against_torch(onnx_path, loaded.model)
+        if with_cache:
+            from quantkit.export_cache import check_cache_against_torch
+
+            phase("comparing ONNX Runtime with PyTorch: padded prefills and cached decode steps")
+            check = check_cache_against_torch(onnx_path, loaded.model)
+            check["tolerance"] = check_tolerance
+        else:
+            phase("comparing ONNX Runtime with PyTorch on a padded batch")
+            check = check_against_torch(onnx_path, loaded.model)
         if check["relative_error"] > check_tolerance:
             raise QuantkitError(
                 f"the exported ONNX differs from PyTorch: max|dlogits|/max|logits| = "
@@ -82,6 +110,13 @@ def export_model(
                 "this model is not exported faithfully; report it with the model id",
             )
         inputs = {"model": loaded.source, "opset": opset, "with_nll": with_nll}
+        cache_fields: dict[str, Any] = {}
+        if layout is not None:  # plain exports keep the manifest they always had
+            inputs["with_cache"] = True
+            from quantkit.export_cache import generation_defaults
+
+            cache_fields["cache"] = {**layout.to_dict(),
+                                     "generation": generation_defaults(loaded.model)}
         manifest = make_manifest(
             EXPORT_KIND,
             inputs,
@@ -94,6 +129,7 @@ def export_model(
             max_positions=_max_positions(loaded.model.config),
             check=check,
             tokenizer=TOKENIZER_DIR if loaded.tokenizer is not None else None,
+            **cache_fields,
         )
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))

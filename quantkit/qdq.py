@@ -869,6 +869,9 @@ def _matmul_macs(node: Any, a: list[int], b: list[int]) -> int:
     return batch * m * k * n
 
 
+PAST_PREFIX = "past_key_values."  # quantkit.export_cache's past inputs
+
+
 def _dummy_feeds(model: Any, batch: int, seq_len: int) -> dict[str, np.ndarray]:
     from onnx import helper
 
@@ -882,8 +885,10 @@ def _dummy_feeds(model: Any, batch: int, seq_len: int) -> dict[str, np.ndarray]:
         for i, dim in enumerate(dims):
             if dim.HasField("dim_value"):
                 shape.append(int(dim.dim_value))
-            else:
-                shape.append(batch if i == 0 else seq_len)
+            elif i == 0:
+                shape.append(batch)
+            else:  # a KV-cache graph's past is empty: the forward pass of a plain graph
+                shape.append(0 if info.name.startswith(PAST_PREFIX) else seq_len)
         dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
         feeds[info.name] = np.ones(shape, dtype=dtype)
     return feeds

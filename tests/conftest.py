@@ -135,3 +135,20 @@ def smollm2_export(smollm2, tmp_path_factory):
     from quantkit.export import export_model
 
     return export_model(smollm2, tmp_path_factory.mktemp("export") / "smollm2", with_nll=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_cache_export(tiny_llama, tmp_path_factory):
+    """The KV-cache graph of the tiny Llama (``export --with-cache``)."""
+    from quantkit.export import export_model
+
+    return export_model(tiny_llama, tmp_path_factory.mktemp("export") / "tiny-llama-cache",
+                        with_cache=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_cache_export(tiny_gpt2, tmp_path_factory):
+    from quantkit.export import export_model
+
+    return export_model(tiny_gpt2, tmp_path_factory.mktemp("export") / "tiny-gpt2-cache",
+                        with_cache=True)

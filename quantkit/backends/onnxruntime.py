@@ -45,7 +45,8 @@ def _ort() -> Any:
 
 def copy_export_context(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
     """Copy the tokenizer saved beside the export and return what the engine should record
-    about its source model (hash, vocab size, positions, tokenizer)."""
+    about its source model (hash, vocab size, positions, tokenizer, and the KV-cache layout of a
+    cache graph, which ``quantkit generate`` reads)."""
     manifest = export_manifest(onnx_path) or {}
     tokenizer_src = Path(onnx_path).parent / TOKENIZER_DIR
     if tokenizer_src.is_dir():
@@ -56,6 +57,7 @@ def copy_export_context(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
         "vocab_size": manifest.get("vocab_size"),
         "max_positions": manifest.get("max_positions"),
         "tokenizer": TOKENIZER_DIR if tokenizer_src.is_dir() else None,
+        **({"cache": manifest["cache"]} if manifest.get("cache") else {}),
     }
 
 

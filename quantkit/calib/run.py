@@ -149,6 +149,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
         else:
             assert request.onnx is not None
             onnx_path = find_onnx(request.onnx)
+            refuse_cache_graph(onnx_path)
             tokenizer = tokenizer_beside(onnx_path)
             model_info = {"onnx": str(onnx_path.resolve())}
         model_hash = onnx_model_hash(onnx_path)
@@ -223,6 +224,18 @@ def _export(request: CalibrationRequest, directory: Path) -> tuple[Path, Any, di
     result = export_model(loaded, directory, with_nll=True)  # same graph as `export --with-nll`
     return result.onnx_path, loaded.tokenizer, {"model": request.model, "source": loaded.source,
                                                 "export": EXPORT_DIR}
+
+
+def refuse_cache_graph(onnx_path: Path) -> None:
+    """A KV-cache export is not calibrated itself: its plain twin is, and the table carries over
+    at build time (``quantkit.cache_tables``)."""
+    from quantkit.export import export_manifest
+
+    if (export_manifest(onnx_path) or {}).get("cache"):
+        raise QuantkitError(
+            f"{onnx_path} is a KV-cache export (--with-cache), which calibration does not run",
+            "calibrate a plain export of the same model (quantkit export --with-nll) and build "
+            "the cache export with that table")
 
 
 def calibration_onnx(table: Path) -> Path:

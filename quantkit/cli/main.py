@@ -58,6 +58,7 @@ def _register() -> None:
         demo,
         doctor,
         export,
+        generate,
         plan,
         quantize,
         report,
@@ -68,7 +69,7 @@ def _register() -> None:
     from quantkit.cli import eval as eval_command
 
     for module in (export, calibrate, build, plan, eval_command, report, run, demo,
-                   sensitivity, autotune, rotate, quantize, doctor):
+                   sensitivity, autotune, rotate, quantize, doctor, generate):
         cli.add_command(module.command)
 
 

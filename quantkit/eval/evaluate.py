@@ -121,6 +121,10 @@ def load_engine_info(path: Path) -> tuple[Any, Any, str]:
         raise QuantkitError(
             f"{path} is not an engine: {exc.message}", "build one with 'quantkit build'"
         ) from None
+    if engine.manifest.get("cache"):
+        raise QuantkitError(
+            f"{path} is a KV-cache engine (for 'quantkit generate'); eval does not run it yet",
+            "evaluate an engine built from the plain export of the same model")
     missing = [k for k in ("backend", "precision", "source_model_hash")
                if not engine.manifest.get(k)]
     if missing:
