@@ -65,11 +65,12 @@ def _register() -> None:
         rotate,
         run,
         sensitivity,
+        sweep,
     )
     from quantkit.cli import eval as eval_command
 
     for module in (export, calibrate, build, plan, eval_command, report, run, demo,
-                   sensitivity, autotune, rotate, quantize, doctor, generate):
+                   sensitivity, autotune, rotate, quantize, doctor, generate, sweep):
         cli.add_command(module.command)
 
 

@@ -1,0 +1,55 @@
+"""``quantkit sweep``: several recipes, locally or as Ray tasks, gathered into one results file
+and one report (quantkit.sweep)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from quantkit.cli.options import force_option, typed_command
+
+EXIT_RECIPE_FAILED = 1
+
+
+@click.command("sweep")
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path),
+                metavar="RECIPE...")
+@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+              help="Run each recipe as a Ray task: 'auto' (the running Ray cluster, as Ray "
+                   "defines it), 'local' (start Ray here) or a cluster address. Needs "
+                   "pip install 'quantkit[ray]'. Default: one after another, here.")
+@click.option("--max-retries", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Ray: times a task is retried when its worker or node dies.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Each recipe runs in DIR/<recipe name>; DIR/results.json, DIR/report/ and "
+                   "DIR/sweep.json gather them.")
+@force_option
+def command(recipes: tuple[Path, ...], ray_address: str | None, max_retries: int, out: Path,
+            force: bool) -> None:
+    """Run every RECIPE (configs/*.yaml, quantize recipes too) into DIR/<name>, then gather
+    their engines as <recipe>/<engine> into DIR/results.json and one report.
+
+    A failed recipe does not stop the others: the sweep names it and why, and exits 1.
+    A rerun reuses every finished step. Example:
+
+      quantkit sweep configs/a.yaml configs/b.yaml --ray auto --out out/sweep
+    """
+    from quantkit.sweep import run_sweep
+
+    outcome = run_sweep(list(recipes), out, ray_address=ray_address, force=force,
+                        say=click.echo, command=typed_command(click.get_current_context()),
+                        max_retries=max_retries)
+    if outcome.results is not None:
+        click.echo(f"Results: {outcome.results}")
+    if outcome.report is not None:
+        click.echo(f"Report: {outcome.report}")
+    for failed in outcome.failed:
+        click.echo(f"Failed: {failed.name}: {failed.error}", err=True)
+    if outcome.gather_error is not None:
+        click.echo(f"Failed: gathering the results: {outcome.gather_error}", err=True)
+    if not outcome.ok:
+        click.echo(f"{len(outcome.failed)} of {len(outcome.recipes)} recipes failed; the "
+                   f"others are kept in {outcome.out}", err=True)
+        sys.exit(EXIT_RECIPE_FAILED)

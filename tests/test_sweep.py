@@ -1,0 +1,151 @@
+"""`quantkit sweep`: tiny recipes run locally (and on a one-CPU local Ray where it is installed),
+gathered into one results file and one report; duplicates, failures and a missing Ray."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from quantkit.cli.main import cli
+from quantkit.errors import QuantkitError
+from quantkit.sweep import load_recipes, run_sweep
+
+
+def _recipe(root: Path, name: str, model: str, method: str) -> Path:
+    recipe = {
+        "version": 1, "name": name, "model": model, "workdir": str(root / "unused"),
+        "calibration": {"dataset": "sample", "num_samples": 4, "seq_len": 32, "batch_size": 4,
+                        "method": method, "tensors": "quantizable"},
+        "engines": [{"name": "fp32", "precision": "fp32"},
+                    {"name": "int8", "precision": "int8"}],
+        "evaluation": {"dataset": "sample", "split": "test", "max_length": 64, "stride": 64,
+                       "limit_tokens": 256, "latency_grid": ["1x32"], "warmup": 1,
+                       "iterations": 2, "threads": 1},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory, tiny_llama) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sweep")
+    model_dir = root / "tiny-llama"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    return {"minmax": _recipe(root, "minmax", str(model_dir), "minmax"),
+            "percentile": _recipe(root, "percentile", str(model_dir), "percentile"),
+            "broken": _recipe(root, "broken", str(root / "no-such-model"), "minmax"),
+            "root": root}
+
+
+@pytest.fixture(scope="module")
+def local_sweep(recipes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    result = CliRunner().invoke(cli, ["sweep", str(recipes["minmax"]),
+                                      str(recipes["percentile"]), "--out", str(out)])
+    return out, result
+
+
+def _summary(out: Path) -> list[tuple[str, str, float]]:
+    data = json.loads((out / "results.json").read_text())
+    return [(e["name"], e["recipe"], e["perplexity"]) for e in data["engines"]]
+
+
+def test_local_sweep_gathers_one_results_file_and_one_report(local_sweep):
+    out, result = local_sweep
+    assert result.exit_code == 0, result.output
+    from quantkit.eval.results import load_results
+
+    combined = load_results(out / "results.json")  # the schema's own reader accepts it
+    assert combined.names == ["minmax/fp32", "minmax/int8", "percentile/fp32",
+                              "percentile/int8"]
+    assert combined.reference == {"fp32": "minmax/fp32", "fp16": None}
+    for name in ("minmax", "percentile"):
+        own = json.loads((out / name / "results.json").read_text())
+        assert [e["perplexity"] for e in own["engines"]] == \
+            [e.perplexity for e in combined.engines if e.name.startswith(f"{name}/")]
+    # same model, same export: the two recipes' FP32 engines agree
+    assert combined.engines[0].perplexity == combined.engines[2].perplexity
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert len(report["engines"]) == 4 and len(report["sources"]) == 2
+    assert (out / "report" / "report.html").is_file()
+    state = json.loads((out / "sweep.json").read_text())
+    assert [(r["name"], r["status"]) for r in state["recipes"]] == \
+        [("minmax", "ok"), ("percentile", "ok")]
+    assert f"Report: {out / 'report' / 'report.html'}" in result.output
+
+
+def test_rerun_reuses_every_finished_step(local_sweep, recipes):
+    out, _ = local_sweep
+    before = _summary(out)
+    outcome = run_sweep([recipes["minmax"], recipes["percentile"]], out, say=lambda _: None)
+    assert outcome.ok
+    assert [(r.steps, r.reused) for r in outcome.recipes] == [(6, 6), (6, 6)]
+    assert _summary(out) == before
+
+
+def test_duplicate_names_are_refused_before_any_work(recipes, tmp_path):
+    with pytest.raises(QuantkitError, match="same name 'minmax'"):
+        load_recipes([recipes["minmax"], recipes["minmax"]])
+    result = CliRunner().invoke(cli, ["sweep", str(recipes["minmax"]), str(recipes["minmax"]),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "same name 'minmax'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_recipe_is_reported_and_the_others_kept(local_sweep, recipes, tmp_path):
+    out = tmp_path / "out"
+    # the finished recipe is reused from the local sweep's folder: copy it in
+    import shutil
+
+    shutil.copytree(local_sweep[0] / "minmax", out / "minmax")
+    (out / "sweep.json").write_text("{}")
+    result = CliRunner().invoke(cli, ["sweep", str(recipes["broken"]), str(recipes["minmax"]),
+                                      "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "Failed: broken:" in result.output
+    assert "1 of 2 recipes failed" in result.output
+    assert [name for name, _, _ in _summary(out)] == ["minmax/fp32", "minmax/int8"]
+    state = json.loads((out / "sweep.json").read_text())
+    assert [(r["name"], r["status"]) for r in state["recipes"]] == \
+        [("broken", "failed"), ("minmax", "ok")]
+    assert state["recipes"][0]["error"]
+    assert (out / "report" / "report.html").is_file()
+
+
+def test_ray_without_ray_installed_is_one_clear_error(recipes, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["sweep", str(recipes["minmax"]), "--ray", "auto",
+                                      "--out", str(out)])
+    assert result.exit_code == 2
+    assert "pip install 'quantkit[ray]'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_ray_sweep_gives_the_same_results_as_the_local_one(local_sweep, recipes, tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'quantkit[ray]'")
+    out = tmp_path / "out"
+    outcome = run_sweep([recipes["minmax"], recipes["percentile"]], out,
+                        ray_address="local", say=lambda _: None,
+                        ray_init={"num_cpus": 1, "include_dashboard": False})
+    assert outcome.ok, [r.error for r in outcome.recipes]
+    assert [(r.steps, r.reused) for r in outcome.recipes] == [(6, 0), (6, 0)]
+    assert _summary(out) == _summary(local_sweep[0])
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert len(report["engines"]) == 4
