@@ -20,7 +20,8 @@ A failed recipe does not stop the others; the sweep says which failed and why.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,32 +129,43 @@ def import_ray() -> Any:
     return ray
 
 
-def _run_on_ray(ray: Any, address: str, work: list[tuple[dict[str, Any], str]], force: bool,
-                command: str, max_retries: int, init_kwargs: dict[str, Any] | None) -> \
-        list[RecipeOutcome]:
-    """Each recipe as a Ray task; results taken in recipe order (``ray.get`` per reference)."""
+@contextmanager
+def ray_session(ray: Any, address: str, init_kwargs: dict[str, Any] | None) -> Iterator[None]:
+    """Connect to (or start) Ray for the sweep and shut it down after, unless the caller had
+    already initialised it. A cluster that cannot be reached is one QuantkitError."""
     import quantkit
 
-    started = not ray.is_initialized()
-    if started:
-        # ship this quantkit with the tasks, so workers run the driver's code (not another
-        # installed copy); "auto" is Ray's own meaning (a running cluster, else a local one)
-        runtime_env = {"py_modules": [str(Path(quantkit.__file__).parent)]}
-        ray.init(address=address, runtime_env=runtime_env, **(init_kwargs or {}))
+    if ray.is_initialized():
+        yield
+        return
+    # ship this quantkit with the tasks, so workers run the driver's code rather than another
+    # installed copy of quantkit
+    runtime_env = {"py_modules": [str(Path(quantkit.__file__).parent)]}
     try:
-        task = ray.remote(max_retries=max_retries)(run_one)
-        refs = [task.remote(data, workdir, force, command) for data, workdir in work]
-        outcomes = []
-        for (data, workdir), ref in zip(work, refs, strict=True):
-            try:
-                outcomes.append(ray.get(ref))
-            except ray.exceptions.RayError as exc:  # the task's worker or node died
-                outcomes.append(RecipeOutcome(str(data["name"]), workdir, False,
-                                              error=f"{type(exc).__name__}: {exc}"))
-        return outcomes
+        ray.init(address=address, runtime_env=runtime_env, **(init_kwargs or {}))
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise QuantkitError(f"could not connect to Ray at '{address}': {exc}",
+                            "start a cluster with 'ray start --head', or pass --ray local "
+                            "to start Ray on this machine") from None
+    try:
+        yield
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
+
+
+def _run_on_ray(ray: Any, work: list[tuple[dict[str, Any], str]], force: bool, command: str,
+                max_retries: int) -> list[RecipeOutcome]:
+    """Each recipe as a Ray task; results taken in recipe order (``ray.get`` per reference)."""
+    task = ray.remote(max_retries=max_retries)(run_one)
+    refs = [task.remote(data, workdir, force, command) for data, workdir in work]
+    outcomes = []
+    for (data, workdir), ref in zip(work, refs, strict=True):
+        try:
+            outcomes.append(ray.get(ref))
+        except ray.exceptions.RayError as exc:  # the task's worker or node died, retries spent
+            outcomes.append(RecipeOutcome(str(data["name"]), workdir, False,
+                                          error=f"{type(exc).__name__}: {exc}"))
+    return outcomes
 
 
 def run_sweep(recipe_paths: Sequence[Path], out: Path, *, ray_address: str | None = None,
@@ -169,11 +181,19 @@ def run_sweep(recipe_paths: Sequence[Path], out: Path, *, ray_address: str | Non
     """
     recipes = load_recipes(recipe_paths)
     ray = import_ray() if ray_address is not None else None
-    out = Path(out).resolve()
-    state = out / SWEEP_STATE
-    if out.exists() and any(out.iterdir()) and not state.is_file() and not force:
+    if Path(out).exists() and any(Path(out).iterdir()) and \
+            not (Path(out) / SWEEP_STATE).is_file() and not force:
         raise QuantkitError(f"{out} exists and is not a sweep's folder",
                             "pass --force to use it anyway, or another --out")
+    with ray_session(ray, str(ray_address), ray_init) if ray is not None else nullcontext():
+        return _sweep(recipes, recipe_paths, Path(out).resolve(), ray, ray_address, force, say,
+                      command, max_retries)
+
+
+def _sweep(recipes: list[Recipe], recipe_paths: Sequence[Path], out: Path, ray: Any,
+           ray_address: str | None, force: bool, say: Say, command: str | None,
+           max_retries: int) -> SweepOutcome:
+    """run_sweep once Ray (where asked for) is connected."""
     make_dirs(out)
     command = command or "quantkit sweep " + " ".join(str(p) for p in recipe_paths)
     work = [(r.to_dict(), str(out / r.name)) for r in recipes]
@@ -184,8 +204,7 @@ def run_sweep(recipe_paths: Sequence[Path], out: Path, *, ray_address: str | Non
             say(f"{data['name']}: running ...")
             outcomes.append(run_one(data, workdir, force, command))
     else:
-        outcomes = _run_on_ray(ray, str(ray_address), work, force, command, max_retries,
-                               ray_init)
+        outcomes = _run_on_ray(ray, work, force, command, max_retries)
     sweep = SweepOutcome(out, outcomes)
     for o in outcomes:
         say(f"{o.name}: " + (f"done ({o.steps} steps, {o.reused} reused)" if o.ok
