@@ -149,3 +149,17 @@ def test_ray_sweep_gives_the_same_results_as_the_local_one(local_sweep, recipes,
     assert _summary(out) == _summary(local_sweep[0])
     report = json.loads((out / "report" / "report.json").read_text())
     assert len(report["engines"]) == 4
+
+
+def test_unreachable_ray_cluster_is_one_error_and_nothing_written(recipes, tmp_path,
+                                                                  monkeypatch):
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'quantkit[ray]'")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "out"
+    # "auto" is Ray's: a running cluster (none here), never a new one
+    result = CliRunner().invoke(cli, ["sweep", str(recipes["minmax"]), "--ray", "auto",
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "could not connect to Ray at 'auto'" in result.output
+    assert "ray start --head" in result.output
+    assert not out.exists()
