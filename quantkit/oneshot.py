@@ -121,7 +121,8 @@ class QuantizeConfig:
     max_evals: int = 120
     time_budget: str | None = None  # '15m', '900s', '1h': the search stops to finish in time
     eval_tokens: int | None = 20480
-    seed: int = 0
+    seed: int = 0  # calibration blocks, rotation, and (unless tuning_seed) the tuning windows
+    tuning_seed: int | None = None  # the windows the search draws; None: seed
     threads: int | None = None
     latency_iterations: int = 10
     trust_remote_code: bool = False
@@ -390,7 +391,8 @@ def _tune_settings(config: QuantizeConfig, onnx_dir: Path, table: Path, part: Te
                         dataset_config=part.dataset_config, split=part.split,
                         text_column=part.text_column, max_length=config.max_length,
                         rank_windows=config.rank_windows, search_windows=config.search_windows,
-                        holdout_windows=config.holdout_windows, batch_size=1, seed=config.seed,
+                        holdout_windows=config.holdout_windows, batch_size=1,
+                        seed=config.seed if config.tuning_seed is None else config.tuning_seed,
                         threads=config.threads, cache_dir=out / "tune-cache")
 
 

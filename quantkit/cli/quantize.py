@@ -51,7 +51,11 @@ from quantkit.cli.options import force_option, typed_command
                    "best plan so far, which is still checked on held-out text and verified.")
 @click.option("--eval-tokens", default=20480, show_default=True, type=int,
               help="Tokens of the evaluation part scored (0: all).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Calibration blocks, rotation and (unless --tuning-seed) the search's windows.")
+@click.option("--tuning-seed", default=None, type=int,
+              help="Another draw of the search's windows, the rest unchanged (reuses the steps "
+                   "before the search).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -64,7 +68,8 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
             max_length: int, transform: str, num_samples: int, seq_len: int, no_gptq: bool,
             search_windows: int, holdout_windows: int, max_evals: int,
             time_budget: str | None, eval_tokens: int,
-            seed: int, threads: int | None, trust_remote_code: bool, out: Path,
+            seed: int, tuning_seed: int | None, threads: int | None, trust_remote_code: bool,
+            out: Path,
             force: bool) -> None:
     """Export, transform, calibrate, autotune, build and evaluate in one command: the quantized
     engine with the most INT8 within --max-ppl-increase of FP32, measured on text no earlier step
@@ -84,7 +89,7 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
         transform=transform, num_samples=num_samples, seq_len=seq_len, gptq=not no_gptq,
         search_windows=search_windows, holdout_windows=holdout_windows, max_evals=max_evals,
         time_budget=time_budget,
-        eval_tokens=eval_tokens or None, seed=seed, threads=threads,
+        eval_tokens=eval_tokens or None, seed=seed, tuning_seed=tuning_seed, threads=threads,
         trust_remote_code=trust_remote_code)
     result = run(config, out, force=force, say=click.echo,
                  command=typed_command(click.get_current_context()),

@@ -20,26 +20,25 @@ text, ``rank`` and ``search``:
    prefix within the search target on ``search``, then a **greedy** pass over the rest in
    chunks: a chunk that keeps the plan within is taken whole, one that does not is halved
    (at most ``greedy_runs`` measurements; a lone group that fails is left in FP32).
-5. **Held-out check** (the ``holdout`` subset, never used by the steps above): if the plan
-   exceeds its target there, the smaller plans the search passed through are checked — the
-   bisection's prefix (before the greedy pass, whose additions were accepted at the edge of the
-   budget), then the whole kinds of step 2 — and the first that meets it is kept. Otherwise the
-   search target is tightened and the longest prefix of the plan (in the order above: the
-   last-added groups go first) that meets it on the search subset is found by bisection, then
-   checked again.
+5. **Held-out check** (the ``holdout`` subset, never used by the steps above), at the upper
+   ``confidence`` bound (below): if the plan misses there, the longest prefix of it (in the
+   order above: whole kinds first, the last-added groups last) that meets the bound on the
+   held-out windows is found by bisection and kept.
 6. ``objective=latency``: the feasible plans seen on the way are built and timed; the fastest
    one that meets the budget on the held-out subset wins.
 7. **Verification**: the chosen plan is built as a real engine (ONNX Runtime backend) and its
    perplexity measured on the held-out subset; that number, not the probe's, is the result.
 
-**Confidence**: a plan is within the budget on a subset when the upper ``confidence`` bound of
-its perplexity is: the increase of each window's mean NLL over FP32's on the same window gives a
-mean and a spread, and the bound is the mean plus t standard errors. Windows differ a lot
-(measured on SmolLM2-135M: a plan at +1.35 % had a per-window standard deviation of 1.7 %), so a
-few windows alone cannot tell +0.5 % from +1.5 %: a point estimate at the edge of the budget
-misses it on other text about half the time. ``search_share`` / ``holdout_share`` shrink the
-budget further where wanted. ``time_limit_s`` stops the search (not the held-out check) when the
-time is spent.
+**Confidence**: a plan meets the budget on the held-out subset when the upper ``confidence``
+bound of its perplexity does: the increase of each window's mean NLL over FP32's on the same
+window gives a mean and a spread, and the bound is the mean plus t standard errors. Windows
+differ a lot (measured on SmolLM2-135M: a plan at +1.35 % had a per-window standard deviation of
+1.7 %), so a few windows cannot tell +0.5 % from +1.5 %: a point estimate at the edge of the
+budget misses it on other text about half the time. The search's own checks are point
+estimates by default (``search_confidence``: bounds on its 6 windows stopped SmolLM2's search
+at 42 % coverage): it proposes, the held-out bound decides. ``search_share`` /
+``holdout_share`` shrink the budget further where wanted. ``time_limit_s`` stops the search
+(not the held-out check) when the time is spent.
 
 Every step is recorded (``path`` in ``autotune.json``). ``max_evals`` bounds the measurements of
 the search (all steps but the sensitivity pass), cached or not, so that a rerun from the cache
@@ -68,7 +67,6 @@ ENGINE_DIR = "engine"
 SENSITIVITY_NAME = "sensitivity.json"
 SUMMARY_NAME = "autotune.md"
 OBJECTIVES = ("coverage", "latency")
-TIGHTEN = (0.66, 0.33, 0.0)  # share of the search target used after a held-out miss
 HOLDOUT_RESERVE = 12  # model runs kept back from the greedy pass for the held-out phase
 
 
@@ -107,7 +105,8 @@ class AutotuneSettings:
     latency_candidates: int = 3
     latency_iterations: int = 5
     build: bool = True  # build and verify the engine
-    confidence: float = 0.9  # one-sided confidence of the budget checks (0: point estimates)
+    confidence: float = 0.9  # one-sided confidence of the held-out checks (0: point estimates)
+    search_confidence: float = 0.0  # ... of the search's checks (fast, noisy: point estimates)
     search_share: float = 1.0  # share of the budget the search aims at on the search windows
     holdout_share: float = 1.0  # share of the budget the plan must meet on held-out windows
     greedy_runs: int = 12  # measurements of the chunked greedy pass after the bisection
@@ -125,10 +124,13 @@ class AutotuneSettings:
             if not 0.0 < value <= 1.0:
                 raise QuantkitError(f"{name.replace('_', '-')} must be in (0, 1], not {value}",
                                     "it is the share of the budget a stage may use")
-        if not (self.confidence == 0.0 or 0.5 <= self.confidence < 1.0):
-            raise QuantkitError(f"confidence must be in [0.5, 1) or 0, not {self.confidence}",
-                                "0.9: a plan passes when its increase is within the budget "
-                                "with 90 % confidence; 0 compares point estimates")
+        for name in ("confidence", "search_confidence"):
+            value = getattr(self, name)
+            if not (value == 0.0 or 0.5 <= value < 1.0):
+                raise QuantkitError(
+                    f"{name.replace('_', '-')} must be in [0.5, 1) or 0, not {value}",
+                    "0.9: a plan passes when its increase is within the budget with 90 % "
+                    "confidence; 0 compares point estimates")
         if self.greedy_runs < 0:
             raise QuantkitError("greedy-runs must not be negative")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
@@ -240,7 +242,8 @@ class _Search:
         """The plan's perplexity at the upper ``confidence`` bound of its increase over FP32 on
         the same windows (mean of the per-window NLL increases plus t standard errors; windows
         are of equal length, so the mean alone gives back the measured perplexity)."""
-        confidence = self.settings.confidence
+        confidence = (self.settings.confidence if result.subset == "holdout"
+                      else self.settings.search_confidence)
         base = self.measurer.measure(result.subset, ())
         deltas = [q - b for q, b in zip(result.window_nll, base.window_nll, strict=False)]
         if not confidence or len(deltas) < 2 or len(deltas) != len(base.window_nll):
@@ -430,49 +433,33 @@ def chunked_greedy(search: _Search, chosen: list[str], rest: list[str],
     return chosen
 
 
-def tighten(search: _Search, chosen: list[str], order: list[str], limit: float) -> list[str]:
-    """The longest prefix of ``chosen`` (in ``order``: the least efficient, last-added groups
-    go first) that meets ``limit`` on the search subset, by bisection."""
-    rank = {name: i for i, name in enumerate(order)}
-    current = sorted(chosen, key=lambda g: rank[g])
-    if not current or search.measure(search.subset, current, "tighten",
-                                     f"{len(current)} groups", limit).within:
-        return current
-    return longest_prefix(search, current, 0, "tighten", limit)
-
-
-def holdout_phase(search: _Search, chosen: list[str],
-                  checkpoints: Sequence[tuple[str, list[str]]], order: list[str],
-                  budget: Budget, baseline: float, limit: float, search_share: float = 1.0,
+def holdout_phase(search: _Search, chosen: list[str], order: list[str], limit: float,
                   ) -> tuple[list[str], float, bool]:
-    """Step 5: the plan on the held-out subset; on a miss, the smaller plans the search passed
-    through (the greedy pass's additions are the ones made at the edge of the budget, so the
-    bisection's prefix and the whole kinds before it are the likeliest to generalise), then
-    ever tighter targets. Returns the plan, its held-out perplexity, and whether it is met."""
-    def check(plan: list[str], why: str = "") -> tuple[float, bool]:
-        step = search.measure("holdout", plan, "holdout",
-                              f"{len(plan)} groups on the held-out subset{why}", limit)
-        return step.perplexity, step.within
+    """Step 5: the plan on the held-out subset, at the upper confidence bound; on a miss, the
+    longest prefix of the plan (groups in ``order``: whole kinds first, the last-added groups
+    last) that meets it there, by bisection on the held-out windows themselves (the search
+    windows already said yes to all of them). Returns the plan, its held-out perplexity, and
+    whether it is met (the empty plan, FP32, always is)."""
+    rank = {name: i for i, name in enumerate(order)}
+    current = sorted(chosen, key=lambda g: rank.get(g, len(rank)))
 
-    ppl, met = check(chosen)
-    tried = [set(chosen)]
-    for label, plan in checkpoints:
-        if met or search.runs_left <= 0:
-            return chosen, ppl, met
-        if not plan or len(plan) >= len(chosen) or set(plan) in tried:
-            continue
-        tried.append(set(plan))
-        plan_ppl, plan_met = check(plan, f" (back to {label})")
-        if plan_met:
-            return list(plan), plan_ppl, True
-    current = chosen
-    for share in TIGHTEN:
-        if met or search.runs_left <= 0:
-            break
-        current = tighten(search, current, order,
-                          budget.limit(baseline, share * search_share))
-        ppl, met = check(current)
-    return current, ppl, met
+    def check(plan: list[str], why: str = "") -> Step:
+        return search.measure("holdout", plan, "holdout",
+                              f"{len(plan)} groups on the held-out subset{why}", limit)
+
+    step = check(current)
+    if step.within:
+        return current, step.perplexity, True
+    lo, hi = 0, len(current)  # the first lo groups meet the bound (none: FP32), hi do not
+    while hi - lo > 1 and search.runs_left > 0:
+        mid = (lo + hi) // 2
+        if check(current[:mid], " (a shorter plan)").within:
+            lo = mid
+        else:
+            hi = mid
+    plan = current[:lo]
+    ppl = search.measurer.measure("holdout", tuple(plan), search.methods_for(plan)).perplexity
+    return plan, ppl, True
 
 
 def candidate_label(tune: TuneSettings) -> str:
@@ -565,7 +552,7 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
     deltas = {g.name: g.delta for g in sensitivity.groups}
     search_methods(search, sensitivity, sensitivity.baseline, deltas)
     order = [*seed, *efficiency_order(context, deltas)]
-    chosen, prefix = bisect_and_greedy(search, order, limit, feasible=len(seed))
+    chosen, _ = bisect_and_greedy(search, order, limit, feasible=len(seed))
     has_holdout = "holdout" in context.subsets
     if search.out_of_time:
         context.notes.append(f"the search time limit ({settings.time_limit_s:.0f} s) stopped "
@@ -580,9 +567,7 @@ def run_search(context: TuneContext, settings: AutotuneSettings,
         base_h = context.measurer.measure("holdout", ()).perplexity
         baselines["holdout"] = base_h
         limits["holdout"] = settings.budget.limit(base_h, settings.holdout_share)
-        chosen, holdout_ppl, met = holdout_phase(
-            search, chosen, [("the bisection's prefix", prefix), ("the whole kinds", seed)],
-            order, settings.budget, baseline, limits["holdout"], settings.search_share)
+        chosen, holdout_ppl, met = holdout_phase(search, chosen, order, limits["holdout"])
     final = search.measurer.measure(search.subset, tuple(chosen), search.methods_for(chosen))
     in_plan = set(chosen)
     result = AutotuneResult(

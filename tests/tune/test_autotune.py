@@ -184,6 +184,9 @@ class _ScriptedSearch:
     def __init__(self, costs: dict[str, dict[str, float]], runs: int = 50) -> None:
         self.costs, self.runs_left, self.path = costs, runs, []
 
+    def methods_for(self, groups):
+        return {}
+
     def measure(self, subset, groups, stage, action, limit):
         from quantkit.tune.autotune import Step
 
@@ -194,34 +197,40 @@ class _ScriptedSearch:
         return step
 
 
-def test_holdout_miss_backs_off_to_the_plans_the_search_passed_through() -> None:
+def test_holdout_miss_keeps_the_longest_prefix_that_meets_it_held_out() -> None:
     from quantkit.tune.autotune import holdout_phase
 
     order = ["kind1", "kind2", "g1", "g2", "g3"]
-    # on the search subset everything fits; held out, the greedy's g3 and the prefix's g2 do not
+    # on the search subset everything fits; held out, g2 and g3 do not
     search = _ScriptedSearch({"search": {}, "holdout": {"g2": 0.15, "g3": 0.2}})
-    plan, ppl, met = holdout_phase(
-        search, order, [("the bisection's prefix", order[:4]), ("the whole kinds", order[:2])],
-        order, Budget.parse("1%"), 10.0, 10.1)
-    assert met and plan == ["kind1", "kind2"] and ppl == pytest.approx(10.0)
-    actions = [s.action for s in search.path]
-    assert actions == ["5 groups on the held-out subset",
-                       "4 groups on the held-out subset (back to the bisection's prefix)",
-                       "2 groups on the held-out subset (back to the whole kinds)"]
+    search.measurer = _CachedMeasurer(search)
+    plan, ppl, met = holdout_phase(search, ["g3", "kind1", "g1", "kind2", "g2"], order, 10.1)
+    assert met and plan == ["kind1", "kind2", "g1"] and ppl == pytest.approx(10.0)
+    assert all(s.stage == "holdout" for s in search.path)
+    assert search.path[0].action == "5 groups on the held-out subset"
+    assert len(search.path) <= 1 + 3  # the plan, then a bisection over 5 prefixes
 
 
-def test_holdout_miss_tightens_when_no_checkpoint_holds() -> None:
+def test_holdout_pass_keeps_the_plan() -> None:
     from quantkit.tune.autotune import holdout_phase
 
-    order = ["g1", "g2", "g3", "g4"]
-    # the checkpoint misses held out too; tighter search targets drop g4, then g3
-    costs = {"search": {"g3": 0.06, "g4": 0.06}, "holdout": {"g3": 0.5, "g4": 0.5}}
-    search = _ScriptedSearch(costs)
-    plan, ppl, met = holdout_phase(search, order, [("the bisection's prefix", order[:3])],
-                                   order, Budget.parse("1%"), 10.0, 10.1)
-    assert met and plan == ["g1", "g2"] and ppl == pytest.approx(10.0)
-    assert [s.stage for s in search.path][:2] == ["holdout", "holdout"]
-    assert "tighten" in {s.stage for s in search.path}
+    search = _ScriptedSearch({"search": {}, "holdout": {"g1": 0.05}})
+    plan, ppl, met = holdout_phase(search, ["g1", "k"], ["k", "g1"], 10.1)
+    assert met and plan == ["k", "g1"] and ppl == pytest.approx(10.05)
+    assert len(search.path) == 1
+
+
+class _CachedMeasurer:
+    """``measurer.measure`` over the scripted costs (what holdout_phase reads at the end)."""
+
+    def __init__(self, search: _ScriptedSearch) -> None:
+        self.search = search
+
+    def measure(self, subset, groups, methods=None):
+        from types import SimpleNamespace
+
+        cost = sum(self.search.costs[subset].get(g, 0.0) for g in groups)
+        return SimpleNamespace(perplexity=10.0 + cost)
 
 
 class _ScriptedGreedy(_ScriptedSearch):
@@ -298,14 +307,14 @@ def test_upper_bound_grows_with_the_spread_between_windows() -> None:
     from quantkit.tune.autotune import _Search
     from quantkit.tune.measure import Measurement
 
-    base = Measurement("search", (), (), math.exp(3.0), 0.0, 1, True, (3.0, 3.0, 3.0, 3.0))
+    base = Measurement("holdout", (), (), math.exp(3.0), 0.0, 1, True, (3.0, 3.0, 3.0, 3.0))
 
     def plan(windows: tuple[float, ...]) -> Measurement:
-        return Measurement("search", ("g",), (), math.exp(sum(windows) / 4), 0.0, 1, True,
+        return Measurement("holdout", ("g",), (), math.exp(sum(windows) / 4), 0.0, 1, True,
                            windows)
 
     steady, spread = plan((3.01, 3.01, 3.01, 3.01)), plan((2.98, 3.04, 2.98, 3.04))
-    fake = SimpleNamespace(settings=SimpleNamespace(confidence=0.9),
+    fake = SimpleNamespace(settings=SimpleNamespace(confidence=0.9, search_confidence=0.0),
                            measurer=SimpleNamespace(measure=lambda subset, groups: base))
     assert _Search.upper_bound(fake, steady) == pytest.approx(steady.perplexity)
     bound = _Search.upper_bound(fake, spread)
