@@ -135,3 +135,18 @@ def test_parse_duration() -> None:
 
     assert [parse_duration(t) for t in ("15m", "900s", "1h", "90", "2.5min")] == [
         900, 900, 3600, 90, 150]
+
+
+def test_fp16_reference_keeps_normalizations_fp32(tiny_llama_export, tiny_gpt2_export) -> None:
+    """float16 x^2 overflows in RMSNorm/LayerNorm on models with large activations: the FP16
+    reference keeps the normalization modules FP32 and everything else FP16."""
+    from quantkit.oneshot import fp16_recipe
+    from quantkit.plan import Precision, resolve_plan
+
+    for export, norm in ((tiny_llama_export, "/input_layernorm/"), (tiny_gpt2_export, "/ln_1/")):
+        plan = resolve_plan(fp16_recipe(export.onnx_path), export.onnx_path)
+        decisions = plan.decisions.values()
+        norms = [d for d in decisions if norm in d.node]
+        assert norms and all(d.precision == Precision.FP32 for d in norms)
+        matmuls = [d for d in decisions if d.op_type in ("MatMul", "Gemm")]
+        assert matmuls and all(d.precision == Precision.FP16 for d in matmuls)
