@@ -120,7 +120,7 @@ class QuantizeConfig:
     greedy_runs: int = 10
     max_evals: int = 120
     time_budget: str | None = None  # '15m', '900s', '1h': the search stops to finish in time
-    eval_tokens: int | None = 20480
+    eval_tokens: int | None = 20480  # tokens of the evaluation part scored; 0 or None: all
     seed: int = 0  # calibration blocks, rotation, and (unless tuning_seed) the tuning windows
     tuning_seed: int | None = None  # the windows the search draws; None: seed
     threads: int | None = None
@@ -360,7 +360,8 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
             dataset=eval_part.dataset, dataset_config=eval_part.dataset_config,
             split=eval_part.split, text_column=eval_part.text_column,
             max_length=config.max_length, stride=config.max_length,
-            limit_tokens=config.eval_tokens, latency_grid=(GridPoint(1, config.max_length),),
+            limit_tokens=config.eval_tokens or None,
+            latency_grid=(GridPoint(1, config.max_length),),
             warmup=2, iterations=config.latency_iterations, threads=config.threads)
         evaluated = evaluate_engines(list(engines.values()), eval_config, command=command,
                                      names=list(engines))
