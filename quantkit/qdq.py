@@ -630,11 +630,9 @@ class _Rewriter:
                 only_fp16 = all(c in fp16_nodes for c in consumers[tensor])
                 if (tensor in self.inits and only_fp16 and tensor not in graph_outputs
                         and tensor not in converted_inits):
-                    init = self.inits[tensor]
-                    value = numpy_helper.to_array(init).astype(np.float32)
-                    clamped += int(np.count_nonzero(np.abs(value) > FP16_MAX))
-                    half = np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16)
-                    init.CopyFrom(numpy_helper.from_array(half, tensor))
+                    half, over = self._fp16_constant(tensor)
+                    clamped += over
+                    self.inits[tensor].CopyFrom(numpy_helper.from_array(half, tensor))
                     converted_inits.add(tensor)
                     half_name[tensor] = tensor
                     continue
@@ -662,9 +660,18 @@ class _Rewriter:
         if clamped:
             self.notes.append(f"{clamped} float32 constant values clamped to the float16 range")
 
+    def _fp16_constant(self, tensor: str) -> tuple[np.ndarray, int]:
+        """An initializer in float16, clamped to its range, and how many values were clamped
+        (what native and emulated FP16 regions both store)."""
+        from onnx import numpy_helper
+
+        value = numpy_helper.to_array(self.inits[tensor]).astype(np.float32)
+        clamped = int(np.count_nonzero(np.abs(value) > FP16_MAX))
+        return np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16), clamped
+
     def _fp16_emulated(self, fp16_nodes: set[str], is_float: Any) -> None:
         """FP16 regions in float32, every value rounded where a float16 engine stores it."""
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, helper
 
         def round_trip(tensor: str, rounded: str) -> list[Any]:
             half = self._unique(f"{tensor}/fp16")
@@ -688,9 +695,8 @@ class _Rewriter:
                     node.input[i] = rounded[tensor]
                 elif tensor in self.inits:
                     if tensor not in rounded_inits:
-                        value = numpy_helper.to_array(self.inits[tensor]).astype(np.float32)
-                        clamped += int(np.count_nonzero(np.abs(value) > FP16_MAX))
-                        half = np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16)
+                        half, over = self._fp16_constant(tensor)
+                        clamped += over
                         rounded_inits[tensor] = self._add_init(half.astype(np.float32),
                                                                f"{tensor}/fp16_rounded")
                     node.input[i] = rounded_inits[tensor]
