@@ -91,6 +91,9 @@ def export_model(
             proto = _export_proto(loaded.model, opset, with_nll)
         phase("naming nodes and saving the ONNX graph")
         rename_by_module_path(proto, prefix=f"{_WRAPPER_ATTR}.")
+        from quantkit.attention_mask import drop_softmax_nan_guards
+
+        guards_removed = drop_softmax_nan_guards(proto.graph)
         _save(proto, onnx_path)
         phase("checking the ONNX graph")
         onnx.checker.check_model(str(onnx_path), full_check=True)
@@ -128,6 +131,7 @@ def export_model(
             vocab_size=int(loaded.model.config.vocab_size),
             max_positions=_max_positions(loaded.model.config),
             check=check,
+            softmax_nan_guards_removed=guards_removed,
             tokenizer=TOKENIZER_DIR if loaded.tokenizer is not None else None,
             **cache_fields,
         )

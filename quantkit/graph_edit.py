@@ -23,6 +23,19 @@ def graph_index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[
     return producers, consumers, inits
 
 
+def replace_nodes(graph: Any, nodes: Iterable[Any]) -> None:
+    """Make ``nodes`` (copied: they may be the graph's own) the graph's node list."""
+    from onnx import NodeProto
+
+    copies = []
+    for node in nodes:
+        copy = NodeProto()
+        copy.CopyFrom(node)
+        copies.append(copy)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
 def drop_unused(graph: Any) -> None:
     """Remove initializers and Transpose nodes nothing reads any more."""
     while True:
