@@ -84,7 +84,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "verify": True,  # load the engine in ONNX Runtime and record which Q/DQ ops it fused
     # INT8 weights: auto (for this machine's CPU) | s8 | u8 | s7 (quantkit.qdq's docstring)
     "weight_layout": "auto",
+    # static: activation scales from the calibration table (Q/DQ, as TensorRT runs INT8);
+    # dynamic: each INT8 MatMul measures its activation range at run time (quantkit.dynamic_quant)
+    "activations": "static",
 }
+ACTIVATION_MODES = ("static", "dynamic")
 ACCURACY_ONLY_FP16 = ("accuracy only: float16 rounding emulated in float32 (fp16=emulate); its "
                       "perplexity is an FP16 engine's, its speed is not")
 INTEGER_OPS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "MatMulInteger",
@@ -129,6 +133,11 @@ class OnnxRuntimeBackend(Backend):
         else:
             result, plan_used, fallback = rewrite_for_provider(
                 request, plan, options, provider)
+            if options["activations"] == "dynamic" and plan.nodes_with(Precision.INT8):
+                from quantkit.dynamic_quant import to_dynamic_activations
+
+                fields["activations"] = {"mode": "dynamic",
+                                         "matmuls": to_dynamic_activations(result.model)}
             save_onnx(result.model, target)
             _check_onnx(target)
             as_built = result.as_built
@@ -174,6 +183,9 @@ def build_options(given: Mapping[str, Any]) -> dict[str, Any]:
     if options["weight_layout"] not in ("auto", *WEIGHT_LAYOUTS):
         raise QuantkitError(f"unknown weight_layout '{options['weight_layout']}'",
                             f"use one of: auto, {', '.join(WEIGHT_LAYOUTS)}")
+    if options["activations"] not in ACTIVATION_MODES:
+        raise QuantkitError(f"unknown activations mode '{options['activations']}'",
+                            f"use one of: {', '.join(ACTIVATION_MODES)}")
     QdqOptions(per_channel=bool(options["per_channel"]),
                shared_inputs=str(options["shared_inputs"]), fp16=str(options["fp16"]))
     if int(options["coverage_seq"]) < 1:

@@ -46,6 +46,11 @@ from quantkit.cli.options import force_option, trust_remote_code_option
                    "u8 (the same values as uint8 + 128, u8 x u8 kernels) on x86 without VNNI, "
                    "where u8 x s8 saturates; s7: 7-bit weights. Name one to build for another "
                    "machine ('quantkit doctor' says what this one gets).")
+@click.option("--activations", type=click.Choice(["static", "dynamic"]), default=None,
+              help="onnxruntime INT8: static (default) quantizes activations with the table's "
+                   "scales, as TensorRT does; dynamic measures each INT8 MatMul input's range "
+                   "when it runs (ONNX Runtime's DynamicQuantizeLinear; the table still sets "
+                   "nothing else).")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="Backend build option (repeatable; VALUE is read as YAML), e.g. for tensorrt "
                    "--option workspace_mib=4096 --option calibrator=minmax.")
@@ -83,7 +88,8 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
             plan_path: Path | None, backend: str, out: Path, per_tensor_weights: bool,
             shared_inputs: str | None, fp16_fallback: bool, fp16_emulate: bool,
             provider: str | None,
-            weight_layout: str | None, extra: tuple[str, ...], profiles: tuple[str, ...],
+            weight_layout: str | None, activations: str | None, extra: tuple[str, ...],
+            profiles: tuple[str, ...],
             trt_mode: str | None,
             constraints: str | None, timing_cache: Path | None, dataset: str | None,
             dataset_config: str | None, split: str | None, text_column: str | None,
@@ -114,10 +120,12 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
         options["provider"] = provider
     if weight_layout is not None:
         options["weight_layout"] = weight_layout.lower()
+    if activations is not None:
+        options["activations"] = activations
     if options and backend != "onnxruntime":
         raise QuantkitError(
             f"--per-tensor-weights/--shared-inputs/--fp16-fallback/--fp16-emulate/--provider/"
-            f"--weight-layout are onnxruntime "
+            f"--weight-layout/--activations are onnxruntime "
             f"options, not {backend} ones", "pass backend options with --option KEY=VALUE")
     trt_options: dict[str, Any] = {}
     if profiles:

@@ -53,6 +53,11 @@ def test_build_int8_and_mixed(tiny_llama_export, table_file, tmp_path):
                     "--precision", "int8", "--table", table_file, "--out", tmp_path / "trt",
                     "--weight-layout", "u8")
     assert result.exit_code == 2 and "are onnxruntime options, not tensorrt ones" in result.output
+    result = invoke("build", "--backend", "tensorrt", "--onnx", tiny_llama_export.directory,
+                    "--precision", "int8", "--table", table_file, "--out", tmp_path / "trt",
+                    "--activations", "dynamic")  # TensorRT's INT8 is static
+    assert result.exit_code == 2 and "are onnxruntime options, not tensorrt ones" in result.output
+    assert not (tmp_path / "trt").exists()
 
     mixed = tmp_path / "mixed"
     result = invoke("build", "--onnx", tiny_llama_export.onnx_path, "--table", table_file,
