@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--top", type=int, default=12, help="op types listed per engine")
+    p.add_argument("--session-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="ONNX Runtime session config entry for every engine, e.g. "
+                        "session.set_denormal_as_zero=1")
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
     return p.parse_args(argv)
 
@@ -81,7 +84,8 @@ def engine_onnx(path: Path) -> Path:
 class ProfiledSession:
     """One ONNX Runtime session with the profiler on; ``finish`` parses what it recorded."""
 
-    def __init__(self, path: Path, threads: int, prefix: Path) -> None:
+    def __init__(self, path: Path, threads: int, prefix: Path,
+                 config: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -91,6 +95,8 @@ class ProfiledSession:
         options.enable_profiling = True
         options.profile_file_prefix = str(prefix)
         options.log_severity_level = 3
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(path), options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -146,7 +152,8 @@ def grouped(ops_us: dict[str, float]) -> dict[str, float]:
 
 def profile_shape(paths: dict[str, Path], batch: int, seq: int, args: argparse.Namespace,
                   tmp: Path) -> dict[str, Any]:
-    sessions = {name: ProfiledSession(path, args.threads, tmp / f"{name}-{batch}x{seq}")
+    config = dict(entry.partition("=")[::2] for entry in args.session_config)
+    sessions = {name: ProfiledSession(path, args.threads, tmp / f"{name}-{batch}x{seq}", config)
                 for name, path in paths.items()}
     vocab = min((s.vocab for s in sessions.values() if s.vocab), default=1000)
     feed = feeds_for(batch, seq, vocab)

@@ -430,21 +430,12 @@ def tiny_export(out: Path) -> Path:
     """A 2-layer Llama with random weights and a 512-token BPE trained on the bundled sample,
     exported with quantkit's exporter (with the nll output)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quantkit.data import SAMPLE_DIR
     from quantkit.export import export_model
     from quantkit.models import LoadedModel, ModelSpec
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train([str(SAMPLE_DIR / "calibration.txt")], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    tokenizer = sample_tokenizer(TINY_VOCAB)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -458,6 +449,24 @@ def tiny_export(out: Path) -> Path:
 
 
 TINY_VOCAB = 512
+
+
+def sample_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE of ``vocab_size`` tokens trained on the bundled sample's calibration
+    file: a real tokenizer for models with random weights, with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from quantkit.data import SAMPLE_DIR
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train([str(SAMPLE_DIR / "calibration.txt")], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
 def check_feeds(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
