@@ -372,19 +372,28 @@ def export_manifest(onnx_path: Path) -> dict[str, Any] | None:
 
 def write_derived_export(model: Any, source_onnx: Path, out: Path, *, exporter: str,
                          inputs: dict[str, Any], force: bool = False,
-                         check: dict[str, Any] | None = None, **fields: Any) -> Path:
+                         check: dict[str, Any] | None = None,
+                         verify: Callable[[Path], dict[str, Any]] | None = None,
+                         **fields: Any) -> Path:
     """Write ``model`` (a rewrite of the export at ``source_onnx``: SmoothQuant, rotation) as a
     new export directory with the source's tokenizer and a manifest of its own (its own model
-    hash), atomically; return the new ONNX path. ``check`` defaults to the source's."""
+    hash), atomically; return the new ONNX path. Weights the model left in the source's
+    external-data file are copied from there (``quantkit.onnx_io``). ``verify`` is run on the
+    written ONNX file before the manifest (raise to write nothing) and its result is the
+    manifest's ``check``; ``check`` otherwise, else the source's."""
     import shutil
 
     import onnx
 
+    from quantkit.onnx_io import save_with_external_data
+
     source = export_manifest(source_onnx) or {}
     with atomic_output_dir(Path(out), force=force) as tmp:
         target = tmp / ONNX_NAME
-        onnx.save_model(model, str(target))
+        save_with_external_data(model, target, base_dir=Path(source_onnx).parent)
         onnx.checker.check_model(str(target), full_check=True)
+        if verify is not None:
+            check = verify(target)
         tokenizer = Path(source_onnx).parent / TOKENIZER_DIR
         if tokenizer.is_dir():
             shutil.copytree(tokenizer, tmp / TOKENIZER_DIR)

@@ -37,6 +37,7 @@ import numpy as np
 from quantkit.errors import QuantkitError
 from quantkit.export import write_derived_export
 from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
+from quantkit.onnx_io import read_initializer
 from quantkit.plan import ROTATION_SEGMENT
 
 DEFAULT_DOWN_BLOCK = 512
@@ -159,16 +160,16 @@ def _norm_weight_mul(mul: Any, tensor: str, consumers: dict[str, list[Any]],
 class _Rewriter:
     """Initializer edits with fresh names (weights the exporter shared stay intact)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, base_dir: Path | None = None) -> None:
         self.graph = model.graph
+        self.base_dir = base_dir or Path(".")  # where external weights are read from
         self.producers, self.consumers, self.inits = graph_index(self.graph)
         self.nodes = {n.name: n for n in self.graph.node}
         self.counter = 0
 
     def array(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
-
-        return numpy_helper.to_array(self.inits[name]).astype(np.float64)
+        """An initializer in float64, read from the external-data file when it is there."""
+        return read_initializer(self.inits[name], self.base_dir).astype(np.float64)
 
     def add(self, array: np.ndarray, base: str, dtype: Any = np.float32) -> str:
         from onnx import numpy_helper
@@ -233,17 +234,16 @@ def _rotate_residual(rw: _Rewriter, stream: ResidualStream, q: np.ndarray) -> di
 
 def _head_dim(rw: _Rewriter, v_proj: Any) -> int | None:
     """The head size from the Reshape after v_proj: its target shape ends in the head size."""
-    from onnx import numpy_helper
 
     for node in rw.consumers.get(v_proj.output[0], []):
         if node.op_type != "Reshape":
             continue
         shape = node.input[1]
         if shape in rw.inits:
-            return int(numpy_helper.to_array(rw.inits[shape])[-1])
+            return int(read_initializer(rw.inits[shape], rw.base_dir)[-1])
         concat = rw.producers.get(shape)
         if concat is not None and concat.op_type == "Concat" and concat.input[-1] in rw.inits:
-            return int(numpy_helper.to_array(rw.inits[concat.input[-1]]).reshape(-1)[-1])
+            return int(read_initializer(rw.inits[concat.input[-1]], rw.base_dir).reshape(-1)[-1])
     return None
 
 
@@ -347,12 +347,13 @@ def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
             "factors": list(used)}
 
 
-def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BLOCK
-                 ) -> dict[str, Any]:
-    """Rotate ``model`` (an ONNX ModelProto) in place; return what was done."""
+def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BLOCK,
+                 base_dir: Path | None = None) -> dict[str, Any]:
+    """Rotate ``model`` (an ONNX ModelProto) in place; return what was done. Weights left in
+    an external-data file (relative to ``base_dir``) are read one at a time."""
     check_down_block(down_block)
     stream = trace_residual(model.graph)
-    rw = _Rewriter(model)
+    rw = _Rewriter(model, base_dir)
     hidden = rw.array(stream.embedding.input[0]).shape[1]
     q = random_orthogonal(hidden, seed)
     summary: dict[str, Any] = {"seed": seed, "hidden_size": hidden,
@@ -364,19 +365,26 @@ def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BL
     return summary
 
 
-def check_equivalent(source: Path, rotated: Any, seed: int = 0) -> dict[str, Any]:
-    """max|dlogits| / max|logits| of the rotated model against the source on random ids."""
+def check_equivalent(source: Path, rotated: Path, seed: int = 0) -> dict[str, Any]:
+    """max|dlogits| / max|logits| of the rotated model against the source on random ids; one
+    ONNX Runtime session at a time, so a large model is never in memory twice."""
+    import gc
+
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
-    a = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    vocab = next((int(o.shape[-1]) for o in a.get_outputs() if o.name == "logits"
-                  and isinstance(o.shape[-1], int)), 256)
-    ids = rng.integers(0, vocab, size=(2, 24), dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    ref = a.run(["logits"], feeds)[0]
-    b = ort.InferenceSession(rotated.SerializeToString(), providers=["CPUExecutionProvider"])
-    new = b.run(["logits"], feeds)[0]
+    logits = []
+    for path in (source, rotated):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if not logits:
+            vocab = next((int(o.shape[-1]) for o in session.get_outputs()
+                          if o.name == "logits" and isinstance(o.shape[-1], int)), 256)
+            ids = rng.integers(0, vocab, size=(2, 24), dtype=np.int64)
+            feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        logits.append(session.run(["logits"], feeds)[0])
+        del session
+        gc.collect()
+    ref, new = logits
     diff = float(np.max(np.abs(ref - new)))
     scale = float(np.max(np.abs(ref)))
     return {"max_abs_diff": diff, "max_abs_logit": scale,
@@ -385,19 +393,26 @@ def check_equivalent(source: Path, rotated: Any, seed: int = 0) -> dict[str, Any
 
 def rotate_export(onnx_path: Path, out: Path, *, seed: int = 0,
                   down_block: int = DEFAULT_DOWN_BLOCK, force: bool = False) -> Path:
-    """Write a rotated copy of an export directory; return the new ONNX path."""
+    """Write a rotated copy of an export directory; return the new ONNX path. The source's
+    weights are read one at a time and the rotated graph is checked from the written file,
+    so models past the 2 GB protobuf limit work and memory holds the rotated weights once."""
     import onnx
 
-    model = onnx.load(str(onnx_path))
-    summary = rotate_model(model, seed=seed, down_block=down_block)
-    check = check_equivalent(onnx_path, model)
-    if not check["relative_error"] <= CHECK_TOLERANCE:
-        raise QuantkitError(
-            f"the rotated graph does not compute the source's function: max|dlogits|/max|logits|"
-            f" = {check['relative_error']:.2e} (tolerance {CHECK_TOLERANCE:.0e})",
-            "this model's architecture is not supported by rotation; nothing was written",
-        )
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    summary = rotate_model(model, seed=seed, down_block=down_block, base_dir=onnx_path.parent)
+
+    def verify(target: Path) -> dict[str, Any]:
+        check = check_equivalent(onnx_path, target)
+        if not check["relative_error"] <= CHECK_TOLERANCE:
+            raise QuantkitError(
+                f"the rotated graph does not compute the source's function: max|dlogits|/"
+                f"max|logits| = {check['relative_error']:.2e} (tolerance {CHECK_TOLERANCE:.0e})",
+                "this model's architecture is not supported by rotation; nothing was written",
+            )
+        return {**check, "against": "source_onnx"}
+
     return write_derived_export(
         model, onnx_path, out, exporter="quantkit.rotation", force=force,
         inputs={"rotation": {"seed": seed, "down_block": down_block}},
-        check={**check, "against": "source_onnx"}, rotation=summary)
+        verify=verify, rotation=summary)
