@@ -83,3 +83,17 @@ def test_rotation_of_an_external_data_export_equals_the_inline_one(
     manifest = json.loads((tmp_path / "external" / "manifest.json").read_text())
     assert manifest["check"]["relative_error"] < 1e-4
     assert manifest["check"]["against"] == "source_onnx"
+
+
+def test_gptq_of_an_external_data_export_equals_the_inline_one(tiny_llama_export,
+                                                              external_llama_export):
+    from quantkit.calib.gptq import gptq_weights
+    from tests.build_helpers import token_feeds
+
+    feeds = token_feeds(2, batch=2, seq=24, seed=4)
+    inline, _ = gptq_weights(tiny_llama_export.onnx_path, feeds)
+    external, _ = gptq_weights(external_llama_export / "model.onnx", feeds)
+    assert inline.keys() == external.keys() and len(inline) >= 10
+    for key, weight in inline.items():
+        np.testing.assert_array_equal(external[key].q, weight.q)
+        np.testing.assert_array_equal(external[key].scale, weight.scale)

@@ -163,8 +163,8 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
     """GPTQ int8 weights for every constant-weight MatMul/Gemm of the FP32 export, from the
     activations of ``batches``; and a summary for the manifest."""
     import onnx
-    from onnx import numpy_helper
 
+    from quantkit.onnx_io import read_initializer
     from quantkit.qdq import quantize_weight
 
     targets = weight_targets(onnx.load(str(onnx_path), load_external_data=False))
@@ -172,14 +172,16 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
         raise QuantkitError("the model has no MatMul/Gemm with a constant weight for GPTQ")
     activations = list(dict.fromkeys(t.activation for t in targets))
     hessians, tokens = collect_hessians(onnx_path, batches, activations)
-    model = onnx.load(str(onnx_path))
+    # weights read one at a time: a model past 2 GB keeps them in its external-data file
+    model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, QuantizedWeight] = {}
     gain: list[float] = []
     for target in targets:
         if target.key in out:
             continue
-        value = np.asarray(numpy_helper.to_array(inits[target.source]), dtype=np.float32)
+        value = np.asarray(read_initializer(inits[target.source], Path(onnx_path).parent),
+                           dtype=np.float32)
         if target.perm is not None:
             value = np.transpose(value, target.perm)
         as_in_out = value if target.axis == 1 else value.T
