@@ -97,3 +97,21 @@ def test_gptq_of_an_external_data_export_equals_the_inline_one(tiny_llama_export
     for key, weight in inline.items():
         np.testing.assert_array_equal(external[key].q, weight.q)
         np.testing.assert_array_equal(external[key].scale, weight.scale)
+
+
+def test_calibration_of_an_external_data_export_equals_the_inline_one(tiny_llama_export,
+                                                                     external_llama_export):
+    """Segment sessions load the weights from a hard link beside them: ONNX Runtime refuses
+    external data that resolves outside the loaded model's folder (a symbolic link did)."""
+    from quantkit.calib.collect import collect_activation_stats
+    from tests.build_helpers import token_feeds
+
+    feeds = token_feeds(2, batch=2, seq=24, seed=6)
+    inline = collect_activation_stats(tiny_llama_export.onnx_path, feeds, tensors="quantizable",
+                                      max_tensors_per_segment=4)
+    external = collect_activation_stats(external_llama_export / "model.onnx", feeds,
+                                        tensors="quantizable", max_tensors_per_segment=4)
+    assert inline.histograms.keys() == external.histograms.keys()
+    for name, hist in inline.histograms.items():
+        np.testing.assert_array_equal(external.histograms[name].counts, hist.counts)
+        assert external.histograms[name].amax == hist.amax

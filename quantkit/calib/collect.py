@@ -145,7 +145,9 @@ def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
     Weights embedded in the file are written once to ``tmp/weights.bin`` and the model is read
     back without them: a protobuf frees nothing until the whole message goes, so clearing the
     fields in place would keep the full model in memory next to ONNX Runtime's copy. The files of
-    a model that already uses external data are linked into ``tmp`` instead.
+    a model that already uses external data are hard-linked into ``tmp`` instead (copied
+    across filesystems): ONNX Runtime refuses external data that resolves outside the folder
+    of the model it loads, symbolic links included.
     """
     import onnx
     from onnx.external_data_helper import convert_model_to_external_data, uses_external_data
@@ -160,7 +162,7 @@ def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
             link = tmp / location
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to((onnx_path.parent / location).resolve())
+                _link_or_copy((onnx_path.parent / location).resolve(), link)
     if any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer):
         convert_model_to_external_data(model, all_tensors_to_one_file=True,
                                        location="weights.bin", size_threshold=1024)
@@ -170,6 +172,16 @@ def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
         release_freed_memory()
         model = onnx.load(str(tmp / "weightless.onnx"), load_external_data=False)
     return model
+
+
+def _link_or_copy(source: Path, link: Path) -> None:
+    import os
+    import shutil
+
+    try:
+        os.link(source, link)
+    except OSError:  # another filesystem (or no hard links there): a copy
+        shutil.copyfile(source, link)
 
 
 def release_freed_memory() -> None:
