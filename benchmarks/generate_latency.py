@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(steps["quantkit FP32"])
     hf = statistics.median(steps["transformers (PyTorch FP32)"])
     print("| engine | TTFT p50 ms | per-token p50 ms | per-token p90 ms | tokens/s | "
-          "vs quantkit FP32 per token | tokens/s vs transformers | greedy tokens = FP32 |")
+          "vs quantkit FP32 per token | decode speed vs transformers | greedy tokens = FP32 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in ttft:
         p50 = statistics.median(steps[name])

@@ -30,16 +30,83 @@ def is_external(tensor: Any) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
 
 
+def _external_path(location: str, base_dir: Path | None) -> Path:
+    """Where an external tensor's bytes are: relative to the model's folder, or an absolute
+    scratch file of a rewrite in progress (``SpillFile``; never saved as such)."""
+    path = Path(location)
+    return path if path.is_absolute() else Path(base_dir or ".") / path
+
+
 def read_initializer(tensor: Any, base_dir: Path) -> np.ndarray:
     """The tensor's values, read from its external-data file (relative to ``base_dir``) when
-    it has one: only this tensor's bytes are read."""
-    from onnx import TensorProto, numpy_helper
+    it has one: only this tensor's bytes are read, and the tensor is left without them."""
+    from onnx import helper, numpy_helper
 
     if not is_external(tensor):
         return numpy_helper.to_array(tensor)
-    copy = TensorProto()  # onnx loads the bytes into the tensor it reads: keep them off ours
-    copy.CopyFrom(tensor)
-    return numpy_helper.to_array(copy, base_dir=str(base_dir))
+    fields = _external_fields(tensor)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    values = np.fromfile(_external_path(fields["location"], base_dir), dtype=dtype, count=count,
+                         offset=int(fields.get("offset", 0)))
+    if values.size != count:
+        raise OSError(f"{fields['location']} ends before {tensor.name}'s data")
+    return values.reshape(tuple(tensor.dims))
+
+
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes of a tensor's values, wherever they are."""
+    from onnx import helper
+
+    if is_external(tensor):
+        return int(_external_fields(tensor).get("length", 0)) or int(
+            np.prod(tensor.dims, dtype=np.int64)
+            * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize)
+    return len(tensor.raw_data)
+
+
+def _inline(tensor: Any, base_dir: Path | None) -> Any:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(read_initializer(tensor, Path(base_dir or ".")), tensor.name)
+
+
+class SpillFile:
+    """A scratch file that new initializers go to as a rewrite makes them, the graph keeping
+    only a reference: a rewrite of a large model holds one weight in memory at a time, not a
+    protobuf of all of them (whose memory is not returned until the whole model goes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path).resolve()
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close() / __exit__
+
+    def tensor(self, array: np.ndarray, name: str) -> Any:
+        """A TensorProto named ``name`` whose values are ``array``, written to the file."""
+        from onnx import TensorProto, helper
+
+        values = np.ascontiguousarray(array)
+        start = _align(self._file)
+        self._file.write(values.tobytes())
+        self._file.flush()  # readable at once (read_initializer)
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(values.dtype)
+        tensor.dims.extend(values.shape)
+        for key, value in (("location", str(self.path)), ("offset", str(start)),
+                           ("length", str(values.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = TensorProto.EXTERNAL
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SpillFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def save_with_external_data(model: Any, target: Path, base_dir: Path | None = None) -> None:
@@ -55,14 +122,15 @@ def save_with_external_data(model: Any, target: Path, base_dir: Path | None = No
     if not external and inline_bytes < TWO_GB:
         onnx.save_model(model, str(target))
         return
-    if external and base_dir is None:
-        raise ValueError("external weights need the folder they are relative to")
     location = f"{target.name}.data"
     with open(target.parent / location, "wb") as out:
         for tensor in inits:
+            if is_external(tensor) and tensor_bytes(tensor) < INLINE_BYTES:
+                tensor.CopyFrom(_inline(tensor, base_dir))  # shape inference reads these
+                continue
             if is_external(tensor):
                 fields = _external_fields(tensor)
-                source = Path(base_dir or ".") / fields["location"]
+                source = _external_path(fields["location"], base_dir)
                 offset, length = int(fields.get("offset", 0)), int(fields["length"])
                 start = _align(out)
                 with open(source, "rb") as src:

@@ -28,6 +28,8 @@ and written as a new export directory (its own model hash), like a SmoothQuant e
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import numpy as np
 from quantkit.errors import QuantkitError
 from quantkit.export import write_derived_export
 from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
-from quantkit.onnx_io import read_initializer
+from quantkit.onnx_io import INLINE_BYTES, SpillFile, is_external, read_initializer
 from quantkit.plan import ROTATION_SEGMENT
 
 DEFAULT_DOWN_BLOCK = 512
@@ -160,9 +162,11 @@ def _norm_weight_mul(mul: Any, tensor: str, consumers: dict[str, list[Any]],
 class _Rewriter:
     """Initializer edits with fresh names (weights the exporter shared stay intact)."""
 
-    def __init__(self, model: Any, base_dir: Path | None = None) -> None:
+    def __init__(self, model: Any, base_dir: Path | None = None,
+                 spill: SpillFile | None = None) -> None:
         self.graph = model.graph
         self.base_dir = base_dir or Path(".")  # where external weights are read from
+        self.spill = spill  # where new weights go (None: into the graph)
         self.producers, self.consumers, self.inits = graph_index(self.graph)
         self.nodes = {n.name: n for n in self.graph.node}
         self.counter = 0
@@ -176,8 +180,12 @@ class _Rewriter:
 
         self.counter += 1
         name = f"{base.split('.rotated_')[0]}.rotated_{self.counter}"
-        tensor = numpy_helper.from_array(np.asarray(array).astype(dtype), name)
+        values = np.asarray(array).astype(dtype)
+        tensor = (self.spill.tensor(values, name)
+                  if self.spill is not None and values.nbytes >= INLINE_BYTES
+                  else numpy_helper.from_array(values, name))  # shapes stay readable inline
         self.graph.initializer.append(tensor)
+        tensor = self.graph.initializer[-1]
         self.inits[name] = tensor
         return name
 
@@ -348,12 +356,14 @@ def _rotate_down_inputs(rw: _Rewriter, limit: int, seed: int) -> dict[str, Any]:
 
 
 def rotate_model(model: Any, *, seed: int = 0, down_block: int = DEFAULT_DOWN_BLOCK,
-                 base_dir: Path | None = None) -> dict[str, Any]:
+                 base_dir: Path | None = None, spill: SpillFile | None = None
+                 ) -> dict[str, Any]:
     """Rotate ``model`` (an ONNX ModelProto) in place; return what was done. Weights left in
-    an external-data file (relative to ``base_dir``) are read one at a time."""
+    an external-data file (relative to ``base_dir``) are read one at a time; with ``spill``
+    the rotated ones are written there as they are made instead of into the graph."""
     check_down_block(down_block)
     stream = trace_residual(model.graph)
-    rw = _Rewriter(model, base_dir)
+    rw = _Rewriter(model, base_dir, spill)
     hidden = rw.array(stream.embedding.input[0]).shape[1]
     q = random_orthogonal(hidden, seed)
     summary: dict[str, Any] = {"seed": seed, "hidden_size": hidden,
@@ -374,8 +384,10 @@ def check_equivalent(source: Path, rotated: Path, seed: int = 0) -> dict[str, An
 
     rng = np.random.default_rng(seed)
     logits = []
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")  # no second weight copy
     for path in (source, rotated):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         if not logits:
             vocab = next((int(o.shape[-1]) for o in session.get_outputs()
                           if o.name == "logits" and isinstance(o.shape[-1], int)), 256)
@@ -400,7 +412,23 @@ def rotate_export(onnx_path: Path, out: Path, *, seed: int = 0,
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    summary = rotate_model(model, seed=seed, down_block=down_block, base_dir=onnx_path.parent)
+    with contextlib.ExitStack() as stack:
+        spill = None
+        if any(is_external(t) for t in model.graph.initializer):  # a large model
+            parent = Path(out).resolve().parent
+            parent.mkdir(parents=True, exist_ok=True)
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(
+                prefix=f".{Path(out).name}.rotating-", dir=parent))
+            spill = stack.enter_context(SpillFile(Path(scratch) / "rotated.bin"))
+        summary = rotate_model(model, seed=seed, down_block=down_block,
+                               base_dir=onnx_path.parent, spill=spill)
+        return _write_rotated(model, onnx_path, Path(out), seed, down_block, force, summary)
+
+
+def _write_rotated(model: Any, onnx_path: Path, out: Path, seed: int, down_block: int,
+                   force: bool, summary: dict[str, Any]) -> Path:
+    """The export directory of a rotated model, written only if it computes the source's
+    function (checked from the written file)."""
 
     def verify(target: Path) -> dict[str, Any]:
         check = check_equivalent(onnx_path, target)
