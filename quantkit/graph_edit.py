@@ -56,10 +56,15 @@ def drop_unused(graph: Any) -> None:
 def exposing_session(onnx_path: Path, tensors: Iterable[str]) -> Any:
     """An ONNX Runtime CPU session of the FP32 graph with ``tensors`` added as outputs, graph
     optimizations off (so every inner tensor still exists under its name)."""
+    import shutil
+    import tempfile
+
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(onnx_path))
+    from quantkit.onnx_io import is_external, link_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
     known = {o.name for o in model.graph.output}
     for name in tensors:
         if name not in known:
@@ -68,5 +73,14 @@ def exposing_session(onnx_path: Path, tensors: Iterable[str]) -> Any:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if not any(is_external(t) for t in model.graph.initializer):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    # past 2 GB: no serialized copy; the graph is saved beside a link to its weights
+    tmp = Path(tempfile.mkdtemp(prefix="quantkit-expose-"))
+    try:
+        link_external_data(model, Path(onnx_path).parent, tmp)
+        onnx.save_model(model, str(tmp / "model.onnx"))
+        return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=providers)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

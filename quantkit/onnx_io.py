@@ -71,6 +71,27 @@ def _inline(tensor: Any, base_dir: Path | None) -> Any:
     return numpy_helper.from_array(read_initializer(tensor, Path(base_dir or ".")), tensor.name)
 
 
+def link_external_data(model: Any, source_dir: Path, target_dir: Path) -> None:
+    """Hard-link (copy, across filesystems) the external-data files ``model``'s weights refer
+    to from ``source_dir`` into ``target_dir``, so a graph saved there loads its weights:
+    ONNX Runtime refuses external data that resolves outside the loaded model's folder,
+    symbolic links included."""
+    import os
+    import shutil
+
+    for location in sorted({_external_fields(t)["location"] for t in model.graph.initializer
+                            if is_external(t)}):
+        link = Path(target_dir) / location
+        if link.exists():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        source = _external_path(location, source_dir).resolve()
+        try:
+            os.link(source, link)
+        except OSError:  # another filesystem (or no hard links there)
+            shutil.copyfile(source, link)
+
+
 class SpillFile:
     """A scratch file that new initializers go to as a rewrite makes them, the graph keeping
     only a reference: a rewrite of a large model holds one weight in memory at a time, not a

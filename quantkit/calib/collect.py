@@ -150,19 +150,15 @@ def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
     of the model it loads, symbolic links included.
     """
     import onnx
-    from onnx.external_data_helper import convert_model_to_external_data, uses_external_data
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from quantkit.onnx_io import link_external_data
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
-    for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
-            location = next(e.value for e in tensor.external_data if e.key == "location")
-            link = tmp / location
-            if not link.exists():
-                link.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy((onnx_path.parent / location).resolve(), link)
+    link_external_data(model, onnx_path.parent, tmp)
     if any(t.HasField("raw_data") and len(t.raw_data) >= 1024 for t in model.graph.initializer):
         convert_model_to_external_data(model, all_tensors_to_one_file=True,
                                        location="weights.bin", size_threshold=1024)
@@ -172,16 +168,6 @@ def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
         release_freed_memory()
         model = onnx.load(str(tmp / "weightless.onnx"), load_external_data=False)
     return model
-
-
-def _link_or_copy(source: Path, link: Path) -> None:
-    import os
-    import shutil
-
-    try:
-        os.link(source, link)
-    except OSError:  # another filesystem (or no hard links there): a copy
-        shutil.copyfile(source, link)
 
 
 def release_freed_memory() -> None:
