@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantkit.graph_edit import graph_index, replace_nodes
+from quantkit.graph_edit import drop_unused, graph_index, replace_nodes
 
 DYNAMIC_SUFFIX = "/dynamic"
 
@@ -65,12 +65,13 @@ def to_dynamic_activations(model: Any) -> int:
     for index, node in enumerate(graph.node):
         if node.op_type != "MatMul":
             continue
-        sides = [_dequantized(name, producers, inits) for name in node.input]
-        if any(side is None for side in sides) or sides[0][0] != "activation":  # type: ignore[index]
+        found = [_dequantized(name, producers, inits) for name in node.input]
+        sides = [side for side in found if side is not None]
+        if len(sides) != len(found) or sides[0][0] != "activation":
             continue
         new_nodes.clear()
         operands = []
-        for kind, what in sides:  # type: ignore[misc]
+        for kind, what in sides:
             if kind == "activation":
                 operands.append(quantized(what))
             else:  # the weight as built: int8/uint8 values, per-channel scale and zero point
@@ -94,21 +95,6 @@ def to_dynamic_activations(model: Any) -> int:
     for index, node in enumerate(graph.node):
         rewritten.extend(replaced.get(index, [node]))
     replace_nodes(graph, rewritten)
-    _drop_dead(graph)
+    drop_unused(graph, ("QuantizeLinear", "DequantizeLinear"))  # the static pairs replaced
     return count
 
-
-def _drop_dead(graph: Any) -> None:
-    """Remove the Q/DQ nodes (and their initializers) no MatMul reads any more."""
-    while True:
-        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        keep = [n for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                or any(o in used for o in n.output)]
-        if len(keep) == len(graph.node):
-            break
-        replace_nodes(graph, keep)
-    used = {name for n in graph.node for name in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    if len(inits) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(inits)

@@ -28,7 +28,6 @@ EXPORT_KIND = "onnx-export"
 DEFAULT_OPSET = 18
 CHECK_TOLERANCE = 1e-4
 _WRAPPER_ATTR = "hf"
-_TWO_GB = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -277,21 +276,10 @@ def _rename_tensors(graph: Any, mapping: dict[str, str]) -> None:
 
 
 def _save(proto: Any, path: Path) -> None:
-    import onnx
+    """``model.onnx``, with ``model.onnx.data`` beside it past the 2 GB protobuf limit."""
+    from quantkit.onnx_io import save_with_external_data
 
-    large = proto.ByteSize() > _TWO_GB if _fits_bytesize(proto) else True
-    onnx.save_model(
-        proto,
-        str(path),
-        save_as_external_data=large,
-        all_tensors_to_one_file=True,
-        location=f"{path.name}.data",
-    )
-
-
-def _fits_bytesize(proto: Any) -> bool:
-    total = sum(len(t.raw_data) for t in proto.graph.initializer)
-    return total < _TWO_GB
+    save_with_external_data(proto, path)
 
 
 def onnx_model_hash(onnx_path: Path) -> str:

@@ -36,11 +36,12 @@ def replace_nodes(graph: Any, nodes: Iterable[Any]) -> None:
     graph.node.extend(copies)
 
 
-def drop_unused(graph: Any) -> None:
-    """Remove initializers and Transpose nodes nothing reads any more."""
+def drop_unused(graph: Any, op_types: Iterable[str] = ("Transpose",)) -> None:
+    """Remove initializers, and nodes of ``op_types``, that nothing reads any more."""
+    removable = set(op_types)
     while True:
         used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Transpose"
+        dead = [n for n in graph.node if n.op_type in removable
                 and not any(o in used for o in n.output)]
         for node in dead:
             graph.node.remove(node)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-TWO_GB = 2**31
+TWO_GB = 2**31 - 1  # the largest protobuf message
 INLINE_BYTES = 1024  # smaller initializers stay in the graph file (onnx's default threshold)
 _CHUNK = 64 * 2**20
 
@@ -140,7 +140,8 @@ def save_with_external_data(model: Any, target: Path, base_dir: Path | None = No
     inits = list(model.graph.initializer)
     external = [t for t in inits if is_external(t)]
     inline_bytes = sum(len(t.raw_data) for t in inits)
-    if not external and inline_bytes < TWO_GB:
+    # ByteSize() only where the weights alone fit: past 2 GB protobuf cannot size the message
+    if not external and inline_bytes < TWO_GB and model.ByteSize() < TWO_GB:
         onnx.save_model(model, str(target))
         return
     location = f"{target.name}.data"

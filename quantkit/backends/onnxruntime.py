@@ -113,6 +113,9 @@ class OnnxRuntimeBackend(Backend):
         check_plan_label(request.precision, plan)
         if plan.nodes_with(Precision.INT8):
             check_table(request.table, request.onnx_path, graph)
+        elif options["activations"] == "dynamic":
+            raise QuantkitError("activations=dynamic needs INT8 nodes, and this plan has none",
+                                "build --precision int8 or mixed, or leave --activations out")
         provider = options["provider"]
         if provider is not None and provider not in _ort().get_available_providers():
             raise QuantkitError(f"execution provider {provider} is not available",
@@ -133,7 +136,7 @@ class OnnxRuntimeBackend(Backend):
         else:
             result, plan_used, fallback = rewrite_for_provider(
                 request, plan, options, provider)
-            if options["activations"] == "dynamic" and plan.nodes_with(Precision.INT8):
+            if options["activations"] == "dynamic":
                 from quantkit.dynamic_quant import to_dynamic_activations
 
                 fields["activations"] = {"mode": "dynamic",

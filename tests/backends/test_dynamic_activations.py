@@ -99,3 +99,9 @@ def test_dynamic_int8_engine(tiny_llama_export, llama_table, eval_feed, tmp_path
 def test_unknown_activations_mode_is_refused():
     with pytest.raises(QuantkitError, match="unknown activations mode 'per-token'"):
         build_options({"activations": "per-token"})
+
+
+def test_dynamic_activations_without_int8_nodes_are_refused(tiny_llama_export, tmp_path):
+    with pytest.raises(QuantkitError, match="activations=dynamic needs INT8 nodes"):
+        build(tiny_llama_export, "fp32", tmp_path / "e", activations="dynamic")
+    assert not (tmp_path / "e").exists()
