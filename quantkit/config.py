@@ -135,6 +135,22 @@ class EvaluationConfig:
             parse_shape(shape)
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``512MB``, ``2GB``, ``1.5GiB`` or a plain number of bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise QuantkitError(f"cannot read the size '{text}'",
+                            "give a positive number with a unit, e.g. 512MB, 2GB or 1.5GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     """``"4x128"`` -> (batch 4, sequence 128)."""
     try:

@@ -54,9 +54,31 @@ def drop_unused(graph: Any, op_types: Iterable[str] = ("Transpose",)) -> None:
         graph.initializer.extend(keep)
 
 
-def exposing_session(onnx_path: Path, tensors: Iterable[str]) -> Any:
+def keep_ancestors(graph: Any, tensors: Iterable[str]) -> None:
+    """Drop every node (and initializer) that none of ``tensors`` depends on. A graph with
+    subgraphs (If/Loop bodies read outer names implicitly) is left whole."""
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    producer = {o: n for n in graph.node for o in n.output}
+    needed: set[int] = set()
+    stack = [producer[t] for t in tensors if t in producer]
+    while stack:
+        node = stack.pop()
+        if id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(producer[i] for i in node.input if i in producer)
+    kept = [n for n in graph.node if id(n) in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    drop_unused(graph, op_types=())
+
+
+def exposing_session(onnx_path: Path, tensors: Iterable[str], *, only: bool = False) -> Any:
     """An ONNX Runtime CPU session of the FP32 graph with ``tensors`` added as outputs, graph
-    optimizations off (so every inner tensor still exists under its name)."""
+    optimizations off (so every inner tensor still exists under its name). ``only``: ``tensors``
+    are the sole outputs and the nodes they do not depend on are dropped (their weights are
+    never loaded)."""
     import shutil
     import tempfile
 
@@ -66,6 +88,10 @@ def exposing_session(onnx_path: Path, tensors: Iterable[str]) -> Any:
     from quantkit.onnx_io import is_external, link_external_data
 
     model = onnx.load(str(onnx_path), load_external_data=False)
+    tensors = list(tensors)
+    if only:
+        del model.graph.output[:]
+        keep_ancestors(model.graph, tensors)
     known = {o.name for o in model.graph.output}
     for name in tensors:
         if name not in known:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantkit.config import Recipe, parse_shape
+from quantkit.config import Recipe, parse_shape, parse_size
 from quantkit.errors import QuantkitError
 
 RECIPE = {
@@ -123,3 +123,13 @@ def test_quantize_section_names_its_unknown_keys() -> None:
 
     with pytest.raises(QuantkitError, match="unknown key.*max_ppl.*known:"):
         QuantizeConfig.from_recipe("m", {"max_ppl": "1%"})
+
+
+def test_parse_size():
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("2 gb") == 2 * 10**9
+    assert parse_size(4096) == 4096
+    for bad in ("lots", "-1GB", "0", "3 parsecs"):
+        with pytest.raises(QuantkitError, match="cannot read the size"):
+            parse_size(bad)

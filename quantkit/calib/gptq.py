@@ -17,7 +17,7 @@ build, the autotune probe and the TensorRT Q/DQ path use them in place of RTN.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from quantkit.errors import QuantkitError
 DAMPING = 0.01  # share of mean(diag H) added to the diagonal (H is often near singular)
 BLOCK = 128  # rows updated lazily together (the algorithm's batched form; same result)
 _INT8_MAX = 127.0
+DEFAULT_HESSIAN_BYTES = 1 << 30  # Hessians held at once, at least (see hessian_budget)
 
 
 @dataclass(frozen=True)
@@ -86,28 +87,56 @@ def weight_targets(model: Any) -> list[WeightTarget]:
     return out
 
 
+def hessian_passes(targets: Sequence[WeightTarget], widths: Mapping[str, int],
+                   budget_bytes: int) -> list[list[str]]:
+    """The activations of ``targets`` in graph order, cut into consecutive groups whose float32
+    Hessians (``width**2 * 4`` bytes each) fit ``budget_bytes`` together: one calibration pass
+    per group, so a model's Hessians are never all in memory at once (TinyLlama-1.1B's are
+    3.9 GB; a 7B model's about 30 GB). A single Hessian past the budget gets a pass of its own."""
+    passes: list[list[str]] = []
+    held = budget_bytes + 1
+    for name in dict.fromkeys(t.activation for t in targets):
+        size = widths[name] ** 2 * 4
+        if held + size > budget_bytes:
+            passes.append([])
+            held = 0
+        passes[-1].append(name)
+        held += size
+    return passes
+
+
 def collect_hessians(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
                      tensors: list[str]) -> tuple[dict[str, np.ndarray], int]:
-    """``sum x^T x`` (float64) over every token of ``batches`` for each activation in
-    ``tensors`` (last axis = the MatMul's input channels), and the number of tokens."""
+    """``sum x^T x`` (float32) over every token of ``batches`` for each activation in
+    ``tensors`` (last axis = the MatMul's input channels), and the number of tokens.
+
+    The graph is cut to what ``tensors`` need (an early layer's pass skips the rest of the
+    model) and run one sequence at a time, so the fetched activations are one sequence's whatever
+    the batch size; each sequence's product is summed in the same order whichever pass a tensor
+    falls in, so the Hessians do not depend on how the activations are grouped."""
     from quantkit.graph_edit import exposing_session
 
-    session = exposing_session(onnx_path, tensors)
+    session = exposing_session(onnx_path, tensors, only=True)
+    inputs = [i.name for i in session.get_inputs()]
     hessians: dict[str, np.ndarray] = {}
     tokens = 0
     for batch in batches:
-        feeds = {i.name: batch[i.name] for i in session.get_inputs()}
-        mask = feeds.get("attention_mask")
-        keep = None if mask is None else mask.reshape(-1).astype(bool)
-        for name, value in zip(tensors, session.run(tensors, feeds), strict=True):
-            rows = value.reshape(-1, value.shape[-1])
-            if keep is not None and len(keep) == len(rows):
-                rows = rows[keep]
-            # each batch's product in float32 (BLAS sgemm, twice dgemm's speed; a batch holds a
-            # few thousand tokens), summed over batches in float64
-            gram = (rows.T @ rows).astype(np.float64)
-            hessians[name] = gram if name not in hessians else hessians[name] + gram
-        tokens += int(keep.sum()) if keep is not None else int(next(iter(feeds.values())).size)
+        for row in range(len(batch[inputs[0]])):
+            feeds = {name: batch[name][row:row + 1] for name in inputs}
+            mask = feeds.get("attention_mask")
+            keep = None if mask is None else mask.reshape(-1).astype(bool)
+            for name, value in zip(tensors, session.run(tensors, feeds), strict=True):
+                rows = value.reshape(-1, value.shape[-1])
+                if keep is not None and len(keep) == len(rows):
+                    rows = rows[keep]
+                # float32 throughout (BLAS sgemm, twice dgemm's speed, half the memory held);
+                # the sum of a few hundred products keeps float32's 1e-7 relative precision
+                gram = rows.T @ rows
+                if name in hessians:
+                    hessians[name] += gram
+                else:
+                    hessians[name] = gram
+            tokens += int(keep.sum()) if keep is not None else int(feeds[inputs[0]].size)
     if not hessians:
         raise QuantkitError("GPTQ needs calibration batches; got none")
     return hessians, tokens
@@ -158,44 +187,75 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, *, damping: float = D
     return restored, scale.astype(np.float32)
 
 
-def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
+def hessian_budget(weight_bytes: int) -> int:
+    """Bytes of Hessians held at once by default: half the model's FP32 weights, at least
+    1 GiB (SmolLM2-135M's 0.4 GB take one pass; TinyLlama-1.1B's 3.9 GB take two)."""
+    return max(DEFAULT_HESSIAN_BYTES, weight_bytes // 2)
+
+
+def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *,
+                 memory: int | None = None,
                  ) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
     """GPTQ int8 weights for every constant-weight MatMul/Gemm of the FP32 export, from the
-    activations of ``batches``; and a summary for the manifest."""
+    activations of ``batches``; and a summary for the manifest.
+
+    ``memory`` bounds the bytes of Hessians held at once (default: ``hessian_budget``): the
+    activations are taken a group of layers at a time, one pass over ``batches`` each, and each
+    group's weights are quantized and its Hessians freed before the next pass."""
     import onnx
 
-    from quantkit.onnx_io import read_initializer
+    from quantkit.onnx_io import read_initializer, tensor_bytes
     from quantkit.qdq import quantize_weight
 
-    targets = weight_targets(onnx.load(str(onnx_path), load_external_data=False))
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    targets = weight_targets(model)
     if not targets:
         raise QuantkitError("the model has no MatMul/Gemm with a constant weight for GPTQ")
-    activations = list(dict.fromkeys(t.activation for t in targets))
-    hessians, tokens = collect_hessians(onnx_path, batches, activations)
-    # weights read one at a time: a model past 2 GB keeps them in its external-data file
-    model = onnx.load(str(onnx_path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
+    first: dict[str, WeightTarget] = {}  # a weight read by several nodes: its first reader's data
+    for target in targets:
+        first.setdefault(target.key, target)
+    widths = {t.activation: _input_width(t, inits[t.source]) for t in targets}
+    if memory is None:
+        memory = hessian_budget(sum(tensor_bytes(t) for t in model.graph.initializer))
+    passes = hessian_passes(targets, widths, memory)
+    batches = list(batches)  # a few hundred KB of token ids, read once per pass
     out: dict[str, QuantizedWeight] = {}
     gain: list[float] = []
-    for target in targets:
-        if target.key in out:
-            continue
-        value = np.asarray(read_initializer(inits[target.source], Path(onnx_path).parent),
-                           dtype=np.float32)
-        if target.perm is not None:
-            value = np.transpose(value, target.perm)
-        as_in_out = value if target.axis == 1 else value.T
-        h = hessians[target.activation]
-        q, scale = gptq_quantize(as_in_out, h)
-        rtn, _ = quantize_weight(as_in_out, 1)
-        gain.append(_output_error(as_in_out, rtn, scale, h)
-                    / max(_output_error(as_in_out, q, scale, h), 1e-30))
-        out[target.key] = QuantizedWeight(np.ascontiguousarray(q if target.axis == 1 else q.T),
-                                          scale, target.axis)
+    tokens = 0
+    for tensors in passes:
+        hessians, tokens = collect_hessians(onnx_path, batches, tensors)
+        for target in first.values():
+            if target.activation not in hessians:
+                continue
+            # weights read one at a time: a model past 2 GB keeps them in its external data
+            value = np.asarray(read_initializer(inits[target.source], Path(onnx_path).parent),
+                               dtype=np.float32)
+            if target.perm is not None:
+                value = np.transpose(value, target.perm)
+            as_in_out = value if target.axis == 1 else value.T
+            h = hessians[target.activation]
+            q, scale = gptq_quantize(as_in_out, h)
+            rtn, _ = quantize_weight(as_in_out, 1)
+            gain.append(_output_error(as_in_out, rtn, scale, h)
+                        / max(_output_error(as_in_out, q, scale, h), 1e-30))
+            out[target.key] = QuantizedWeight(
+                np.ascontiguousarray(q if target.axis == 1 else q.T), scale, target.axis)
+        del hessians
     summary = {"method": "gptq", "weights": len(out), "tokens": tokens, "damping": DAMPING,
+               "passes": len(passes), "hessian_bytes_per_pass_max":
+                   max(sum(widths[n] ** 2 * 4 for n in p) for p in passes),
                "rtn_to_gptq_output_error": {"median": float(np.median(gain)),
                                             "min": float(np.min(gain))}}
     return out, summary
+
+
+def _input_width(target: WeightTarget, initializer: Any) -> int:
+    """Input channels of a target's weight (the width of its activation's last axis)."""
+    dims = list(initializer.dims)
+    if target.perm is not None:
+        dims = [dims[i] for i in target.perm]
+    return int(dims[0] if target.axis == 1 else dims[1])
 
 
 def _output_error(weight: np.ndarray, q: np.ndarray, scale: np.ndarray, h: np.ndarray) -> float:

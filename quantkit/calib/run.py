@@ -74,6 +74,7 @@ class CalibrationRequest:
     smoothquant: float | str | None = None  # SmoothQuant alpha (0..1 or "auto"): smooth first
     weights: str = "rtn"  # rtn: engines round weights to nearest; gptq: weights.npz (GPTQ)
     gptq_samples: int = 64  # calibration blocks GPTQ's activation statistics are taken from
+    gptq_memory: int | None = None  # bytes of Hessians held at once (None: gptq.hessian_budget)
 
     def validate(self) -> None:
         if (self.model is None) == (self.onnx is None):
@@ -176,7 +177,8 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
             from quantkit.calib.gptq import gptq_weights
 
             table.weights, weights_info = gptq_weights(
-                onnx_path, first_rows(blocks, request.gptq_samples))
+                onnx_path, first_rows(blocks, request.gptq_samples),
+                memory=request.gptq_memory)
         cache = table_to_trt_cache(table, trt_number)
         summary = summarize(stats, table)
 

@@ -54,6 +54,10 @@ METHODS = "entropy, minmax, percentile, mse"
                    "'quantkit rotate').")
 @click.option("--gptq-samples", default=64, show_default=True, type=int,
               help="Calibration blocks that GPTQ's activation statistics come from.")
+@click.option("--gptq-memory", default=None, metavar="SIZE",
+              help="Most memory GPTQ's Hessians may hold at once, e.g. 2GB (default: half the "
+                   "model's FP32 weights, at least 1 GiB); less memory means more passes over "
+                   "the GPTQ samples, a group of layers each. Same weights either way.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @trust_remote_code_option
 @force_option
@@ -61,10 +65,12 @@ def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: 
             split: str, text_column: str, num_samples: int, seq_len: int, batch_size: int,
             seed: int, method: str, percentile: float | None, tensors: str,
             trt_version: str | None, alpha: str | None, weight_rounding: str,
-            gptq_samples: int, out: Path, trust_remote_code: bool, force: bool) -> None:
+            gptq_samples: int, gptq_memory: str | None, out: Path, trust_remote_code: bool,
+            force: bool) -> None:
     """Run the FP32 model over calibration text and write INT8 ranges to OUT: table.json,
     calibration.cache (TensorRT), stats.npz (histograms), summary.json and manifest.json."""
     from quantkit.calib.run import CalibrationRequest, run_calibration
+    from quantkit.config import parse_size
     from quantkit.errors import QuantkitError
 
     params: dict[str, Any] = {}
@@ -77,7 +83,8 @@ def command(model: str | None, onnx: Path | None, dataset: str, dataset_config: 
         text_column=text_column, num_samples=num_samples, seq_len=seq_len,
         batch_size=batch_size, seed=seed, method=method, params=params, tensors=tensors,
         trt_version=trt_version, trust_remote_code=trust_remote_code, smoothquant=alpha,
-        weights=weight_rounding, gptq_samples=gptq_samples)
+        weights=weight_rounding, gptq_samples=gptq_samples,
+        gptq_memory=None if gptq_memory is None else parse_size(gptq_memory))
     request.validate()
 
     with _Progress() as bar:

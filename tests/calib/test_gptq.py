@@ -216,3 +216,72 @@ def test_calibrate_refuses_zero_gptq_samples(tiny_llama_export, tmp_path) -> Non
     assert result.exit_code != 0
     assert "gptq-samples must be at least 1" in result.output
     assert not out.exists()
+
+
+def test_hessian_passes_group_consecutive_activations_within_the_budget() -> None:
+    from quantkit.calib.gptq import WeightTarget, hessian_passes
+
+    targets = [WeightTarget(f"n{i}", act, f"w{i}", None, 1)
+               for i, act in enumerate(["a", "a", "b", "c", "d"])]
+    widths = {"a": 4, "b": 4, "c": 8, "d": 2}  # Hessians of 64, 64, 256 and 16 bytes
+    assert hessian_passes(targets, widths, 10**6) == [["a", "b", "c", "d"]]
+    assert hessian_passes(targets, widths, 128) == [["a", "b"], ["c"], ["d"]]
+    # a Hessian past the budget still gets a pass of its own, never a split
+    assert hessian_passes(targets, widths, 1) == [["a"], ["b"], ["c"], ["d"]]
+
+
+def test_gptq_in_several_passes_gives_the_same_weights(tiny_llama_export) -> None:
+    """Hessians held a group of layers at a time (one pass each over the samples): the same
+    integers as all at once, bit for bit, and never more than the budget held."""
+    from quantkit.calib.gptq import gptq_weights
+    from tests.build_helpers import token_feeds
+
+    feeds = token_feeds(2, batch=2, seq=24, seed=4)
+    whole, whole_info = gptq_weights(tiny_llama_export.onnx_path, feeds)
+    split, split_info = gptq_weights(tiny_llama_export.onnx_path, feeds, memory=1)
+    assert whole_info["passes"] == 1
+    targets = weight_targets(onnx.load(str(tiny_llama_export.onnx_path)))
+    assert split_info["passes"] == len({t.activation for t in targets}) > 3
+    assert split_info["hessian_bytes_per_pass_max"] < whole_info["hessian_bytes_per_pass_max"]
+    assert whole_info["tokens"] == split_info["tokens"] == 2 * 2 * 24
+    assert whole.keys() == split.keys()
+    for key, weight in whole.items():
+        np.testing.assert_array_equal(split[key].q, weight.q)
+        np.testing.assert_array_equal(split[key].scale, weight.scale)
+
+
+def test_exposing_only_some_tensors_runs_just_what_they_need(tiny_llama_export) -> None:
+    from quantkit.graph_edit import exposing_session
+    from tests.build_helpers import token_feeds
+
+    targets = weight_targets(onnx.load(str(tiny_llama_export.onnx_path)))
+    early = [targets[0].activation]
+    feeds = next(iter(token_feeds(1, batch=2, seq=16, seed=1)))
+    full = exposing_session(tiny_llama_export.onnx_path, early)
+    cut = exposing_session(tiny_llama_export.onnx_path, early, only=True)
+    assert [o.name for o in cut.get_outputs()] == early
+    inputs = [i.name for i in cut.get_inputs()]
+    np.testing.assert_array_equal(cut.run(early, {k: feeds[k] for k in inputs})[0],
+                                  full.run(early, {i.name: feeds[i.name]
+                                                   for i in full.get_inputs()})[0])
+    model = onnx.load(str(tiny_llama_export.onnx_path))
+    from quantkit.graph_edit import keep_ancestors
+
+    keep_ancestors(model.graph, early)
+    assert 0 < len(model.graph.node) < len(onnx.load(str(tiny_llama_export.onnx_path)).graph.node)
+
+
+def test_calibrate_takes_a_gptq_memory_bound(tiny_llama_export, tmp_path) -> None:
+    result = CliRunner().invoke(cli, [
+        "calibrate", "--onnx", str(tiny_llama_export.directory), "--dataset", "sample",
+        "--num-samples", "4", "--seq-len", "32", "--method", "minmax", "--tensors",
+        "quantizable", "--weights", "gptq", "--gptq-samples", "2", "--gptq-memory", "2KB",
+        "--out", str(tmp_path / "calib")])
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "calib" / "manifest.json").read_text())["inputs"]["weights"]
+    assert info["passes"] > 1
+    bad = CliRunner().invoke(cli, [
+        "calibrate", "--onnx", str(tiny_llama_export.directory), "--dataset", "sample",
+        "--weights", "gptq", "--gptq-memory", "lots", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "cannot read the size 'lots'" in bad.output
+    assert not (tmp_path / "bad").exists()
