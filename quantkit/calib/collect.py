@@ -188,6 +188,7 @@ def collect_activation_stats(
     num_threads: int | None = None,
     data: dict[str, Any] | None = None,
     model_hash: str | None = None,
+    background: bool = True,
 ) -> ActivationStats:
     """Histograms of the model's activations over ``batches`` (see the module docs).
 
@@ -195,7 +196,8 @@ def collect_activation_stats(
     ``input_ids``, ``attention_mask``); each batch is consumed and dropped. ``progress`` is
     called after each batch with (batches done, tokens done). ``data`` describes the calibration
     data for the record; ``model_hash`` defaults to the hash of the ONNX file (and its external
-    data).
+    data). ``background``: histogram on a second thread while ONNX Runtime runs (same numbers;
+    off, everything happens in this thread).
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -225,37 +227,10 @@ def collect_activation_stats(
         fixed_rows = _fixed_batch(model, info)
         del model
 
-    input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
-    num_batches = num_samples = num_tokens = 0
-    peak = 0
-    rows_per_run = 1
-    probed_shape: tuple[int, ...] | None = None
-    for batch in batches:
-        feed = _check_batch(batch, input_dtypes, num_batches)
-        rows = next(iter(feed.values())).shape[0]
-        shape = next(iter(feed.values())).shape[1:]
-        if shape != probed_shape:  # new sequence length: measure one row again
-            rows_per_run, probed_shape = 1, shape
-        start = 0
-        while start < rows:
-            take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
-            sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
-            run_peak = _run_once(runner, sub, states)
-            peak = max(peak, run_peak)
-            per_row = max(1, run_peak // take)
-            limit = rows if fixed_rows is None else fixed_rows
-            rows_per_run = max(1, min(limit, activation_budget // per_row))
-            start += take
-        num_batches += 1
-        num_samples += rows
-        mask = feed.get("attention_mask")
-        num_tokens += int(mask.sum()) if mask is not None else int(next(iter(feed.values())).size)
-        del feed, batch
-        if progress is not None:
-            progress(num_batches, num_tokens)
-    if num_batches == 0:
-        raise QuantkitError("no calibration batches: the data yielded nothing",
-                            "check --dataset / --num-samples")
+    with _Histogrammer(background) as histogrammer:
+        counts, peak = _run_batches(runner, batches, states, histogrammer, info, fixed_rows,
+                                    activation_budget, progress)
+    num_batches, num_samples, num_tokens = counts
 
     histograms: dict[str, StreamingHistogram] = {}
     aliases: dict[str, str] = {}
@@ -276,6 +251,47 @@ def collect_activation_stats(
         num_samples=num_samples, num_tokens=num_tokens, tensors=tensors, num_bins=num_bins,
         model_hash=model_hash, data=dict(data or {}), peak_activation_bytes=peak,
     )
+
+
+def _run_batches(runner: _Runner, batches: Iterable[Mapping[str, np.ndarray]],
+                 states: dict[str, _Root], histogrammer: _Histogrammer, info: GraphInfo,
+                 fixed_rows: int | None, activation_budget: int, progress: ProgressFn | None,
+                 ) -> tuple[tuple[int, int, int], int]:
+    """Every batch through the model in sub-batches; (batches, samples, tokens) and the most
+    activation bytes alive at once."""
+    input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
+    num_batches = num_samples = num_tokens = 0
+    peak = 0
+    rows_per_run = 1
+    probed_shape: tuple[int, ...] | None = None
+    for batch in batches:
+        feed = _check_batch(batch, input_dtypes, num_batches)
+        rows = next(iter(feed.values())).shape[0]
+        shape = next(iter(feed.values())).shape[1:]
+        if shape != probed_shape:  # new sequence length: measure one row again
+            rows_per_run, probed_shape = 1, shape
+        start = 0
+        while start < rows:
+            take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
+            sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
+            run_peak = _run_once(runner, sub, states, histogrammer)
+            peak = max(peak, run_peak)
+            per_row = max(1, run_peak // take)
+            limit = rows if fixed_rows is None else fixed_rows
+            rows_per_run = max(1, min(limit, activation_budget // per_row))
+            start += take
+        num_batches += 1
+        num_samples += rows
+        mask = feed.get("attention_mask")
+        num_tokens += int(mask.sum()) if mask is not None else int(next(iter(feed.values())).size)
+        del feed, batch
+        if progress is not None:
+            progress(num_batches, num_tokens)
+    if num_batches == 0:
+        raise QuantkitError("no calibration batches: the data yielded nothing",
+                            "check --dataset / --num-samples")
+    histogrammer.wait()
+    return (num_batches, num_samples, num_tokens), peak
 
 
 def _constant_reason(state: _Root) -> str | None:
@@ -356,11 +372,60 @@ def _observe(name: str, arr: np.ndarray, state: _Root) -> None:
     state.hist.update_finite(flat, lo, hi)
 
 
-def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root]) -> int:
-    """Run all segments on one sub-batch; returns the most activation bytes alive at once."""
-    for name, arr in feed.items():
-        if name in states:
-            _observe(name, arr, states[name])
+class _Histogrammer:
+    """Histograms off the critical path: one worker thread histograms a segment's outputs while
+    ONNX Runtime runs the next segment (ONNX Runtime releases the GIL while it runs; NumPy's
+    min/max and arithmetic release it too). One job waits at most, so at most two segments'
+    activations are alive; jobs run in the order given, so every tensor's histogram sees its
+    values in the same order as without the thread, and ends bit for bit the same."""
+
+    def __init__(self, background: bool = True) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-hist")
+                      if background else None)
+        self._pending: Any = None
+        self.pending_bytes = 0
+
+    def submit(self, observations: list[tuple[str, np.ndarray, _Root]]) -> None:
+        """Histogram ``observations`` in the background, after the job before it is done
+        (at once, in this thread, without a background thread)."""
+        self.wait()
+        if self._pool is None:
+            _observe_all(observations)
+        elif observations:
+            self.pending_bytes = sum(arr.nbytes for _, arr, _ in observations)
+            self._pending = self._pool.submit(_observe_all, observations)
+
+    def wait(self) -> None:
+        """Wait for the job in flight; its errors (NaN, Inf) are raised here."""
+        pending, self._pending = self._pending, None
+        self.pending_bytes = 0
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _Histogrammer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _observe_all(observations: list[tuple[str, np.ndarray, _Root]]) -> None:
+    for name, arr, state in observations:
+        _observe(name, arr, state)
+
+
+def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root],
+              histogrammer: _Histogrammer) -> int:
+    """Run all segments on one sub-batch, handing each one's calibrated outputs to the
+    histogrammer; returns the most activation bytes alive at once (the outputs still waiting
+    for their histograms included)."""
+    histogrammer.submit([(name, arr, states[name]) for name, arr in feed.items()
+                         if name in states])
     values: dict[str, Any] = dict(feed)
     live = sum(a.nbytes for a in feed.values())
     peak = live
@@ -382,16 +447,19 @@ def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _R
                                 f"{seg.index}): {exc}") from None
         outs = binding.get_outputs()
         produced = kept = 0
+        observations = []
         for name, ov in zip(seg.outputs, outs, strict=True):
             arr = ov.numpy()
             produced += arr.nbytes
             if name in roots:
-                _observe(name, arr, states[name])
+                observations.append((name, arr, states[name]))
             if name in keep:
                 values[name] = ov
                 kept += arr.nbytes
             del arr
-        peak = max(peak, live + produced)
+        peak = max(peak, live + produced + histogrammer.pending_bytes)
+        histogrammer.submit(observations)
+        del observations
         live += kept
         del outs, binding
         for name in seg.inputs:

@@ -89,6 +89,28 @@ def test_histograms_equal_a_direct_computation(lm, max_tensors):
         assert (got.amax, got.total) == (want.amax, want.total), name
 
 
+@pytest.mark.parametrize("max_tensors", [1, 1000])
+def test_background_histograms_equal_the_ones_made_in_line(tiny_llama_export, max_tensors):
+    """Histograms made on a second thread while ONNX Runtime runs the next segment: the same
+    counts, widths and skips, bit for bit, as histogramming each segment's outputs at once."""
+    from tests.build_helpers import token_feeds
+
+    feeds = token_feeds(3, batch=2, seq=24, seed=7)
+    runs = {background: collect_activation_stats(
+        tiny_llama_export.onnx_path, feeds, tensors="all", max_tensors_per_segment=max_tensors,
+        background=background) for background in (False, True)}
+    inline, threaded = runs[False], runs[True]
+    assert inline.skipped == threaded.skipped and inline.aliases == threaded.aliases
+    assert set(inline.histograms) == set(threaded.histograms) and len(inline.histograms) > 20
+    for name, hist in inline.histograms.items():
+        other = threaded.histograms[name]
+        assert (other.bin_width, other.amax, other.total) == (
+            hist.bin_width, hist.amax, hist.total), name
+        np.testing.assert_array_equal(other.counts, hist.counts, err_msg=name)
+    # the outputs waiting for their histograms are counted in the activation peak
+    assert threaded.peak_activation_bytes >= inline.peak_activation_bytes
+
+
 def test_sub_batch_size_does_not_change_totals_or_ranges(lm):
     batches = lm_batches(2, batch=5, seed=2)
     small = collect_activation_stats(lm, batches, activation_budget=1)
