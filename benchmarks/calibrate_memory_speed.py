@@ -15,7 +15,8 @@ random token ids); ``smollm2`` is SmolLM2-135M from ``quantkit.models`` (batches
 test text from ../shared when present, else the bundled sample). Exports are cached in --work.
 
 Runs: ``plain`` (InferenceSession.run over the batches), ``quantkit-all`` / ``quantkit-quantizable``
-(collect_activation_stats with tensors=all / quantizable, then calibrate(entropy)),
+(collect_activation_stats with tensors=all / quantizable, then calibrate(entropy)), the same
+with ``-inline`` (histograms in the main thread between segments instead of a second thread),
 ``ort-entropy`` (create_calibrator(..., CalibrationMethod.Entropy, num_bins 2048) on all tensors)
 and ``ort-entropy-matmul`` (the same on MatMul/Gemm inputs and outputs only).
 
@@ -40,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = ("plain", "quantkit-all", "quantkit-quantizable", "ort-entropy", "ort-entropy-matmul")
+RUNS = ("plain", "quantkit-all", "quantkit-quantizable", "quantkit-all-inline",
+        "quantkit-quantizable-inline", "ort-entropy", "ort-entropy-matmul")
 
 
 # ---------------------------------------------------------------- preparation (parent)
@@ -134,7 +136,8 @@ def child(args: argparse.Namespace) -> None:
 
             marks: list[float] = []
             stats = collect_activation_stats(
-                args.onnx, batches, tensors=args.run.split("-", 1)[1],
+                args.onnx, batches, tensors=args.run.split("-")[1],
+                background=not args.run.endswith("-inline"),
                 progress=lambda b, t: marks.append(time.perf_counter()))
             collected = time.perf_counter()
             table = calibrate(stats, "entropy")

@@ -17,9 +17,17 @@ outputs, 17 GB for 16 batches of 4 x 128 tokens on the GPT-2-124M shape). So:
    actually produced, the next sub-batches take as many rows as keep one segment's activations
    under ``activation_budget`` bytes (at least one row).
 
-So at most one segment's activations for one sub-batch are alive at a time, whatever the number of
-batches; ``ActivationStats.peak_activation_bytes`` reports the measured maximum. The histograms
-themselves have a fixed size (``num_bins`` bins, at most ``8 * num_bins`` after growth).
+So at most one segment's activations for one sub-batch are alive at a time (two while the
+histogram thread works through the previous segment's), whatever the number of batches;
+``ActivationStats.peak_activation_bytes`` reports the measured maximum.
+
+4. Layer by layer (``segment_weight_bytes``; ``quantkit calibrate`` does it for models past 2 GiB
+   of weights): segments are also capped in weight bytes and run one at a time over every
+   sequence, loaded just before and freed just after, so ONNX Runtime holds one segment's
+   weights, not the model's; the values later segments read are kept per sequence in between.
+
+The histograms themselves have a fixed size (``num_bins`` bins, at most ``8 * num_bins`` after
+growth).
 
 Tensors that must not be calibrated
 -----------------------------------
@@ -106,10 +114,18 @@ class _Runner:
     """
 
     def __init__(self, tmp: Path, model: Any, info: GraphInfo, roots: list[str],
-                 max_tensors: int, num_threads: int | None) -> None:
+                 max_tensors: int, num_threads: int | None,
+                 max_weight_bytes: int | None = None) -> None:
+        """``max_weight_bytes`` (layer by layer): segments of at most that many bytes of
+        weights, each loaded only while it runs (see :meth:`open`); else every segment's
+        session is loaded here."""
         import onnxruntime as ort
 
-        self.segments = partition(info, roots, max_tensors)
+        from quantkit.onnx_io import tensor_bytes
+
+        sizes = ({t.name: tensor_bytes(t) for t in model.graph.initializer}
+                 if max_weight_bytes is not None else None)
+        self.segments = partition(info, roots, max_tensors, sizes, max_weight_bytes)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = num_threads or 0
@@ -120,16 +136,14 @@ class _Runner:
         # Without an arena, memory a segment frees goes back for the next segment; one arena
         # per session would hold every segment's peak at once.
         options.enable_cpu_mem_arena = False
-        self.sessions = []
+        self.options = options
+        self.paths = []
         for seg in self.segments:
             path = tmp / f"segment{seg.index}.onnx"
             path.write_bytes(segment_model(model, info, seg).SerializeToString())
-            try:
-                sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise QuantkitError(f"ONNX Runtime cannot load segment {seg.index} of the "
-                                    f"model: {exc}") from None
-            self.sessions.append(sess)
+            self.paths.append(path)
+        self.layer_by_layer = max_weight_bytes is not None
+        self.sessions = [] if self.layer_by_layer else [self.open(s.index) for s in self.segments]
         self.last_use: dict[str, int] = {}
         for seg in self.segments:
             for name in seg.inputs:
@@ -137,6 +151,17 @@ class _Runner:
         self.keep = [{n for n in seg.outputs if self.last_use.get(n, -1) > seg.index}
                      for seg in self.segments]
         self.root_sets = [set(seg.roots) for seg in self.segments]
+
+    def open(self, index: int) -> Any:
+        """An ONNX Runtime session of segment ``index`` (its weights read from disk now)."""
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.paths[index]), self.options,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise QuantkitError(f"ONNX Runtime cannot load segment {index} of the "
+                                f"model: {exc}") from None
 
 
 def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
@@ -188,6 +213,8 @@ def collect_activation_stats(
     num_threads: int | None = None,
     data: dict[str, Any] | None = None,
     model_hash: str | None = None,
+    background: bool = True,
+    segment_weight_bytes: int | None = None,
 ) -> ActivationStats:
     """Histograms of the model's activations over ``batches`` (see the module docs).
 
@@ -195,7 +222,11 @@ def collect_activation_stats(
     ``input_ids``, ``attention_mask``); each batch is consumed and dropped. ``progress`` is
     called after each batch with (batches done, tokens done). ``data`` describes the calibration
     data for the record; ``model_hash`` defaults to the hash of the ONNX file (and its external
-    data).
+    data). ``background``: histogram on a second thread while ONNX Runtime runs (same numbers;
+    off, everything happens in this thread). ``segment_weight_bytes``: layer by layer (see
+    ``_run_layers``), in segments of at most that many bytes of weights, one loaded at a time;
+    memory then holds one segment's weights instead of the model's, plus what the sequences
+    carry between segments.
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -204,7 +235,9 @@ def collect_activation_stats(
         from quantkit.export import onnx_model_hash
 
         model_hash = onnx_model_hash(onnx_path)
-    with tempfile.TemporaryDirectory(prefix="quantkit-calib-") as tmp:
+    with contextlib.ExitStack() as cleanup:
+        # the segment files outlive the set-up when segments are loaded one at a time
+        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-calib-"))
         model = _load_weightless(onnx_path, Path(tmp))
         info = analyse(model)
         selected = select_tensors(info, tensors)
@@ -221,41 +254,24 @@ def collect_activation_stats(
                 continue
             states.setdefault(root, _Root(num_bins))
         fetched = [r for r in states if r not in info.inputs]
-        runner = _Runner(Path(tmp), model, info, fetched, max_tensors_per_segment, num_threads)
+        runner = _Runner(Path(tmp), model, info, fetched, max_tensors_per_segment, num_threads,
+                         segment_weight_bytes)
         fixed_rows = _fixed_batch(model, info)
         del model
+        if fixed_rows is not None and fixed_rows != 1 and runner.layer_by_layer:
+            raise QuantkitError("layer-by-layer calibration runs one sequence at a time; this "
+                                f"model's inputs fix the batch size at {fixed_rows}",
+                                "export with a dynamic batch size")
+        if not runner.layer_by_layer:
+            cleanup.close()  # every session holds its weights: the files can go
 
-    input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
-    num_batches = num_samples = num_tokens = 0
-    peak = 0
-    rows_per_run = 1
-    probed_shape: tuple[int, ...] | None = None
-    for batch in batches:
-        feed = _check_batch(batch, input_dtypes, num_batches)
-        rows = next(iter(feed.values())).shape[0]
-        shape = next(iter(feed.values())).shape[1:]
-        if shape != probed_shape:  # new sequence length: measure one row again
-            rows_per_run, probed_shape = 1, shape
-        start = 0
-        while start < rows:
-            take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
-            sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
-            run_peak = _run_once(runner, sub, states)
-            peak = max(peak, run_peak)
-            per_row = max(1, run_peak // take)
-            limit = rows if fixed_rows is None else fixed_rows
-            rows_per_run = max(1, min(limit, activation_budget // per_row))
-            start += take
-        num_batches += 1
-        num_samples += rows
-        mask = feed.get("attention_mask")
-        num_tokens += int(mask.sum()) if mask is not None else int(next(iter(feed.values())).size)
-        del feed, batch
-        if progress is not None:
-            progress(num_batches, num_tokens)
-    if num_batches == 0:
-        raise QuantkitError("no calibration batches: the data yielded nothing",
-                            "check --dataset / --num-samples")
+        with _Histogrammer(background) as histogrammer:
+            if runner.layer_by_layer:
+                counts, peak = _run_layers(runner, batches, states, histogrammer, info, progress)
+            else:
+                counts, peak = _run_batches(runner, batches, states, histogrammer, info,
+                                            fixed_rows, activation_budget, progress)
+    num_batches, num_samples, num_tokens = counts
 
     histograms: dict[str, StreamingHistogram] = {}
     aliases: dict[str, str] = {}
@@ -276,6 +292,47 @@ def collect_activation_stats(
         num_samples=num_samples, num_tokens=num_tokens, tensors=tensors, num_bins=num_bins,
         model_hash=model_hash, data=dict(data or {}), peak_activation_bytes=peak,
     )
+
+
+def _run_batches(runner: _Runner, batches: Iterable[Mapping[str, np.ndarray]],
+                 states: dict[str, _Root], histogrammer: _Histogrammer, info: GraphInfo,
+                 fixed_rows: int | None, activation_budget: int, progress: ProgressFn | None,
+                 ) -> tuple[tuple[int, int, int], int]:
+    """Every batch through the model in sub-batches; (batches, samples, tokens) and the most
+    activation bytes alive at once."""
+    input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
+    num_batches = num_samples = num_tokens = 0
+    peak = 0
+    rows_per_run = 1
+    probed_shape: tuple[int, ...] | None = None
+    for batch in batches:
+        feed = _check_batch(batch, input_dtypes, num_batches)
+        rows = next(iter(feed.values())).shape[0]
+        shape = next(iter(feed.values())).shape[1:]
+        if shape != probed_shape:  # new sequence length: measure one row again
+            rows_per_run, probed_shape = 1, shape
+        start = 0
+        while start < rows:
+            take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
+            sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
+            run_peak = _run_once(runner, sub, states, histogrammer)
+            peak = max(peak, run_peak)
+            per_row = max(1, run_peak // take)
+            limit = rows if fixed_rows is None else fixed_rows
+            rows_per_run = max(1, min(limit, activation_budget // per_row))
+            start += take
+        num_batches += 1
+        num_samples += rows
+        mask = feed.get("attention_mask")
+        num_tokens += int(mask.sum()) if mask is not None else int(next(iter(feed.values())).size)
+        del feed, batch
+        if progress is not None:
+            progress(num_batches, num_tokens)
+    if num_batches == 0:
+        raise QuantkitError("no calibration batches: the data yielded nothing",
+                            "check --dataset / --num-samples")
+    histogrammer.wait()
+    return (num_batches, num_samples, num_tokens), peak
 
 
 def _constant_reason(state: _Root) -> str | None:
@@ -356,45 +413,157 @@ def _observe(name: str, arr: np.ndarray, state: _Root) -> None:
     state.hist.update_finite(flat, lo, hi)
 
 
-def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root]) -> int:
-    """Run all segments on one sub-batch; returns the most activation bytes alive at once."""
-    for name, arr in feed.items():
-        if name in states:
-            _observe(name, arr, states[name])
+class _Histogrammer:
+    """Histograms off the critical path: one worker thread histograms a segment's outputs while
+    ONNX Runtime runs the next segment (ONNX Runtime releases the GIL while it runs; NumPy's
+    min/max and arithmetic release it too). One job waits at most, so at most two segments'
+    activations are alive; jobs run in the order given, so every tensor's histogram sees its
+    values in the same order as without the thread, and ends bit for bit the same."""
+
+    def __init__(self, background: bool = True) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-hist")
+                      if background else None)
+        self._pending: Any = None
+        self.pending_bytes = 0
+
+    def submit(self, observations: list[tuple[str, np.ndarray, _Root]]) -> None:
+        """Histogram ``observations`` in the background, after the job before it is done
+        (at once, in this thread, without a background thread)."""
+        self.wait()
+        if self._pool is None:
+            _observe_all(observations)
+        elif observations:
+            self.pending_bytes = sum(arr.nbytes for _, arr, _ in observations)
+            self._pending = self._pool.submit(_observe_all, observations)
+
+    def wait(self) -> None:
+        """Wait for the job in flight; its errors (NaN, Inf) are raised here."""
+        pending, self._pending = self._pending, None
+        self.pending_bytes = 0
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _Histogrammer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _observe_all(observations: list[tuple[str, np.ndarray, _Root]]) -> None:
+    for name, arr, state in observations:
+        _observe(name, arr, state)
+
+
+def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root],
+              histogrammer: _Histogrammer) -> int:
+    """Run all segments on one sub-batch, handing each one's calibrated outputs to the
+    histogrammer; returns the most activation bytes alive at once (the outputs still waiting
+    for their histograms included)."""
+    _observe_inputs(feed, states, histogrammer)
     values: dict[str, Any] = dict(feed)
     live = sum(a.nbytes for a in feed.values())
     peak = live
-    for seg, sess, keep, roots in zip(runner.segments, runner.sessions, runner.keep,
-                                      runner.root_sets, strict=True):
-        binding = sess.io_binding()
-        for name in seg.inputs:
-            value = values[name]
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in seg.outputs:
-            binding.bind_output(name, "cpu")
-        try:
-            sess.run_with_iobinding(binding)
-        except Exception as exc:  # onnxruntime's own error types
-            raise QuantkitError(f"ONNX Runtime failed on the calibration data (segment "
-                                f"{seg.index}): {exc}") from None
-        outs = binding.get_outputs()
-        produced = kept = 0
-        for name, ov in zip(seg.outputs, outs, strict=True):
-            arr = ov.numpy()
-            produced += arr.nbytes
-            if name in roots:
-                _observe(name, arr, states[name])
-            if name in keep:
-                values[name] = ov
-                kept += arr.nbytes
-            del arr
-        peak = max(peak, live + produced)
-        live += kept
-        del outs, binding
-        for name in seg.inputs:
-            if runner.last_use.get(name) == seg.index and name in values:
-                live -= _nbytes(values.pop(name))
+    for seg, sess in zip(runner.segments, runner.sessions, strict=True):
+        live, run_peak = _run_segment(runner, seg, sess, values, live, states, histogrammer)
+        peak = max(peak, run_peak)
     return peak
+
+
+def _observe_inputs(feed: Mapping[str, np.ndarray], states: dict[str, _Root],
+                    histogrammer: _Histogrammer) -> None:
+    """Float graph inputs are calibrated too (they need no segment)."""
+    histogrammer.submit([(name, arr, states[name]) for name, arr in feed.items()
+                         if name in states])
+
+
+def _run_segment(runner: _Runner, seg: Any, sess: Any, values: dict[str, Any], live: int,
+                 states: dict[str, _Root], histogrammer: _Histogrammer) -> tuple[int, int]:
+    """Run one segment on ``values`` (updated in place: its outputs later segments read are
+    added, the values no later segment reads are dropped) and hand its calibrated outputs to
+    the histogrammer; returns the bytes of ``values`` after and the most alive during it."""
+    binding = sess.io_binding()
+    for name in seg.inputs:
+        value = values[name]
+        if isinstance(value, np.ndarray):
+            binding.bind_cpu_input(name, value)
+        else:
+            binding.bind_ortvalue_input(name, value)
+    for name in seg.outputs:
+        binding.bind_output(name, "cpu")
+    try:
+        sess.run_with_iobinding(binding)
+    except Exception as exc:  # onnxruntime's own error types
+        raise QuantkitError(f"ONNX Runtime failed on the calibration data (segment "
+                            f"{seg.index}): {exc}") from None
+    outs = binding.get_outputs()
+    keep, roots = runner.keep[seg.index], runner.root_sets[seg.index]
+    produced = kept = 0
+    observations = []
+    for name, ov in zip(seg.outputs, outs, strict=True):
+        arr = ov.numpy()
+        produced += arr.nbytes
+        if name in roots:
+            observations.append((name, arr, states[name]))
+        if name in keep:
+            values[name] = ov
+            kept += arr.nbytes
+        del arr
+    peak = live + produced + histogrammer.pending_bytes
+    histogrammer.submit(observations)
+    del observations, outs, binding
+    live += kept
+    for name in seg.inputs:
+        if runner.last_use.get(name) == seg.index and name in values:
+            live -= _nbytes(values.pop(name))
+    return live, peak
+
+
+def _run_layers(runner: _Runner, batches: Iterable[Mapping[str, np.ndarray]],
+                states: dict[str, _Root], histogrammer: _Histogrammer, info: GraphInfo,
+                progress: ProgressFn | None) -> tuple[tuple[int, int, int], int]:
+    """Layer by layer: each segment runs over every sequence before the next is loaded, so
+    only one segment's weights are in memory at a time; what later segments read (the residual
+    stream, masks, rotary tables) is kept for every sequence between them. One sequence per run;
+    each tensor sees its sequences in the same order as in ``_run_batches`` with one row per
+    run, so the histograms are the same. ``progress`` is called after each segment with the
+    share of the work done, in batches and tokens."""
+    input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
+    rows: list[dict[str, Any]] = []
+    num_batches = num_tokens = 0
+    for batch in batches:
+        feed = _check_batch(batch, input_dtypes, num_batches)
+        count = next(iter(feed.values())).shape[0]
+        rows.extend({k: np.ascontiguousarray(v[r:r + 1]) for k, v in feed.items()}
+                    for r in range(count))
+        num_batches += 1
+        mask = feed.get("attention_mask")
+        num_tokens += int(mask.sum()) if mask is not None else int(next(iter(feed.values())).size)
+    if num_batches == 0:
+        raise QuantkitError("no calibration batches: the data yielded nothing",
+                            "check --dataset / --num-samples")
+    for row in rows:
+        _observe_inputs(row, states, histogrammer)
+    carried = [sum(a.nbytes for a in row.values()) for row in rows]
+    peak = sum(carried)
+    for seg in runner.segments:
+        sess = runner.open(seg.index)
+        for i, values in enumerate(rows):
+            before = sum(carried) - carried[i]
+            carried[i], run_peak = _run_segment(runner, seg, sess, values, carried[i], states,
+                                                histogrammer)
+            peak = max(peak, before + run_peak)
+        del sess
+        release_freed_memory()
+        if progress is not None:
+            share = (seg.index + 1) / len(runner.segments)
+            progress(round(num_batches * share), round(num_tokens * share))
+    histogrammer.wait()
+    return (num_batches, len(rows), num_tokens), peak
+
+

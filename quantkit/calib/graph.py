@@ -20,7 +20,7 @@ Pure ``onnx`` (no ONNX Runtime). Used by :mod:`quantkit.calib.collect`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,9 +250,13 @@ class Segment:
     initializers: list[str]
 
 
-def partition(info: GraphInfo, roots: Iterable[str], max_tensors: int) -> list[Segment]:
+def partition(info: GraphInfo, roots: Iterable[str], max_tensors: int,
+              weight_bytes: Mapping[str, int] | None = None,
+              max_weight_bytes: int | None = None) -> list[Segment]:
     """Cut the nodes needed for ``roots`` into consecutive segments of at most ``max_tensors``
-    roots each (see module docs). Roots that are graph inputs need no segment."""
+    roots each (see module docs), and, given the initializers' sizes, of at most
+    ``max_weight_bytes`` of weights each (a node's weights past the cap start a new segment; a
+    single node's weights are never split). Roots that are graph inputs need no segment."""
     if max_tensors < 1:
         raise ValueError("max_tensors must be at least 1")
     wanted = [r for r in dict.fromkeys(roots) if r in info.producer]
@@ -267,15 +271,26 @@ def partition(info: GraphInfo, roots: Iterable[str], max_tensors: int) -> list[S
             if name in info.producer:
                 stack.append(info.producer[name])
     root_set = set(wanted)
+    sizes = weight_bytes or {}
     groups: list[list[int]] = []
     current: list[int] = []
-    count = 0
+    count = held = 0
+    seen: set[str] = set()
     for idx in sorted(needed):
+        new = {n for n in info.node_inputs[idx] if n in sizes and n not in seen}
+        extra = sum(sizes[n] for n in new)
+        if max_weight_bytes is not None and current and held + extra > max_weight_bytes:
+            groups.append(current)
+            current, count, held, seen = [], 0, 0, set()
+            new = {n for n in info.node_inputs[idx] if n in sizes}
+            extra = sum(sizes[n] for n in new)
         current.append(idx)
+        seen |= new
+        held += extra
         count += sum(1 for o in info.nodes[idx].output if o in root_set)
         if count >= max_tensors:
             groups.append(current)
-            current, count = [], 0
+            current, count, held, seen = [], 0, 0, set()
     if current:  # every needed node precedes a root, so this group ends with one
         groups.append(current)
 

@@ -98,6 +98,23 @@ def check_weights_option(weights: str, gptq_samples: int) -> None:
         raise QuantkitError("gptq-samples must be at least 1")
 
 
+LAYER_BY_LAYER_FROM = 2 << 30  # FP32 weights from which statistics go layer by layer
+LAYER_SEGMENT_BYTES = 512 << 20  # weights of one segment then (3 TinyLlama-1.1B layers)
+
+
+def layer_segment_bytes(onnx_path: Path) -> int | None:
+    """Layer by layer, in segments of this many bytes of weights, for a model whose weights
+    pass 2 GiB (kept in an external-data file); None below (every segment loaded at once, the
+    way measured on the small models)."""
+    import onnx
+
+    from quantkit.onnx_io import tensor_bytes
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    total = sum(tensor_bytes(t) for t in model.graph.initializer)
+    return LAYER_SEGMENT_BYTES if total >= LAYER_BY_LAYER_FROM else None
+
+
 def first_rows(batches: Iterable[Mapping[str, np.ndarray]], rows: int
                ) -> Iterator[dict[str, np.ndarray]]:
     """The first ``rows`` rows of ``batches`` (the last batch cut short)."""
@@ -170,7 +187,8 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
             on_blocks(blocks)
         stats = collect_activation_stats(onnx_path, blocks, tensors=request.tensors,
                                          num_bins=request.num_bins, progress=progress,
-                                         data=data, model_hash=model_hash)
+                                         data=data, model_hash=model_hash,
+                                         segment_weight_bytes=layer_segment_bytes(onnx_path))
         table = calibrate(stats, request.method, **request.params)
         weights_info: dict[str, Any] = {"method": "rtn"}
         if request.weights == "gptq":

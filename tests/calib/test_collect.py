@@ -89,6 +89,73 @@ def test_histograms_equal_a_direct_computation(lm, max_tensors):
         assert (got.amax, got.total) == (want.amax, want.total), name
 
 
+@pytest.mark.parametrize("max_tensors", [1, 1000])
+def test_background_histograms_equal_the_ones_made_in_line(tiny_llama_export, max_tensors):
+    """Histograms made on a second thread while ONNX Runtime runs the next segment: the same
+    counts, widths and skips, bit for bit, as histogramming each segment's outputs at once."""
+    from tests.build_helpers import token_feeds
+
+    feeds = token_feeds(3, batch=2, seq=24, seed=7)
+    runs = {background: collect_activation_stats(
+        tiny_llama_export.onnx_path, feeds, tensors="all", max_tensors_per_segment=max_tensors,
+        background=background) for background in (False, True)}
+    inline, threaded = runs[False], runs[True]
+    assert inline.skipped == threaded.skipped and inline.aliases == threaded.aliases
+    assert set(inline.histograms) == set(threaded.histograms) and len(inline.histograms) > 20
+    for name, hist in inline.histograms.items():
+        other = threaded.histograms[name]
+        assert (other.bin_width, other.amax, other.total) == (
+            hist.bin_width, hist.amax, hist.total), name
+        np.testing.assert_array_equal(other.counts, hist.counts, err_msg=name)
+    # the outputs waiting for their histograms are counted in the activation peak
+    assert threaded.peak_activation_bytes >= inline.peak_activation_bytes
+
+
+@pytest.mark.parametrize("segment_weight_bytes", [1, 64 << 10])
+def test_layer_by_layer_equals_batch_by_batch(tiny_llama_export, segment_weight_bytes):
+    """One segment over every sequence, then the next (one segment's weights in memory): the
+    same histograms, bit for bit, as every segment on one sequence at a time."""
+    from tests.build_helpers import token_feeds
+
+    feeds = token_feeds(3, batch=2, seq=24, seed=8)
+    batchwise = collect_activation_stats(tiny_llama_export.onnx_path, feeds, tensors="all",
+                                         activation_budget=1)
+    marks: list[tuple[int, int]] = []
+    layerwise = collect_activation_stats(
+        tiny_llama_export.onnx_path, feeds, tensors="all",
+        segment_weight_bytes=segment_weight_bytes, progress=lambda b, t: marks.append((b, t)))
+    assert (layerwise.num_batches, layerwise.num_samples, layerwise.num_tokens) == (
+        batchwise.num_batches, batchwise.num_samples, batchwise.num_tokens) == (3, 6, 144)
+    assert layerwise.skipped == batchwise.skipped
+    assert set(layerwise.histograms) == set(batchwise.histograms)
+    for name, hist in batchwise.histograms.items():
+        other = layerwise.histograms[name]
+        assert (other.bin_width, other.amax, other.total) == (
+            hist.bin_width, hist.amax, hist.total), name
+        np.testing.assert_array_equal(other.counts, hist.counts, err_msg=name)
+    assert len(marks) > 2 and marks[-1] == (3, 144)  # after every segment; all done at the end
+    assert marks == sorted(marks)
+
+
+def test_segments_hold_at_most_the_weight_cap(tiny_llama_export):
+    from quantkit.calib.graph import analyse, partition, select_tensors
+    from quantkit.onnx_io import tensor_bytes
+
+    model = onnx.load(str(tiny_llama_export.onnx_path))
+    info = analyse(model)
+    roots = [r for r in select_tensors(info, "quantizable") if r not in info.inputs]
+    sizes = {t.name: tensor_bytes(t) for t in model.graph.initializer}
+    cap = 64 << 10
+    whole = partition(info, roots, 1000)
+    capped = partition(info, roots, 1000, sizes, cap)
+    assert len(whole) == 1 and len(capped) > 3
+    assert sum(len(s.roots) for s in capped) == len(whole[0].roots)
+    for seg in capped:  # past the cap only where one node's own weights are (never split)
+        held = sum(sizes[n] for n in seg.initializers)
+        first = sum(sizes[n] for n in set(seg.nodes[0].input) if n in sizes)
+        assert held <= max(cap, first), seg.index
+
+
 def test_sub_batch_size_does_not_change_totals_or_ranges(lm):
     batches = lm_batches(2, batch=5, seed=2)
     small = collect_activation_stats(lm, batches, activation_budget=1)
@@ -226,3 +293,28 @@ def test_huge_but_real_values_are_not_masks(tmp_path):
     masked = {"x": np.array([[-3.4e38, 1.0, 2.0, 9.0]], dtype=np.float32)}
     with pytest.raises(QuantkitError, match="tensor 'y' has NaN"):  # sqrt(-3.4e38)
         collect_activation_stats(model, [masked])
+
+
+def test_calibrate_goes_layer_by_layer_past_the_size_threshold(tiny_llama_export, tmp_path,
+                                                                monkeypatch):
+    """The CLI switches to layer by layer for big models; the table is the same either way."""
+    import json
+
+    from click.testing import CliRunner
+
+    import quantkit.calib.run as calib_run
+    from quantkit.cli.main import cli
+
+    args = ["calibrate", "--onnx", str(tiny_llama_export.directory), "--dataset", "sample",
+            "--num-samples", "4", "--seq-len", "32", "--batch-size", "2", "--method", "minmax"]
+    assert calib_run.layer_segment_bytes(tiny_llama_export.onnx_path) is None
+    plain = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    monkeypatch.setattr(calib_run, "LAYER_BY_LAYER_FROM", 0)
+    monkeypatch.setattr(calib_run, "LAYER_SEGMENT_BYTES", 32 << 10)
+    assert calib_run.layer_segment_bytes(tiny_llama_export.onnx_path) == 32 << 10
+    layered = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "layered")])
+    assert layered.exit_code == 0, layered.output
+    tables = [json.loads((tmp_path / d / "table.json").read_text())["amax"]
+              for d in ("plain", "layered")]
+    assert tables[0] == tables[1] and len(tables[0]) > 20
