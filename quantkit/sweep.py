@@ -20,8 +20,8 @@ A failed recipe does not stop the others; the sweep says which failed and why.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,13 +29,13 @@ from typing import Any
 
 from quantkit.artifacts import atomic_write_json, make_dirs, read_json
 from quantkit.config import Recipe
-from quantkit.errors import MissingDependencyError, QuantkitError
+from quantkit.errors import QuantkitError
+from quantkit.ray_tasks import DEFAULT_MAX_RETRIES, import_ray, ray_session
 
 SWEEP_SCHEMA = "quantkit.sweep/1"
 SWEEP_STATE = "sweep.json"
 RESULTS_NAME = "results.json"
 REPORT_DIR = "report"
-DEFAULT_MAX_RETRIES = 2
 
 Say = Callable[[str], None]
 
@@ -118,39 +118,6 @@ def run_one(recipe_data: dict[str, Any], workdir: str, force: bool,
     return RecipeOutcome(name, workdir, True, steps=len(outcome.steps),
                          reused=sum(s.reused for s in outcome.steps),
                          results=str(results) if results else None)
-
-
-def import_ray() -> Any:
-    """``ray``, or one clear error naming the extra (nothing is written before this check)."""
-    try:
-        import ray
-    except ImportError:
-        raise MissingDependencyError("ray", "ray") from None
-    return ray
-
-
-@contextmanager
-def ray_session(ray: Any, address: str, init_kwargs: dict[str, Any] | None) -> Iterator[None]:
-    """Connect to (or start) Ray for the sweep and shut it down after, unless the caller had
-    already initialised it. A cluster that cannot be reached is one QuantkitError."""
-    import quantkit
-
-    if ray.is_initialized():
-        yield
-        return
-    # ship this quantkit with the tasks, so workers run the driver's code rather than another
-    # installed copy of quantkit
-    runtime_env = {"py_modules": [str(Path(quantkit.__file__).parent)]}
-    try:
-        ray.init(address=address, runtime_env=runtime_env, **(init_kwargs or {}))
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise QuantkitError(f"could not connect to Ray at '{address}': {exc}",
-                            "start a cluster with 'ray start --head', or pass --ray local "
-                            "to start Ray on this machine") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _run_on_ray(ray: Any, work: list[tuple[dict[str, Any], str]], force: bool, command: str,
