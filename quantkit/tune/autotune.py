@@ -43,6 +43,8 @@ at 42 % coverage): it proposes, the held-out bound decides. ``search_share`` /
 Every step is recorded (``path`` in ``autotune.json``). ``max_evals`` bounds the measurements of
 the search (all steps but the sensitivity pass), cached or not, so that a rerun from the cache
 takes the same path; measurements are reproducible from the seed that chose the subsets.
+With ``--ray`` (``quantkit.tune.ray_measure``) each step's independent measurements run side by
+side as Ray tasks and the steps above decide from them exactly as they do one by one.
 """
 
 from __future__ import annotations
