@@ -210,3 +210,24 @@ def test_a_killed_worker_loses_only_its_task(serial, ray_local, fragile_export,
     assert _outputs(out) == _outputs(serial("bisection"))
     path = json.loads((out / "autotune.json").read_text())["path"]
     assert {"bisect", "greedy", "holdout"} <= {s["stage"] for s in path}
+
+
+def test_quantize_with_ray_gives_the_serial_plan(ray_local, fragile_export, tmp_path) -> None:
+    """``quantize(ray=...)`` (``--ray``, ``ray:`` in a recipe) runs its autotune step on Ray."""
+    import quantkit
+
+    settings = dict(max_length=64, num_samples=16, seq_len=64, search_windows=3,
+                    holdout_windows=3, max_evals=40, eval_tokens=1280, threads=1,
+                    latency_iterations=2, max_ppl_increase="0.5%")
+    results = {name: quantkit.quantize(onnx=fragile_export.onnx_path.parent, dataset="sample",
+                                       out=tmp_path / name, say=lambda _: None, ray=ray,
+                                       **settings)
+               for name, ray in (("serial", None), ("ray", "local"))}
+    tuned = {name: json.loads((tmp_path / name / "autotune" / "autotune.json").read_text())
+             for name in results}
+    assert tuned["serial"]["parallel"] is None and tuned["ray"]["parallel"]["tasks"] > 0
+    assert (tmp_path / "ray" / "autotune" / "plan.yaml").read_bytes() == \
+        (tmp_path / "serial" / "autotune" / "plan.yaml").read_bytes()
+    for key in ("int8_groups", "methods", "path", "model_runs"):
+        assert tuned["ray"][key] == tuned["serial"][key], key
+    assert results["ray"].perplexity["quantized"] == results["serial"].perplexity["quantized"]
