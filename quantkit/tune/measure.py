@@ -69,10 +69,10 @@ class Executor(Protocol):
 
     width: int  # measurements it runs at once
 
-    def run(self, requests: Sequence[Request],
-            stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(index into ``requests``, ``score``'s result) as each finishes; no request is
-        started once ``stop()`` says so."""
+    def run(self, requests: Sequence[Request], stop: Callable[[], bool] | None = None,
+            ) -> Iterator[tuple[int, dict[str, Any] | QuantkitError]]:
+        """(index into ``requests``, ``score``'s result or the error it raised) as each
+        finishes; no request is started once ``stop()`` says so."""
         ...
 
 
@@ -131,6 +131,7 @@ class Measurer:
         self.executed = 0  # measurements this measurer ran or had run (read or not)
         self.executor: Executor | None = None  # runs measurements elsewhere (Ray), see prefetch
         self._fresh: set[str] = set()  # prefetched in this process and not read yet
+        self._failed: dict[str, QuantkitError] = {}  # prefetched measurements that raised
         self._run_seconds = 0.0  # time of those runs ...
         self._run_windows = 0  # ... and the windows they scored
         self._cache: dict[str, dict[str, Any]] = {}
@@ -192,7 +193,9 @@ class Measurer:
                  progress: Callable[[int, int], None] | None = None) -> int:
         """Measure the (subset, groups, methods) of ``wanted`` that are not cached, side by side
         on the executor (none: nothing is done, ``measure`` runs them one by one when asked).
-        Each result is cached as it arrives; returns how many ran."""
+        Each result is cached as it arrives; returns how many ran. A measurement that raised
+        is not cached: ``measure`` raises its error if the search asks for it (a speculative
+        one the search never reads must not stop it)."""
         if self.executor is None:
             return 0
         todo: dict[str, Request] = {}
@@ -203,6 +206,9 @@ class Measurer:
         keys, requests = list(todo), list(todo.values())
         done = 0
         for index, result in self.executor.run(requests, stop):
+            if isinstance(result, QuantkitError):
+                self._failed[keys[index]] = result
+                continue
             self._store(keys[index], result)
             self._fresh.add(keys[index])
             done += 1
@@ -217,6 +223,8 @@ class Measurer:
         if key not in self._cache:
             if self.executor is not None:
                 self.prefetch([(subset, chosen, methods)])
+                if key in self._failed:
+                    raise self._failed.pop(key)
             else:
                 result = score(self.probe, self.subsets[subset], self.max_length,
                                self.batch_size, chosen, amax)

@@ -118,8 +118,8 @@ class RayMeasurements:
         self.width = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
         self.submitted = 0  # tasks submitted (Ray's retries of a task not counted)
 
-    def run(self, requests: Sequence[Request],
-            stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    def run(self, requests: Sequence[Request], stop: Callable[[], bool] | None = None,
+            ) -> Iterator[tuple[int, dict[str, Any] | QuantkitError]]:
         ray = self._ray
         pending: dict[Any, int] = {}
         following = 0
@@ -140,15 +140,17 @@ class RayMeasurements:
                 index = pending.pop(ref)
                 yield index, self._get(ref)
 
-    def _get(self, ref: Any) -> dict[str, Any]:
+    def _get(self, ref: Any) -> dict[str, Any] | QuantkitError:
+        """A task's result, or the error the measurement raised (returned: the measurer
+        decides whether the search needs it)."""
         ray = self._ray
         try:
             return dict(ray.get(ref))
         except ray.exceptions.RayTaskError as exc:  # the measurement itself raised
             cause = getattr(exc, "cause", None)
             if isinstance(cause, QuantkitError):
-                raise cause from None
-            raise QuantkitError(f"a measurement failed on a Ray worker: {exc}") from None
+                return cause
+            return QuantkitError(f"a measurement failed on a Ray worker: {exc}")
         except ray.exceptions.RayError as exc:  # its worker or node died, retries spent
             raise QuantkitError(f"a measurement's Ray worker died and its retries are spent: "
                                 f"{type(exc).__name__}: {exc}",

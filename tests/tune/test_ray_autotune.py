@@ -137,6 +137,36 @@ def test_out_of_order_side_by_side_measurements_give_the_serial_search(search, t
     assert parallel[3].executed == speculated and parallel[3].unread > 0
 
 
+def test_a_speculative_measurement_that_fails_only_fails_the_search_that_reads_it() -> None:
+    """A plan measured ahead (speculation) whose measurement raises must not stop a search
+    that never asks for it; asking for it raises that error."""
+    import numpy as np
+
+    from quantkit.errors import QuantkitError
+    from quantkit.tune.measure import Measurer
+
+    class Failing:
+        width = 2
+
+        def __init__(self) -> None:
+            self.calls: list[list[tuple[str, ...]]] = []
+
+        def run(self, requests, stop=None):
+            self.calls.append([groups for _, groups, _ in requests])
+            for i, (_, groups, _) in enumerate(requests):
+                yield i, (QuantkitError("a non-finite perplexity") if groups == ("bad",) else
+                          {"perplexity": 2.0, "nll_sum": 0.0, "num_scored_tokens": 3,
+                           "window_nll": [0.7], "seconds": 0.0, "windows": 1})
+
+    measurer = Measurer(None, {"s": np.zeros(4, np.int64)}, 4, 1, {"minmax": {}}, None, {})
+    measurer.executor = executor = Failing()
+    assert measurer.prefetch([("s", ["good"], None), ("s", ["bad"], None)]) == 1
+    assert measurer.measure("s", ["good"]).perplexity == 2.0
+    with pytest.raises(QuantkitError, match="non-finite"):
+        measurer.measure("s", ["bad"])
+    assert executor.calls == [[("good",), ("bad",)], [("bad",)]]  # asked for: measured again
+
+
 def test_ray_without_ray_installed_is_one_clear_error(fragile_export, fragile_calibration,
                                                       tmp_path, monkeypatch) -> None:
     real_import = builtins.__import__
