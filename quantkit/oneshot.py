@@ -126,6 +126,9 @@ class QuantizeConfig:
     threads: int | None = None
     latency_iterations: int = 10
     trust_remote_code: bool = False
+    # the search's measurements as Ray tasks: 'local', 'auto' or a cluster address (None: here);
+    # the plan is the same either way, so it is not part of the autotune step's key
+    ray: str | None = None
 
     def check(self) -> None:
         if (self.model is None) == (self.onnx is None):
@@ -248,6 +251,10 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     from quantkit.text_roles import check_roles_disjoint, role_of_source
 
     config.check()
+    if config.ray is not None:  # a missing Ray is one clear error before anything is written
+        from quantkit.ray_tasks import import_ray
+
+        import_ray()
     out = Path(out)
     sources = {role: resolve_text_source(p.dataset, p.dataset_config, p.split, p.text_column)
                for role, p in config.parts.items()}
@@ -326,7 +333,7 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
             max_evals=config.max_evals, method_groups=config.method_groups,
             greedy_runs=config.greedy_runs, time_limit_s=time_limit,
             reserve_windows=_windows_after_search(config, tune_part, out))
-        autotune(tune, settings, tune_dir, force=replace_, say=say)
+        autotune(tune, settings, tune_dir, force=replace_, say=say, ray_address=config.ray)
 
     steps.run("autotune", {"calibration": artifact_hash(calib_dir), "tune": tune.to_dict(),
                            "budget": config.max_ppl_increase, "objective": config.objective,

@@ -4,7 +4,8 @@ into one results file and one report.
 Each recipe runs through ``quantkit.pipeline.run_recipe`` into ``OUT/<recipe name>`` (so a rerun
 reuses every finished step of every recipe). Without Ray the recipes run one after another in
 this process; with Ray each is a plain ``ray.remote`` task (``max_retries`` covers a worker or
-node that dies; a recipe that raises is not retried: the same inputs would fail the same way).
+node that dies; a recipe that raises is not retried: the same inputs would fail the same way),
+asking for a GPU where the recipe builds GPU engines (``gpus_needed``).
 The driver gathers in recipe order, never in completion order, so the outputs are the same
 whichever way the recipes ran:
 
@@ -20,8 +21,8 @@ A failed recipe does not stop the others; the sweep says which failed and why.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,13 +30,13 @@ from typing import Any
 
 from quantkit.artifacts import atomic_write_json, make_dirs, read_json
 from quantkit.config import Recipe
-from quantkit.errors import MissingDependencyError, QuantkitError
+from quantkit.errors import QuantkitError
+from quantkit.ray_tasks import DEFAULT_MAX_RETRIES, import_ray, ray_session
 
 SWEEP_SCHEMA = "quantkit.sweep/1"
 SWEEP_STATE = "sweep.json"
 RESULTS_NAME = "results.json"
 REPORT_DIR = "report"
-DEFAULT_MAX_RETRIES = 2
 
 Say = Callable[[str], None]
 
@@ -120,44 +121,21 @@ def run_one(recipe_data: dict[str, Any], workdir: str, force: bool,
                          results=str(results) if results else None)
 
 
-def import_ray() -> Any:
-    """``ray``, or one clear error naming the extra (nothing is written before this check)."""
-    try:
-        import ray
-    except ImportError:
-        raise MissingDependencyError("ray", "ray") from None
-    return ray
-
-
-@contextmanager
-def ray_session(ray: Any, address: str, init_kwargs: dict[str, Any] | None) -> Iterator[None]:
-    """Connect to (or start) Ray for the sweep and shut it down after, unless the caller had
-    already initialised it. A cluster that cannot be reached is one QuantkitError."""
-    import quantkit
-
-    if ray.is_initialized():
-        yield
-        return
-    # ship this quantkit with the tasks, so workers run the driver's code rather than another
-    # installed copy of quantkit
-    runtime_env = {"py_modules": [str(Path(quantkit.__file__).parent)]}
-    try:
-        ray.init(address=address, runtime_env=runtime_env, **(init_kwargs or {}))
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise QuantkitError(f"could not connect to Ray at '{address}': {exc}",
-                            "start a cluster with 'ray start --head', or pass --ray local "
-                            "to start Ray on this machine") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def gpus_needed(recipe: Recipe) -> int:
+    """GPUs a recipe's task asks Ray for: one where an engine is built for TensorRT or for ONNX
+    Runtime's CUDA provider (so the task lands on a GPU worker), none otherwise."""
+    gpu = any(e.backend == "tensorrt" or e.options.get("provider") == "CUDAExecutionProvider"
+              for e in recipe.engines)
+    return 1 if gpu else 0
 
 
 def _run_on_ray(ray: Any, work: list[tuple[dict[str, Any], str]], force: bool, command: str,
-                max_retries: int) -> list[RecipeOutcome]:
-    """Each recipe as a Ray task; results taken in recipe order (``ray.get`` per reference)."""
+                max_retries: int, gpus: list[int]) -> list[RecipeOutcome]:
+    """Each recipe as a Ray task (``gpus``: each one's GPUs); results taken in recipe order
+    (``ray.get`` per reference)."""
     task = ray.remote(max_retries=max_retries)(run_one)
-    refs = [task.remote(data, workdir, force, command) for data, workdir in work]
+    refs = [task.options(num_gpus=n).remote(data, workdir, force, command)
+            for (data, workdir), n in zip(work, gpus, strict=True)]
     outcomes = []
     for (data, workdir), ref in zip(work, refs, strict=True):
         try:
@@ -204,7 +182,8 @@ def _sweep(recipes: list[Recipe], recipe_paths: Sequence[Path], out: Path, ray: 
             say(f"{data['name']}: running ...")
             outcomes.append(run_one(data, workdir, force, command))
     else:
-        outcomes = _run_on_ray(ray, work, force, command, max_retries)
+        outcomes = _run_on_ray(ray, work, force, command, max_retries,
+                               [gpus_needed(r) for r in recipes])
     sweep = SweepOutcome(out, outcomes)
     for o in outcomes:
         say(f"{o.name}: " + (f"done ({o.steps} steps, {o.reused} reused)" if o.ok

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from quantkit.cli.main import cli
 from quantkit.errors import QuantkitError
-from quantkit.sweep import load_recipes, run_sweep
+from quantkit.sweep import gpus_needed, load_recipes, run_sweep
 
 
 def _recipe(root: Path, name: str, model: str, method: str) -> Path:
@@ -163,3 +163,16 @@ def test_unreachable_ray_cluster_is_one_error_and_nothing_written(recipes, tmp_p
     assert "could not connect to Ray at 'auto'" in result.output
     assert "ray start --head" in result.output
     assert not out.exists()
+
+
+def test_recipes_with_gpu_engines_ask_ray_for_a_gpu(recipes) -> None:
+    from dataclasses import replace
+
+    from quantkit.config import EngineConfig
+
+    cpu = load_recipes([recipes["minmax"]])[0]
+    assert gpus_needed(cpu) == 0  # ONNX Runtime engines on the CPU provider
+    trt = replace(cpu, engines=[*cpu.engines, EngineConfig("trt", "int8", backend="tensorrt")])
+    cuda = replace(cpu, engines=[EngineConfig("cuda", "fp32",
+                                              options={"provider": "CUDAExecutionProvider"})])
+    assert gpus_needed(trt) == 1 and gpus_needed(cuda) == 1

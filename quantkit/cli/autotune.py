@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from quantkit.cli.options import force_option
+from quantkit.cli.options import force_option, ray_option
 from quantkit.cli.tune_options import tune_options, tune_settings
 
 
@@ -37,11 +37,13 @@ from quantkit.cli.tune_options import tune_options, tune_settings
                    "its calibration names. The candidate whose op kinds cost least in INT8 is "
                    "tuned.")
 @click.option("--no-build", is_flag=True, help="Write the plan and table only, no engine.")
+@ray_option("the independent measurements of each search step (the same plan)")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @force_option
 def command(budget: str, objective: str, search_windows: int, holdout_windows: int,
             max_evals: int, methods: str, method_groups: int, candidates: tuple[Path, ...],
-            no_build: bool, out: Path, force: bool, **kw: Any) -> None:
+            no_build: bool, ray_address: str | None, out: Path, force: bool,
+            **kw: Any) -> None:
     """Search for a plan within --max-ppl-increase of FP32 and write OUT: plan.yaml (for
     'quantkit build --plan'), table.json, engine/, autotune.json, autotune.md.
 
@@ -79,7 +81,8 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
 
         result = autotune(tune, settings, out, force=force,
                           say=lambda m: bar.console.print(m), on_step=step,
-                          sensitivity_progress=sensitivity, alternatives=alternatives)
+                          sensitivity_progress=sensitivity, alternatives=alternatives,
+                          ray_address=ray_address)
     for c in result.candidates:
         click.echo(f"{'* ' if c['chosen'] else '  '}candidate {c['label']}: op kinds in INT8 "
                    f"cost {c['score']:+.3f} ppl in sum ({c['table']})")
@@ -87,6 +90,10 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
                f" groups INT8, {100 * result.coverage:.1f}% of linear-layer MACs; search ppl "
                f"{result.search_perplexity:.4f} (FP32 {result.baseline['search']:.4f}); "
                f"{result.model_runs} model runs, {result.seconds:.0f} s")
+    if result.parallel is not None:
+        p = result.parallel
+        click.echo(f"Ray ({p['ray']}): {p['tasks']} measurements on {p['workers']} workers, "
+                   f"{p['unread']} of them speculative and not needed")
     if result.holdout_perplexity is not None:
         click.echo(f"Held-out: {result.holdout_perplexity:.4f} vs FP32 "
                    f"{result.baseline['holdout']:.4f} (allowed {result.limits['holdout']:.4f}): "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -21,6 +23,17 @@ trust_remote_code_option = click.option(
     is_flag=True,
     help="Allow the model's own code from the Hub (off by default).",
 )
+
+
+
+def ray_option(work: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--ray auto|local|ADDRESS`` (the value is ``ray.init``'s address); ``work`` says what
+    becomes Ray tasks."""
+    return click.option(
+        "--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
+        help=f"Run {work} as Ray tasks: 'auto' (the running Ray cluster, as Ray defines it), "
+             "'local' (start Ray here) or a cluster address. Needs pip install "
+             "'quantkit[ray]'.")
 
 
 def typed_command(ctx: click.Context) -> str:

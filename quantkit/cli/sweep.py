@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli.options import force_option, typed_command
+from quantkit.cli.options import force_option, ray_option, typed_command
 
 EXIT_RECIPE_FAILED = 1
 
@@ -16,10 +16,7 @@ EXIT_RECIPE_FAILED = 1
 @click.command("sweep")
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path),
                 metavar="RECIPE...")
-@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
-              help="Run each recipe as a Ray task: 'auto' (the running Ray cluster, as Ray "
-                   "defines it), 'local' (start Ray here) or a cluster address. Needs "
-                   "pip install 'quantkit[ray]'. Default: one after another, here.")
+@ray_option("each recipe (default: one after another, here)")
 @click.option("--max-retries", default=2, show_default=True, type=click.IntRange(min=0),
               help="Ray: times a task is retried when its worker or node dies.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), metavar="DIR",

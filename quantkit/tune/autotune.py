@@ -43,6 +43,8 @@ at 42 % coverage): it proposes, the held-out bound decides. ``search_share`` /
 Every step is recorded (``path`` in ``autotune.json``). ``max_evals`` bounds the measurements of
 the search (all steps but the sensitivity pass), cached or not, so that a rerun from the cache
 takes the same path; measurements are reproducible from the seed that chose the subsets.
+With ``--ray`` (``quantkit.tune.ray_measure``) each step's independent measurements run side by
+side as Ray tasks and the steps above decide from them exactly as they do one by one.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ class AutotuneResult:
     notes: list[str] = field(default_factory=list)
     onnx: str = ""  # the export the plan belongs to (build engines from it)
     candidates: list[dict[str, Any]] = field(default_factory=list)  # see choose_candidate
+    # Ray (--ray): address, workers, tasks run, speculative measurements the search never read
+    parallel: dict[str, Any] | None = None
     # (coverage, groups) of every plan the search found within the budget (not serialised)
     feasible: list[tuple[float, tuple[str, ...]]] = field(default_factory=list, repr=False)
 
@@ -255,6 +259,18 @@ class _Search:
         t = z * (1.0 + (z * z + 1.0) / (4.0 * dof))  # Student's t, first-order correction
         return float(result.perplexity) * math.exp(t * stdev(deltas) / math.sqrt(len(deltas)))
 
+    @property
+    def width(self) -> int:
+        """Measurements that run at once (Ray workers; 1 without)."""
+        executor = self.measurer.executor
+        return 1 if executor is None else int(executor.width)
+
+    def prefetch(self, subset: str, plans: Sequence[Sequence[str]]) -> None:
+        """Measure these plans side by side where there are workers (``quantkit.tune.
+        ray_measure``); the search reads them from the cache when (and if) it gets to them."""
+        if self.measurer.executor is not None:
+            self.measurer.prefetch([(subset, p, self.methods_for(p)) for p in plans])
+
     def methods_for(self, groups: Sequence[str]) -> dict[str, str]:
         tensors = {t for g in groups for t in self.context.probe.group_tensors.get(g, ())}
         return {t: m for t, m in self.methods.items() if t in tensors}
@@ -299,9 +315,14 @@ def search_kind_methods(search: _Search, label: str = "") -> dict[str, dict[str,
     others = [m for m in context.tables if m != base]
     best: dict[str, dict[str, Any]] = {}
     kinds = list(dict.fromkeys(g.kind for g in context.groups))
+    members = {k: [g.name for g in context.groups if g.kind == k] for k in kinds}
+    touched = {k: sorted({t for g in members[k] for t in context.probe.group_tensors.get(g, ())})
+               for k in kinds}
+    context.measurer.prefetch([*((s, (), None) for s in context.subsets), *(
+        (subset, members[k], {} if m == base else {t: m for t in touched[k]})
+        for k in kinds if touched[k] for m in (base, *others))])
     for kind in kinds:
-        groups = [g.name for g in context.groups if g.kind == kind]
-        tensors = sorted({t for g in groups for t in context.probe.group_tensors.get(g, ())})
+        groups, tensors = members[kind], touched[kind]
         if not tensors:
             continue
         best_ppl, best_method = math.inf, base
@@ -335,10 +356,14 @@ def seed_kinds(search: _Search, limit: float) -> list[str]:
             macs[g.kind] += context.macs[g.name]
     order = sorted(search.kinds, key=lambda k: search.kinds[k]["delta"] / max(1, macs[k]))
     chosen: list[str] = []
-    for kind in order:
+    members = {k: [g.name for g in context.groups if g.kind == k] for k in order}
+    for i, kind in enumerate(order):
         if search.runs_left <= 0:
             break
-        trial = [*chosen, *(g.name for g in context.groups if g.kind == kind)]
+        # speculation: the next trials as if each kind fit whole (the cheap ones usually do)
+        search.prefetch(search.subset, [[*chosen, *(g for k in order[i:j] for g in members[k])]
+                                        for j in range(i + 1, i + 1 + search.width)])
+        trial = [*chosen, *members[kind]]
         if search.measure(search.subset, trial, "kinds", f"+ all {kind}", limit).within:
             chosen = trial
     return chosen
@@ -351,6 +376,12 @@ def search_methods(search: _Search, sensitivity: SensitivityResult, baseline: fl
     if len(context.tables) < 2:
         return
     candidates = [g for g in sensitivity.groups if g.delta > 0][: search.settings.method_groups]
+    tensors_of = {e.name: context.probe.group_tensors.get(e.name, []) for e in candidates}
+    context.measurer.prefetch([
+        (sensitivity.subset, [e.name], {t: m for t in tensors_of[e.name]})
+        for e in candidates for m in context.tables
+        if tensors_of[e.name] and {search.methods.get(t, context.table.method)
+                                   for t in tensors_of[e.name]} != {m}])
     for entry in candidates:
         tensors = context.probe.group_tensors.get(entry.name, [])
         if not tensors:
@@ -376,8 +407,11 @@ def longest_prefix(search: _Search, order: Sequence[str], feasible: int, stage: 
                    limit: float) -> list[str]:
     """Bisection for the longest prefix of ``order`` within ``limit`` on the search subset,
     given that the first ``feasible`` groups are within it and the whole ``order`` is not."""
+    from quantkit.tune.ray_measure import speculate_bisection
+
     lo, hi = feasible, len(order)  # prefix lo is within the budget, prefix hi is not
     while hi - lo > 1 and search.runs_left > 0:
+        speculate_bisection(search, search.subset, order, lo, hi)
         mid = (lo + hi) // 2
         if search.measure(search.subset, order[:mid], stage, f"first {mid} groups",
                           limit).within:
@@ -392,7 +426,10 @@ def bisect_and_greedy(search: _Search, order: list[str], limit: float,
     """Steps 4: the longest feasible prefix of ``order`` (the first ``feasible`` groups are
     known to be within the budget), then the rest in chunks (``chunked_greedy``). Returns the
     plan and the prefix the greedy pass started from."""
+    from quantkit.tune.ray_measure import speculate_bisection
+
     n = len(order)
+    speculate_bisection(search, search.subset, order, feasible, n, whole=True)
     if search.measure(search.subset, order, "bisect", f"all {n} groups", limit).within:
         return list(order), list(order)
     prefix = longest_prefix(search, order, feasible, "bisect", limit)
@@ -420,6 +457,9 @@ def chunked_greedy(search: _Search, chosen: list[str], rest: list[str],
             label = (f"+ {chunk[0]}" if len(chunk) == 1
                      else f"+ {len(chunk)} groups ({chunk[0]} ...)")
             runs += 1
+            if search.width > 1 and len(chunk) > 1:  # its first half is next if it fails
+                search.prefetch(search.subset, [[*chosen, *chunk],
+                                                [*chosen, *chunk[:(len(chunk) + 1) // 2]]])
             taken = search.measure(search.subset, [*chosen, *chunk], "greedy", label,
                                    limit).within
             if pending and pending[0][1] == "sibling":
@@ -447,11 +487,15 @@ def holdout_phase(search: _Search, chosen: list[str], order: list[str], limit: f
         return search.measure("holdout", plan, "holdout",
                               f"{len(plan)} groups on the held-out subset{why}", limit)
 
+    from quantkit.tune.ray_measure import speculate_bisection
+
+    speculate_bisection(search, "holdout", current, 0, len(current), whole=True)
     step = check(current)
     if step.within:
         return current, step.perplexity, True
     lo, hi = 0, len(current)  # the first lo groups meet the bound (none: FP32), hi do not
     while hi - lo > 1 and search.runs_left > 0:
+        speculate_bisection(search, "holdout", current, lo, hi)
         mid = (lo + hi) // 2
         if check(current[:mid], " (a shorter plan)").within:
             lo = mid
@@ -479,6 +523,7 @@ def candidate_label(tune: TuneSettings) -> str:
 def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
                      on_step: Callable[[Step], None] | None = None,
                      say: Callable[[str], None] | None = None,
+                     prepare: Callable[[TuneContext], None] | None = None,
                      ) -> tuple[TuneContext, _Search, list[dict[str, Any]]]:
     """Step 0, with several calibrated exports (SmoothQuant at different alphas, say): step 1 on
     each; the candidate whose op kinds, each wholly INT8 with its best method, cost the least
@@ -494,6 +539,8 @@ def choose_candidate(tunes: Sequence[TuneSettings], settings: AutotuneSettings,
             if say is not None:
                 say(f"Candidate {label}: {tune.table}")
             context = load_context(tune, settings.methods, say=say)
+            if prepare is not None:
+                prepare(context)
             search = _Search(context, settings, on_step)
             search.path, search.prior_runs, search.prior_evals = path, spent, evals
             try:
@@ -669,35 +716,70 @@ def autotune(tune: TuneSettings, settings: AutotuneSettings, out: Path, *, force
              say: Callable[[str], None] | None = None,
              on_step: Callable[[Step], None] | None = None,
              sensitivity_progress: Callable[[int, int], None] | None = None,
-             alternatives: Sequence[TuneSettings] = ()) -> AutotuneResult:
+             alternatives: Sequence[TuneSettings] = (), ray_address: str | None = None,
+             ray_init: dict[str, Any] | None = None,
+             max_retries: int | None = None) -> AutotuneResult:
     """``quantkit autotune``: search, then write OUT (atomically): plan.yaml, table.json,
     engine/, autotune.json, sensitivity.json, autotune.md, manifest.json. ``alternatives`` are
-    other calibrated exports of the same model to choose from (``choose_candidate``)."""
+    other calibrated exports of the same model to choose from (``choose_candidate``).
+    ``ray_address`` ("local", "auto", a cluster): the measurements run as Ray tasks
+    (``quantkit.tune.ray_measure``), the plan the same; ``ray_init``: more ``ray.init``
+    arguments; ``max_retries``: Ray's retries of a task whose worker died."""
+    from contextlib import nullcontext
+
+    from quantkit.artifacts import check_can_write
+    from quantkit.ray_tasks import DEFAULT_MAX_RETRIES, import_ray, ray_session
+
+    settings.check()
+    ray = import_ray() if ray_address is not None else None  # before anything is written
+    check_can_write(Path(out), force)
+    retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
+
+    def prepare(context: TuneContext) -> None:
+        if ray is not None:
+            from quantkit.tune.ray_measure import attach
+
+            attach(ray, context, retries)
+
+    with ray_session(ray, str(ray_address), ray_init) if ray is not None else nullcontext():
+        return _autotune(tune, settings, Path(out), force, say, on_step, sensitivity_progress,
+                         alternatives, prepare, ray_address)
+
+
+def _autotune(tune: TuneSettings, settings: AutotuneSettings, out: Path, force: bool,
+              say: Callable[[str], None] | None, on_step: Callable[[Step], None] | None,
+              sensitivity_progress: Callable[[int, int], None] | None,
+              alternatives: Sequence[TuneSettings], prepare: Callable[[TuneContext], None],
+              ray_address: str | None) -> AutotuneResult:
+    """``autotune`` once Ray (where asked for) is connected."""
     from quantkit.artifacts import (
         atomic_output_dir,
         atomic_write_json,
         atomic_write_text,
-        check_can_write,
         make_manifest,
         write_manifest,
     )
 
-    settings.check()
-    check_can_write(Path(out), force)
     started = time.perf_counter()
     search: _Search | None = None
     candidates: list[dict[str, Any]] = []
     if alternatives:
         context, search, candidates = choose_candidate([tune, *alternatives], settings, on_step,
-                                                       say)
+                                                       say, prepare)
     else:
         context = load_context(tune, settings.methods, say=say)
+        prepare(context)
     try:
         if "holdout" not in context.subsets:
             context.notes.append("no held-out windows: the result is not verified on unseen text")
         result, sensitivity = run_search(context, settings, on_step, sensitivity_progress,
                                          search)
         result.candidates = candidates
+        executor = context.measurer.executor
+        if executor is not None:
+            result.parallel = {"ray": ray_address, "workers": executor.width,
+                               "tasks": executor.submitted,
+                               "unread": context.measurer.unread}
         with atomic_output_dir(Path(out), force) as tmp:
             if settings.objective == "latency":
                 choose_fastest(context, settings, result, tmp, say)

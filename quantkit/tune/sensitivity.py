@@ -93,19 +93,24 @@ def measure_sensitivity(context: TuneContext, subset: str = "rank",
                         stop: Callable[[], bool] | None = None) -> SensitivityResult:
     """One measurement per group (cached; ``only``: just these groups) plus the FP32 baseline.
     ``methods`` (tensor -> calibration method) overrides the table's ranges where given.
-    ``stop`` (asked before each group) ends the pass early: the groups not measured are left
-    out of the result."""
+    ``stop`` (asked before each group not measured yet) ends the pass early: the groups not
+    measured are left out of the result."""
     started = time.perf_counter()
     measurer = context.measurer
     runs_before = measurer.runs
+    measured = [g for g in context.groups if only is None or g.name in only]
+    owns = [{t: m for t, m in (methods or {}).items()
+             if t in context.probe.group_tensors.get(g.name, [])} for g in measured]
+    # with workers (Ray): every group side by side, each result cached as it comes back
+    if measurer.prefetch([(subset, (), None), *((subset, (g.name,), own)
+                                                for g, own in zip(measured, owns, strict=True))],
+                         stop=stop, progress=progress):
+        progress = None  # the pass's progress was reported as the measurements came back
     baseline = measurer.measure(subset, ()).perplexity
     entries: list[GroupSensitivity] = []
-    measured = [g for g in context.groups if only is None or g.name in only]
-    for i, group in enumerate(measured):
-        if stop is not None and stop():
+    for i, (group, own) in enumerate(zip(measured, owns, strict=True)):
+        if stop is not None and not measurer.cached(subset, (group.name,), own) and stop():
             break
-        tensors = context.probe.group_tensors.get(group.name, [])
-        own = {t: m for t, m in (methods or {}).items() if t in tensors}
         ppl = measurer.measure(subset, (group.name,), own).perplexity
         delta = ppl - baseline
         entries.append(GroupSensitivity(group.name, group.kind, group.block, group.nodes,

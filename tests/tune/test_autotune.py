@@ -181,16 +181,24 @@ class _ScriptedSearch:
 
     subset = "search"
 
-    def __init__(self, costs: dict[str, dict[str, float]], runs: int = 50) -> None:
+    def __init__(self, costs: dict[str, dict[str, float]], runs: int = 50,
+                 width: int = 1) -> None:
         self.costs, self.runs_left, self.path = costs, runs, []
+        self.width = width  # measurements at once (Ray workers)
+        self.prefetched: list[tuple[str, tuple[str, ...]]] = []  # what it was told to speculate
+        self.measured: list[tuple[str, tuple[str, ...]]] = []
 
     def methods_for(self, groups):
         return {}
+
+    def prefetch(self, subset, plans):
+        self.prefetched += [(subset, tuple(p)) for p in plans]
 
     def measure(self, subset, groups, stage, action, limit):
         from quantkit.tune.autotune import Step
 
         self.runs_left -= 1
+        self.measured.append((subset, tuple(groups)))
         ppl = 10.0 + sum(self.costs[subset].get(g, 0.0) for g in groups)
         step = Step(stage, action, len(groups), 0.0, ppl, subset, ppl <= limit)
         self.path.append(step)
@@ -209,6 +217,27 @@ def test_holdout_miss_keeps_the_longest_prefix_that_meets_it_held_out() -> None:
     assert all(s.stage == "holdout" for s in search.path)
     assert search.path[0].action == "5 groups on the held-out subset"
     assert len(search.path) <= 1 + 3  # the plan, then a bisection over 5 prefixes
+
+
+@pytest.mark.parametrize("width", [2, 3, 7])
+def test_workers_are_given_every_bisection_step_before_it_is_measured(width: int) -> None:
+    """With ``width`` workers (Ray) the held-out bisection prefetches the plan and the prefixes
+    its next log2(width + 1) steps may measure: each measurement it then makes was among them,
+    and it decides as with one worker."""
+    from quantkit.tune.autotune import holdout_phase
+
+    costs = {"search": {}, "holdout": {"g2": 0.15, "g3": 0.2}}
+    runs = {}
+    for w in (1, width):
+        search = _ScriptedSearch(costs, width=w)
+        search.measurer = _CachedMeasurer(search)
+        runs[w] = (holdout_phase(search, ["g3", "kind1", "g1", "kind2", "g2"],
+                                 ["kind1", "kind2", "g1", "g2", "g3"], 10.1), search)
+    assert runs[width][0] == runs[1][0] and runs[width][1].path == runs[1][1].path
+    parallel = runs[width][1]
+    assert set(parallel.measured) <= set(parallel.prefetched) and not runs[1][1].prefetched
+    speculated = len(set(parallel.prefetched)) - len(parallel.measured)
+    assert speculated >= (1 if width > 2 else 0)
 
 
 def test_holdout_pass_keeps_the_plan() -> None:
