@@ -73,7 +73,8 @@ def main() -> None:
     import ray
 
     import quantkit
-    from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
+    from quantkit.tune.autotune import autotune
+    from quantkit.tune.budget import AutotuneSettings, Budget
     from quantkit.tune.context import TuneSettings, load_context
 
     work = args.work or Path(tempfile.mkdtemp(prefix="ray-autotune-"))

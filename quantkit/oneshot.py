@@ -144,7 +144,7 @@ class QuantizeConfig:
                      "latency_iterations"):
             if int(getattr(self, name)) < 1:
                 raise QuantkitError(f"{name.replace('_', '-')} must be at least 1")
-        from quantkit.tune.autotune import OBJECTIVES, Budget
+        from quantkit.tune.budget import OBJECTIVES, Budget
 
         Budget.parse(self.max_ppl_increase)
         if self.time_budget is not None:
@@ -318,7 +318,8 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     tune = _tune_settings(config, graph_dir, calib_dir / "table.json", tune_part, out)
 
     def make_autotune(replace_: bool) -> None:
-        from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
+        from quantkit.tune.autotune import autotune
+        from quantkit.tune.budget import AutotuneSettings, Budget
 
         time_limit = None
         if config.time_budget is not None:
@@ -467,7 +468,7 @@ def _result(config: QuantizeConfig, out: Path, engines: dict[str, Path], results
             ) -> QuantizeResult:
     from quantkit.artifacts import read_json
     from quantkit.eval.results import load_results
-    from quantkit.tune.autotune import AUTOTUNE_NAME, PLAN_NAME, Budget
+    from quantkit.tune.budget import AUTOTUNE_NAME, PLAN_NAME, Budget
 
     evaluated = load_results(results)
     by_name = {e.name: e for e in evaluated.engines}

@@ -55,7 +55,8 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
 
     from quantkit.calib.run import calibration_onnx
     from quantkit.progress import progress_bar
-    from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
+    from quantkit.tune.autotune import autotune
+    from quantkit.tune.budget import AutotuneSettings, Budget
 
     settings = AutotuneSettings(
         budget=Budget.parse(budget), objective=objective, max_evals=max_evals,

@@ -8,7 +8,8 @@ import pytest
 
 from quantkit.errors import QuantkitError
 from quantkit.plan import PlanRecipe, Precision
-from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
+from quantkit.tune.autotune import autotune
+from quantkit.tune.budget import AutotuneSettings, Budget
 from quantkit.tune.sensitivity import SensitivityResult, run_sensitivity
 from tests.tune.conftest import FRAGILE_GROUP
 
@@ -195,7 +196,7 @@ class _ScriptedSearch:
         self.prefetched += [(subset, tuple(p)) for p in plans]
 
     def measure(self, subset, groups, stage, action, limit):
-        from quantkit.tune.autotune import Step
+        from quantkit.tune.budget import Step
 
         self.runs_left -= 1
         self.measured.append((subset, tuple(groups)))
@@ -206,7 +207,7 @@ class _ScriptedSearch:
 
 
 def test_holdout_miss_keeps_the_longest_prefix_that_meets_it_held_out() -> None:
-    from quantkit.tune.autotune import holdout_phase
+    from quantkit.tune.search import holdout_phase
 
     order = ["kind1", "kind2", "g1", "g2", "g3"]
     # on the search subset everything fits; held out, g2 and g3 do not
@@ -224,7 +225,7 @@ def test_workers_are_given_every_bisection_step_before_it_is_measured(width: int
     """With ``width`` workers (Ray) the held-out bisection prefetches the plan and the prefixes
     its next log2(width + 1) steps may measure: each measurement it then makes was among them,
     and it decides as with one worker."""
-    from quantkit.tune.autotune import holdout_phase
+    from quantkit.tune.search import holdout_phase
 
     costs = {"search": {}, "holdout": {"g2": 0.15, "g3": 0.2}}
     runs = {}
@@ -241,7 +242,7 @@ def test_workers_are_given_every_bisection_step_before_it_is_measured(width: int
 
 
 def test_holdout_pass_keeps_the_plan() -> None:
-    from quantkit.tune.autotune import holdout_phase
+    from quantkit.tune.search import holdout_phase
 
     search = _ScriptedSearch({"search": {}, "holdout": {"g1": 0.05}})
     plan, ppl, met = holdout_phase(search, ["g1", "k"], ["k", "g1"], 10.1)
@@ -276,7 +277,7 @@ class _ScriptedGreedy(_ScriptedSearch):
 def test_chunked_greedy_takes_fitting_chunks_whole_and_halves_the_others() -> None:
     """16 groups of which two do not fit: whole chunks go in, the two bad ones are isolated by
     halving, at far fewer measurements than one per group."""
-    from quantkit.tune.autotune import chunked_greedy
+    from quantkit.tune.search import chunked_greedy
 
     rest = [f"g{i}" for i in range(16)]
     search = _ScriptedGreedy({"search": {"g3": 0.5, "g12": 0.5}})
@@ -289,7 +290,7 @@ def test_chunked_greedy_takes_fitting_chunks_whole_and_halves_the_others() -> No
 
 
 def test_chunked_greedy_stops_at_its_run_bound() -> None:
-    from quantkit.tune.autotune import chunked_greedy
+    from quantkit.tune.search import chunked_greedy
 
     rest = [f"g{i}" for i in range(16)]
     search = _ScriptedGreedy({"search": {g: 0.5 for g in rest}}, greedy_runs=3)
@@ -333,8 +334,8 @@ def test_upper_bound_grows_with_the_spread_between_windows() -> None:
     import math
     from types import SimpleNamespace
 
-    from quantkit.tune.autotune import _Search
     from quantkit.tune.measure import Measurement
+    from quantkit.tune.search import _Search
 
     base = Measurement("holdout", (), (), math.exp(3.0), 0.0, 1, True, (3.0, 3.0, 3.0, 3.0))
 

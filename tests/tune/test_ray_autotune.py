@@ -108,7 +108,8 @@ def test_out_of_order_side_by_side_measurements_give_the_serial_search(search, t
     """Without Ray: three at a time (two bisection steps per batch), finishing in reverse."""
     from dataclasses import replace
 
-    from quantkit.tune.autotune import AutotuneSettings, Budget, run_search
+    from quantkit.tune.autotune import run_search
+    from quantkit.tune.budget import AutotuneSettings, Budget
     from quantkit.tune.context import load_context
 
     budget, methods = SEARCHES[search]

@@ -8,7 +8,8 @@ import pytest
 
 from quantkit.errors import QuantkitError
 from quantkit.report import build_report
-from quantkit.tune.autotune import AutotuneSettings, Budget, autotune
+from quantkit.tune.autotune import autotune
+from quantkit.tune.budget import AutotuneSettings, Budget
 from tests.tune.conftest import FRAGILE_GROUP
 
 RESULTS = Path(__file__).resolve().parent.parent / "report" / "data" / "results-ort-cpu.json"
