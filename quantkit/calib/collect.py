@@ -511,7 +511,9 @@ def _run_segment(runner: _Runner, seg: Any, sess: Any, values: dict[str, Any], l
         if name in roots:
             observations.append((name, arr, states[name]))
         if name in keep:
-            values[name] = ov
+            # layer by layer a value waits for the next segment while every other sequence
+            # runs: a copy of its own, so it holds no ONNX Runtime buffer of this run alive
+            values[name] = arr.copy() if runner.layer_by_layer else ov
             kept += arr.nbytes
         del arr
     peak = live + produced + histogrammer.pending_bytes
