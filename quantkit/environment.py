@@ -147,6 +147,19 @@ def weight_layout_for(isa: CpuIsa) -> tuple[str, str]:
 
 
 @functools.cache
+def available_memory_bytes(meminfo: str | None = None) -> int | None:
+    """Memory the kernel can give a new job without swapping (``MemAvailable`` of
+    /proc/meminfo), in bytes; None where it cannot be read."""
+    try:
+        text = meminfo if meminfo is not None else Path("/proc/meminfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:

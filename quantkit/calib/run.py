@@ -148,6 +148,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
     ``progress`` after each batch with (batches done, tokens done).
     """
     from quantkit.calib.collect import collect_activation_stats
+    from quantkit.calib.memory import check_calibration_fits
     from quantkit.data import TokenBlocks, resolve_text_source
     from quantkit.export import find_onnx, onnx_model_hash, tokenizer_beside
 
@@ -170,6 +171,10 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
             refuse_cache_graph(onnx_path)
             tokenizer = tokenizer_beside(onnx_path)
             model_info = {"onnx": str(onnx_path.resolve())}
+        segment_bytes = layer_segment_bytes(onnx_path)
+        check_calibration_fits(onnx_path, layer_segment_bytes=segment_bytes,
+                               num_samples=request.num_samples, seq_len=request.seq_len,
+                               gptq_memory=request.gptq_memory, gptq=request.weights == "gptq")
         model_hash = onnx_model_hash(onnx_path)
         blocks = TokenBlocks(source, tokenizer, seq_len=request.seq_len,
                              num_samples=request.num_samples, batch_size=request.batch_size,
@@ -188,7 +193,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
         stats = collect_activation_stats(onnx_path, blocks, tensors=request.tensors,
                                          num_bins=request.num_bins, progress=progress,
                                          data=data, model_hash=model_hash,
-                                         segment_weight_bytes=layer_segment_bytes(onnx_path))
+                                         segment_weight_bytes=segment_bytes)
         table = calibrate(stats, request.method, **request.params)
         weights_info: dict[str, Any] = {"method": "rtn"}
         if request.weights == "gptq":
