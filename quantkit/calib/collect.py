@@ -54,7 +54,7 @@ import math
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -104,7 +104,7 @@ def _nbytes(value: Any) -> int:
     return int(arr.nbytes)
 
 
-class _Runner:
+class SegmentRunner:
     """The model as a chain of ONNX Runtime sessions, one per segment.
 
     Sessions are loaded from files, their weights from an external-data file, so the weights are
@@ -164,7 +164,7 @@ class _Runner:
                                 f"model: {exc}") from None
 
 
-def _load_weightless(onnx_path: Path, tmp: Path) -> Any:
+def load_weightless(onnx_path: Path, tmp: Path) -> Any:
     """The model's graph, its large initializers referring to external-data files in ``tmp``.
 
     Weights embedded in the file are written once to ``tmp/weights.bin`` and the model is read
@@ -224,9 +224,9 @@ def collect_activation_stats(
     data for the record; ``model_hash`` defaults to the hash of the ONNX file (and its external
     data). ``background``: histogram on a second thread while ONNX Runtime runs (same numbers;
     off, everything happens in this thread). ``segment_weight_bytes``: layer by layer (see
-    ``_run_layers``), in segments of at most that many bytes of weights, one loaded at a time;
-    memory then holds one segment's weights instead of the model's, plus what the sequences
-    carry between segments.
+    ``run_layer_by_layer``), in segments of at most that many bytes of weights, one loaded at a
+    time; memory then holds one segment's weights instead of the model's, plus what the
+    sequences carry between segments.
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -238,7 +238,7 @@ def collect_activation_stats(
     with contextlib.ExitStack() as cleanup:
         # the segment files outlive the set-up when segments are loaded one at a time
         tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-calib-"))
-        model = _load_weightless(onnx_path, Path(tmp))
+        model = load_weightless(onnx_path, Path(tmp))
         info = analyse(model)
         selected = select_tensors(info, tensors)
         if not selected:
@@ -254,8 +254,8 @@ def collect_activation_stats(
                 continue
             states.setdefault(root, _Root(num_bins))
         fetched = [r for r in states if r not in info.inputs]
-        runner = _Runner(Path(tmp), model, info, fetched, max_tensors_per_segment, num_threads,
-                         segment_weight_bytes)
+        runner = SegmentRunner(Path(tmp), model, info, fetched, max_tensors_per_segment,
+                               num_threads, segment_weight_bytes)
         fixed_rows = _fixed_batch(model, info)
         del model
         if fixed_rows is not None and fixed_rows != 1 and runner.layer_by_layer:
@@ -265,12 +265,12 @@ def collect_activation_stats(
         if not runner.layer_by_layer:
             cleanup.close()  # every session holds its weights: the files can go
 
-        with _Histogrammer(background) as histogrammer:
+        with _Histogrammer(states, background) as histogrammer:
             if runner.layer_by_layer:
-                counts, peak = _run_layers(runner, batches, states, histogrammer, info, progress)
+                counts, peak = _run_layers(runner, batches, histogrammer, info, progress)
             else:
-                counts, peak = _run_batches(runner, batches, states, histogrammer, info,
-                                            fixed_rows, activation_budget, progress)
+                counts, peak = _run_batches(runner, batches, histogrammer, info, fixed_rows,
+                                            activation_budget, progress)
     num_batches, num_samples, num_tokens = counts
 
     histograms: dict[str, StreamingHistogram] = {}
@@ -294,9 +294,9 @@ def collect_activation_stats(
     )
 
 
-def _run_batches(runner: _Runner, batches: Iterable[Mapping[str, np.ndarray]],
-                 states: dict[str, _Root], histogrammer: _Histogrammer, info: GraphInfo,
-                 fixed_rows: int | None, activation_budget: int, progress: ProgressFn | None,
+def _run_batches(runner: SegmentRunner, batches: Iterable[Mapping[str, np.ndarray]],
+                 histogrammer: _Histogrammer, info: GraphInfo, fixed_rows: int | None,
+                 activation_budget: int, progress: ProgressFn | None,
                  ) -> tuple[tuple[int, int, int], int]:
     """Every batch through the model in sub-batches; (batches, samples, tokens) and the most
     activation bytes alive at once."""
@@ -315,7 +315,7 @@ def _run_batches(runner: _Runner, batches: Iterable[Mapping[str, np.ndarray]],
         while start < rows:
             take = min(rows_per_run if fixed_rows is None else fixed_rows, rows - start)
             sub = {k: np.ascontiguousarray(v[start : start + take]) for k, v in feed.items()}
-            run_peak = _run_once(runner, sub, states, histogrammer)
+            run_peak = _run_once(runner, sub, histogrammer)
             peak = max(peak, run_peak)
             per_row = max(1, run_peak // take)
             limit = rows if fixed_rows is None else fixed_rows
@@ -413,6 +413,18 @@ def _observe(name: str, arr: np.ndarray, state: _Root) -> None:
     state.hist.update_finite(flat, lo, hi)
 
 
+class ValueSink(Protocol):
+    """Where the segments' roots go as they are made (histograms, GPTQ's Hessians)."""
+
+    pending_bytes: int  # bytes of values handed over and still held
+
+    def start_row(self, index: int) -> None: ...  # layer by layer: the sequence about to run
+
+    def submit(self, values: list[tuple[str, np.ndarray]]) -> None: ...
+
+    def wait(self) -> None: ...
+
+
 class _Histogrammer:
     """Histograms off the critical path: one worker thread histograms a segment's outputs while
     ONNX Runtime runs the next segment (ONNX Runtime releases the GIL while it runs; NumPy's
@@ -420,23 +432,30 @@ class _Histogrammer:
     activations are alive; jobs run in the order given, so every tensor's histogram sees its
     values in the same order as without the thread, and ends bit for bit the same."""
 
-    def __init__(self, background: bool = True) -> None:
+    def __init__(self, states: dict[str, _Root], background: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
+
+        self.states = states
 
         self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-hist")
                       if background else None)
         self._pending: Any = None
         self.pending_bytes = 0
 
-    def submit(self, observations: list[tuple[str, np.ndarray, _Root]]) -> None:
-        """Histogram ``observations`` in the background, after the job before it is done
-        (at once, in this thread, without a background thread)."""
+    def submit(self, values: list[tuple[str, np.ndarray]]) -> None:
+        """Histogram the calibrated ones of ``values`` in the background, after the job before
+        it is done (at once, in this thread, without a background thread)."""
         self.wait()
+        observations = [(name, arr, self.states[name]) for name, arr in values
+                        if name in self.states]
         if self._pool is None:
             _observe_all(observations)
         elif observations:
             self.pending_bytes = sum(arr.nbytes for _, arr, _ in observations)
             self._pending = self._pool.submit(_observe_all, observations)
+
+    def start_row(self, index: int) -> None:
+        """Histograms do not depend on which sequence a value came from."""
 
     def wait(self) -> None:
         """Wait for the job in flight; its errors (NaN, Inf) are raised here."""
@@ -460,33 +479,26 @@ def _observe_all(observations: list[tuple[str, np.ndarray, _Root]]) -> None:
         _observe(name, arr, state)
 
 
-def _run_once(runner: _Runner, feed: dict[str, np.ndarray], states: dict[str, _Root],
-              histogrammer: _Histogrammer) -> int:
+def _run_once(runner: SegmentRunner, feed: dict[str, np.ndarray], histogrammer: _Histogrammer,
+              ) -> int:
     """Run all segments on one sub-batch, handing each one's calibrated outputs to the
     histogrammer; returns the most activation bytes alive at once (the outputs still waiting
     for their histograms included)."""
-    _observe_inputs(feed, states, histogrammer)
+    histogrammer.submit(list(feed.items()))  # float graph inputs are calibrated too
     values: dict[str, Any] = dict(feed)
     live = sum(a.nbytes for a in feed.values())
     peak = live
     for seg, sess in zip(runner.segments, runner.sessions, strict=True):
-        live, run_peak = _run_segment(runner, seg, sess, values, live, states, histogrammer)
+        live, run_peak = _run_segment(runner, seg, sess, values, live, histogrammer)
         peak = max(peak, run_peak)
     return peak
 
 
-def _observe_inputs(feed: Mapping[str, np.ndarray], states: dict[str, _Root],
-                    histogrammer: _Histogrammer) -> None:
-    """Float graph inputs are calibrated too (they need no segment)."""
-    histogrammer.submit([(name, arr, states[name]) for name, arr in feed.items()
-                         if name in states])
-
-
-def _run_segment(runner: _Runner, seg: Any, sess: Any, values: dict[str, Any], live: int,
-                 states: dict[str, _Root], histogrammer: _Histogrammer) -> tuple[int, int]:
+def _run_segment(runner: SegmentRunner, seg: Any, sess: Any, values: dict[str, Any], live: int,
+                 sink: ValueSink) -> tuple[int, int]:
     """Run one segment on ``values`` (updated in place: its outputs later segments read are
-    added, the values no later segment reads are dropped) and hand its calibrated outputs to
-    the histogrammer; returns the bytes of ``values`` after and the most alive during it."""
+    added, the values no later segment reads are dropped) and hand its roots to ``sink``;
+    returns the bytes of ``values`` after and the most alive during it."""
     binding = sess.io_binding()
     for name in seg.inputs:
         value = values[name]
@@ -509,15 +521,15 @@ def _run_segment(runner: _Runner, seg: Any, sess: Any, values: dict[str, Any], l
         arr = ov.numpy()
         produced += arr.nbytes
         if name in roots:
-            observations.append((name, arr, states[name]))
+            observations.append((name, arr))
         if name in keep:
             # layer by layer a value waits for the next segment while every other sequence
             # runs: a copy of its own, so it holds no ONNX Runtime buffer of this run alive
             values[name] = arr.copy() if runner.layer_by_layer else ov
             kept += arr.nbytes
         del arr
-    peak = live + produced + histogrammer.pending_bytes
-    histogrammer.submit(observations)
+    peak = live + produced + sink.pending_bytes
+    sink.submit(observations)
     del observations, outs, binding
     live += kept
     for name in seg.inputs:
@@ -526,15 +538,28 @@ def _run_segment(runner: _Runner, seg: Any, sess: Any, values: dict[str, Any], l
     return live, peak
 
 
-def _run_layers(runner: _Runner, batches: Iterable[Mapping[str, np.ndarray]],
-                states: dict[str, _Root], histogrammer: _Histogrammer, info: GraphInfo,
-                progress: ProgressFn | None) -> tuple[tuple[int, int, int], int]:
-    """Layer by layer: each segment runs over every sequence before the next is loaded, so
-    only one segment's weights are in memory at a time; what later segments read (the residual
-    stream, masks, rotary tables) is kept for every sequence between them. One sequence per run;
-    each tensor sees its sequences in the same order as in ``_run_batches`` with one row per
-    run, so the histograms are the same. ``progress`` is called after each segment with the
-    share of the work done, in batches and tokens."""
+def _run_layers(runner: SegmentRunner, batches: Iterable[Mapping[str, np.ndarray]],
+                histogrammer: _Histogrammer, info: GraphInfo, progress: ProgressFn | None,
+                ) -> tuple[tuple[int, int, int], int]:
+    """Statistics layer by layer (see ``run_layer_by_layer``); ``progress`` is called after
+    each segment with the share of the work done, in batches and tokens."""
+    rows, num_batches, num_tokens = sequences(batches, info)
+    for row in rows:
+        histogrammer.submit(list(row.items()))  # float graph inputs are calibrated too
+
+    def done(seg: Any) -> None:
+        if progress is not None:
+            share = (seg.index + 1) / len(runner.segments)
+            progress(round(num_batches * share), round(num_tokens * share))
+
+    peak = run_layer_by_layer(runner, rows, histogrammer, done)
+    histogrammer.wait()
+    return (num_batches, len(rows), num_tokens), peak
+
+
+def sequences(batches: Iterable[Mapping[str, np.ndarray]], info: GraphInfo,
+              ) -> tuple[list[dict[str, Any]], int, int]:
+    """Every row of ``batches`` as a feed of its own; and the numbers of batches and tokens."""
     input_dtypes = {name: _np_dtype(t) for name, t in info.inputs.items()}
     rows: list[dict[str, Any]] = []
     num_batches = num_tokens = 0
@@ -549,23 +574,32 @@ def _run_layers(runner: _Runner, batches: Iterable[Mapping[str, np.ndarray]],
     if num_batches == 0:
         raise QuantkitError("no calibration batches: the data yielded nothing",
                             "check --dataset / --num-samples")
-    for row in rows:
-        _observe_inputs(row, states, histogrammer)
+    return rows, num_batches, num_tokens
+
+
+def run_layer_by_layer(runner: SegmentRunner, rows: list[dict[str, Any]], sink: ValueSink,
+                       done: Callable[[Any], None] | None = None) -> int:
+    """Each segment over every sequence before the next is loaded, so only one segment's
+    weights are in memory at a time; what later segments read (the residual stream, masks,
+    rotary tables) is kept for every sequence between them (``rows`` are updated in place). One
+    sequence per run; each root reaches ``sink`` sequence by sequence in ``rows`` order, as in
+    ``_run_batches`` with one row per run (so the histograms are the same). ``done(segment)``
+    after each segment, once ``sink`` has every value of it. Returns the most activation
+    bytes alive at once."""
     carried = [sum(a.nbytes for a in row.values()) for row in rows]
     peak = sum(carried)
     for seg in runner.segments:
         sess = runner.open(seg.index)
         for i, values in enumerate(rows):
             before = sum(carried) - carried[i]
-            carried[i], run_peak = _run_segment(runner, seg, sess, values, carried[i], states,
-                                                histogrammer)
+            sink.start_row(i)
+            carried[i], run_peak = _run_segment(runner, seg, sess, values, carried[i], sink)
             peak = max(peak, before + run_peak)
         del sess
         release_freed_memory()
-        if progress is not None:
-            share = (seg.index + 1) / len(runner.segments)
-            progress(round(num_batches * share), round(num_tokens * share))
-    histogrammer.wait()
-    return (num_batches, len(rows), num_tokens), peak
+        if done is not None:
+            sink.wait()
+            done(seg)
+    return peak
 
 

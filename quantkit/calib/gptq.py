@@ -17,7 +17,7 @@ build, the autotune probe and the TensorRT Q/DQ path use them in place of RTN.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,46 @@ def hessian_passes(targets: Sequence[WeightTarget], widths: Mapping[str, int],
     return passes
 
 
+def add_gram(hessians: dict[str, np.ndarray], name: str, value: np.ndarray,
+             keep: np.ndarray | None) -> None:
+    """Add one sequence's ``x^T x`` of activation ``value`` (its real tokens: ``keep``)."""
+    rows = value.reshape(-1, value.shape[-1])
+    if keep is not None and len(keep) == len(rows):
+        rows = rows[keep]
+    # float32 throughout (BLAS sgemm, twice dgemm's speed, half the memory held); the sum of a
+    # few hundred products keeps float32's 1e-7 relative precision
+    gram = rows.T @ rows
+    if name in hessians:
+        hessians[name] += gram
+    else:
+        hessians[name] = gram
+
+
+class _GramSink:
+    """Layer by layer: each sequence's activations of a segment into their Hessians."""
+
+    pending_bytes = 0
+
+    def __init__(self, wanted: set[str], masks: list[np.ndarray | None]) -> None:
+        self.wanted = wanted
+        self.masks = masks
+        self.hessians: dict[str, np.ndarray] = {}
+        self.row = 0
+
+    def start_row(self, index: int) -> None:
+        self.row = index
+
+    def submit(self, values: list[tuple[str, np.ndarray]]) -> None:
+        mask = self.masks[self.row]
+        keep = None if mask is None else mask.reshape(-1).astype(bool)
+        for name, value in values:
+            if name in self.wanted:
+                add_gram(self.hessians, name, value, keep)
+
+    def wait(self) -> None:
+        pass
+
+
 def collect_hessians(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
                      tensors: list[str]) -> tuple[dict[str, np.ndarray], int]:
     """``sum x^T x`` (float32) over every token of ``batches`` for each activation in
@@ -126,16 +166,7 @@ def collect_hessians(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]
             mask = feeds.get("attention_mask")
             keep = None if mask is None else mask.reshape(-1).astype(bool)
             for name, value in zip(tensors, session.run(tensors, feeds), strict=True):
-                rows = value.reshape(-1, value.shape[-1])
-                if keep is not None and len(keep) == len(rows):
-                    rows = rows[keep]
-                # float32 throughout (BLAS sgemm, twice dgemm's speed, half the memory held);
-                # the sum of a few hundred products keeps float32's 1e-7 relative precision
-                gram = rows.T @ rows
-                if name in hessians:
-                    hessians[name] += gram
-                else:
-                    hessians[name] = gram
+                add_gram(hessians, name, value, keep)
             tokens += int(keep.sum()) if keep is not None else int(feeds[inputs[0]].size)
     if not hessians:
         raise QuantkitError("GPTQ needs calibration batches; got none")
@@ -194,14 +225,18 @@ def hessian_budget(weight_bytes: int) -> int:
 
 
 def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *,
-                 memory: int | None = None,
+                 memory: int | None = None, segment_bytes: int | None = None,
                  ) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
     """GPTQ int8 weights for every constant-weight MatMul/Gemm of the FP32 export, from the
     activations of ``batches``; and a summary for the manifest.
 
-    ``memory`` bounds the bytes of Hessians held at once (default: ``hessian_budget``): the
-    activations are taken a group of layers at a time, one pass over ``batches`` each, and each
-    group's weights are quantized and its Hessians freed before the next pass."""
+    ``segment_bytes`` (big models): layer by layer, one pass in all: the graph runs in segments
+    of at most that many bytes of weights, each over every sequence before the next is loaded,
+    and a segment's weights are quantized and its Hessians freed as soon as it is done (memory:
+    one segment's weights and Hessians, and the hidden states carried between segments).
+    Otherwise ``memory`` bounds the bytes of Hessians held at once (default:
+    ``hessian_budget``): the activations are taken a group of layers at a time, one pass over
+    ``batches`` each, the graph cut to what the group needs."""
     import onnx
 
     from quantkit.onnx_io import read_initializer, tensor_bytes
@@ -216,15 +251,10 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *
     for target in targets:
         first.setdefault(target.key, target)
     widths = {t.activation: _input_width(t, inits[t.source]) for t in targets}
-    if memory is None:
-        memory = hessian_budget(sum(tensor_bytes(t) for t in model.graph.initializer))
-    passes = hessian_passes(targets, widths, memory)
-    batches = list(batches)  # a few hundred KB of token ids, read once per pass
     out: dict[str, QuantizedWeight] = {}
     gain: list[float] = []
-    tokens = 0
-    for tensors in passes:
-        hessians, tokens = collect_hessians(onnx_path, batches, tensors)
+
+    def quantize_group(hessians: Mapping[str, np.ndarray]) -> None:
         for target in first.values():
             if target.activation not in hessians:
                 continue
@@ -241,13 +271,72 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *
                         / max(_output_error(as_in_out, q, scale, h), 1e-30))
             out[target.key] = QuantizedWeight(
                 np.ascontiguousarray(q if target.axis == 1 else q.T), scale, target.axis)
-        del hessians
+
+    activations = list(dict.fromkeys(t.activation for t in targets))
+    if segment_bytes is not None:
+        tokens, groups = _layerwise(onnx_path, batches, activations, segment_bytes,
+                                    quantize_group)
+        missed = sorted(set(first) - set(out))
+        if missed:  # an activation no node makes (a graph input): not in any segment
+            raise QuantkitError(f"GPTQ layer by layer found no activation for {missed[:3]}",
+                                "calibrate with --weights rtn")
+    else:
+        if memory is None:
+            memory = hessian_budget(sum(tensor_bytes(t) for t in model.graph.initializer))
+        groups = hessian_passes(targets, widths, memory)
+        batches = list(batches)  # a few hundred KB of token ids, read once per pass
+        tokens = 0
+        for tensors in groups:
+            hessians, tokens = collect_hessians(onnx_path, batches, tensors)
+            quantize_group(hessians)
+            del hessians
     summary = {"method": "gptq", "weights": len(out), "tokens": tokens, "damping": DAMPING,
-               "passes": len(passes), "hessian_bytes_per_pass_max":
-                   max(sum(widths[n] ** 2 * 4 for n in p) for p in passes),
+               "mode": "layer_by_layer" if segment_bytes is not None else "passes",
+               "passes": 1 if segment_bytes is not None else len(groups),
+               "groups": len(groups), "hessian_bytes_per_group_max":
+                   max(sum(widths[n] ** 2 * 4 for n in g) for g in groups),
                "rtn_to_gptq_output_error": {"median": float(np.median(gain)),
                                             "min": float(np.min(gain))}}
     return out, summary
+
+
+def _layerwise(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
+               activations: list[str], segment_bytes: int,
+               quantize_group: Callable[[Mapping[str, np.ndarray]], None],
+               ) -> tuple[int, list[list[str]]]:
+    """The Hessians segment by segment (``quantkit.calib.collect.run_layer_by_layer``), each
+    segment's handed to ``quantize_group`` when every sequence has passed it; the number of
+    tokens and the activations of each segment."""
+    import tempfile
+
+    from quantkit.calib.collect import (
+        SegmentRunner,
+        load_weightless,
+        run_layer_by_layer,
+        sequences,
+    )
+    from quantkit.calib.graph import analyse
+
+    groups: list[list[str]] = []
+    with tempfile.TemporaryDirectory(prefix="quantkit-gptq-") as tmp:
+        model = load_weightless(Path(onnx_path), Path(tmp))
+        info = analyse(model)
+        # every activation is its own root: no segment count limit, weights alone cut them
+        runner = SegmentRunner(Path(tmp), model, info, activations, len(activations), None,
+                               segment_bytes)
+        del model
+        rows, _, tokens = sequences(batches, info)
+        sink = _GramSink(set(activations), [row.get("attention_mask") for row in rows])
+
+        def done(seg: Any) -> None:
+            names = [n for n in seg.roots if n in sink.wanted]
+            groups.append(names)
+            quantize_group({n: sink.hessians[n] for n in names if n in sink.hessians})
+            for name in names:
+                sink.hessians.pop(name, None)
+
+        run_layer_by_layer(runner, rows, sink, done)
+    return tokens, groups
 
 
 def _input_width(target: WeightTarget, initializer: Any) -> int:

@@ -9,9 +9,11 @@ the 2-core development machine; README "A 1.1B model on this machine"):
 * statistics layer by layer: about two segments' weights (the one running and the one being
   freed) plus the values the sequences carry between segments (five hidden-state-sized tensors
   per sequence: 20 MB per 512-token sequence at hidden size 2048) plus 1 GB of runtime;
-* GPTQ: its last pass holds the weights the pass needs (all of them for the last layers), the
-  Hessians of one group (``--gptq-memory``) and about 0.15x the weights besides (7.10 GB =
-  4.40 + 2.18 + 0.52).
+* GPTQ in passes (models under 2 GiB): its last pass holds the weights the pass needs (all of
+  them for the last layers), the Hessians of one group (``--gptq-memory``) and about 0.15x the
+  weights besides (7.10 GB = 4.40 + 2.18 + 0.52 at that shape, forced into passes);
+* GPTQ layer by layer (past 2 GiB): what the statistics hold plus one segment's Hessians (about
+  its weights' size: 531 MB for three layers of that shape).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def estimate_calibration(model: Any, *, layer_segment_bytes: int | None, num_sam
         carried = CARRIED_HIDDEN_STATES * _hidden_size(model) * 4 * seq_len * num_samples
         statistics = 2 * layer_segment_bytes + carried + RUNTIME_BYTES
     gptq_bytes = None
-    if gptq:
+    if gptq and layer_segment_bytes is not None:  # GPTQ layer by layer: + a segment's Hessians
+        gptq_bytes = statistics + layer_segment_bytes
+    elif gptq:
         budget = gptq_memory if gptq_memory is not None else hessian_budget(weights)
         gptq_bytes = int(weights * (1 + GPTQ_EXTRA_RATIO)) + budget
     return MemoryEstimate(statistics, gptq_bytes)

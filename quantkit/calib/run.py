@@ -201,7 +201,7 @@ def run_calibration(request: CalibrationRequest, out: Path, *, force: bool = Fal
 
             table.weights, weights_info = gptq_weights(
                 onnx_path, first_rows(blocks, request.gptq_samples),
-                memory=request.gptq_memory)
+                memory=request.gptq_memory, segment_bytes=segment_bytes)
         cache = table_to_trt_cache(table, trt_number)
         summary = summarize(stats, table)
 

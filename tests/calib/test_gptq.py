@@ -242,12 +242,30 @@ def test_gptq_in_several_passes_gives_the_same_weights(tiny_llama_export) -> Non
     assert whole_info["passes"] == 1
     targets = weight_targets(onnx.load(str(tiny_llama_export.onnx_path)))
     assert split_info["passes"] == len({t.activation for t in targets}) > 3
-    assert split_info["hessian_bytes_per_pass_max"] < whole_info["hessian_bytes_per_pass_max"]
+    assert split_info["hessian_bytes_per_group_max"] < whole_info["hessian_bytes_per_group_max"]
     assert whole_info["tokens"] == split_info["tokens"] == 2 * 2 * 24
     assert whole.keys() == split.keys()
     for key, weight in whole.items():
         np.testing.assert_array_equal(split[key].q, weight.q)
         np.testing.assert_array_equal(split[key].scale, weight.scale)
+
+
+def test_gptq_layer_by_layer_gives_the_same_weights(tiny_llama_export) -> None:
+    """Segments of a few layers' weights, each over every sequence, their weights quantized as
+    soon as they are done: one pass, the same integers as the whole graph at once."""
+    from quantkit.calib.gptq import gptq_weights
+    from tests.build_helpers import token_feeds
+
+    feeds = token_feeds(2, batch=2, seq=24, seed=4)
+    whole, whole_info = gptq_weights(tiny_llama_export.onnx_path, feeds)
+    layered, info = gptq_weights(tiny_llama_export.onnx_path, feeds, segment_bytes=64 << 10)
+    assert info["mode"] == "layer_by_layer" and info["passes"] == 1 and info["groups"] > 3
+    assert info["tokens"] == whole_info["tokens"]
+    assert info["hessian_bytes_per_group_max"] < whole_info["hessian_bytes_per_group_max"]
+    assert whole.keys() == layered.keys()
+    for key, weight in whole.items():
+        np.testing.assert_array_equal(layered[key].q, weight.q)
+        np.testing.assert_array_equal(layered[key].scale, weight.scale)
 
 
 def test_exposing_only_some_tensors_runs_just_what_they_need(tiny_llama_export) -> None:

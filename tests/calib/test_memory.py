@@ -35,9 +35,13 @@ def test_estimates_follow_the_weights_and_settings(tiny_llama_export) -> None:
     more = estimate_calibration(model, layer_segment_bytes=1 << 20, num_samples=16,
                                 seq_len=64, gptq_memory=None, gptq=True)
     assert more.statistics > layered.statistics  # carried hidden states grow with samples
-    small = estimate_calibration(model, layer_segment_bytes=1 << 20, num_samples=8,
-                                 seq_len=64, gptq_memory=1 << 20, gptq=True)
-    assert layered.gptq is not None and small.gptq is not None and small.gptq < layered.gptq
+    # layer by layer GPTQ holds one segment's Hessians more than the statistics
+    assert layered.gptq == layered.statistics + (1 << 20)
+    passes = estimate_calibration(model, layer_segment_bytes=None, num_samples=8, seq_len=64,
+                                  gptq_memory=None, gptq=True)
+    small = estimate_calibration(model, layer_segment_bytes=None, num_samples=8, seq_len=64,
+                                 gptq_memory=1 << 20, gptq=True)
+    assert passes.gptq is not None and small.gptq is not None and small.gptq < passes.gptq
 
 
 def test_refusals_name_what_makes_it_fit() -> None:
