@@ -16,7 +16,7 @@ test text from ../shared when present, else the bundled sample). Exports are cac
 
 Runs: ``plain`` (InferenceSession.run over the batches), ``quantkit-all`` / ``quantkit-quantizable``
 (collect_activation_stats with tensors=all / quantizable, then calibrate(entropy)), the same
-with ``-inline`` (histograms in the main thread between segments instead of a second thread),
+with ``-thread`` (histograms on a second thread while the next segment runs),
 ``ort-entropy`` (create_calibrator(..., CalibrationMethod.Entropy, num_bins 2048) on all tensors)
 and ``ort-entropy-matmul`` (the same on MatMul/Gemm inputs and outputs only).
 
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = ("plain", "quantkit-all", "quantkit-quantizable", "quantkit-all-inline",
-        "quantkit-quantizable-inline", "ort-entropy", "ort-entropy-matmul")
+RUNS = ("plain", "quantkit-all", "quantkit-quantizable", "quantkit-all-thread",
+        "quantkit-quantizable-thread", "ort-entropy", "ort-entropy-matmul")
 
 
 # ---------------------------------------------------------------- preparation (parent)
@@ -137,7 +137,7 @@ def child(args: argparse.Namespace) -> None:
             marks: list[float] = []
             stats = collect_activation_stats(
                 args.onnx, batches, tensors=args.run.split("-")[1],
-                background=not args.run.endswith("-inline"),
+                background=args.run.endswith("-thread"),
                 progress=lambda b, t: marks.append(time.perf_counter()))
             collected = time.perf_counter()
             table = calibrate(stats, "entropy")
