@@ -152,3 +152,18 @@ def tiny_gpt2_cache_export(tiny_gpt2, tmp_path_factory):
 
     return export_model(tiny_gpt2, tmp_path_factory.mktemp("export") / "tiny-gpt2-cache",
                         with_cache=True)
+
+
+@pytest.fixture
+def without_ray(monkeypatch):
+    """Imports of ``ray`` fail, as on a machine without the ``quantkit[ray]`` extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)

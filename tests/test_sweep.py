@@ -3,7 +3,6 @@ gathered into one results file and one report; duplicates, failures and a missin
 
 from __future__ import annotations
 
-import builtins
 import json
 from pathlib import Path
 
@@ -120,15 +119,7 @@ def test_a_failed_recipe_is_reported_and_the_others_kept(local_sweep, recipes, t
     assert (out / "report" / "report.html").is_file()
 
 
-def test_ray_without_ray_installed_is_one_clear_error(recipes, tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+def test_ray_without_ray_installed_is_one_clear_error(recipes, tmp_path, without_ray):
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["sweep", str(recipes["minmax"]), "--ray", "auto",
                                       "--out", str(out)])

@@ -3,7 +3,6 @@ bit, whatever the finish order; a killed worker loses only its task; a rerun run
 
 from __future__ import annotations
 
-import builtins
 import json
 from pathlib import Path
 from typing import Any
@@ -169,15 +168,7 @@ def test_a_speculative_measurement_that_fails_only_fails_the_search_that_reads_i
 
 
 def test_ray_without_ray_installed_is_one_clear_error(fragile_export, fragile_calibration,
-                                                      tmp_path, monkeypatch) -> None:
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+                                                      tmp_path, without_ray) -> None:
     out = tmp_path / "out"
     args = _cli_args(fragile_export, fragile_calibration, tmp_path / "cache", out, "methods")
     for command in (args + ["--ray", "local"],
