@@ -71,6 +71,28 @@ def _inline(tensor: Any, base_dir: Path | None) -> Any:
     return numpy_helper.from_array(read_initializer(tensor, Path(base_dir or ".")), tensor.name)
 
 
+def load_model(path: Path, with_weights: bool = True) -> Any:
+    """An ONNX model, its external weights read in by quantkit's reader. ``onnx.load`` refuses a
+    data file with several hard links ("a potential hardlink attack"), which an export's data
+    file has while a calibration of it links the file beside its segment models
+    (``link_external_data``): a build of the same export beside a running calibration failed.
+    Locations must stay inside the model's folder (no absolute paths, no ``..``)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if with_weights:
+        base = Path(path).parent
+        for tensor in model.graph.initializer:
+            if not is_external(tensor):
+                continue
+            location = Path(_external_fields(tensor).get("location", ""))
+            if location.is_absolute() or ".." in location.parts:
+                raise ValueError(f"external data of {tensor.name} points outside the model's "
+                                 f"folder: {location}")
+            tensor.CopyFrom(_inline(tensor, base))
+    return model
+
+
 def link_external_data(model: Any, source_dir: Path, target_dir: Path) -> None:
     """Hard-link (copy, across filesystems) the external-data files ``model``'s weights refer
     to from ``source_dir`` into ``target_dir``, so a graph saved there loads its weights:

@@ -349,10 +349,10 @@ def smooth_export(
     force: bool = False,
 ) -> Path:
     """Write a smoothed copy of an export directory; return the new ONNX path."""
-    import onnx
+    from quantkit.onnx_io import load_model
 
     alpha = parse_alpha(alpha)  # type: ignore[assignment]
-    model = onnx.load(str(onnx_path))
+    model = load_model(onnx_path)
     groups = find_smooth_groups(model)
     if not groups:
         raise QuantkitError(

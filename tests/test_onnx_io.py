@@ -115,3 +115,39 @@ def test_calibration_of_an_external_data_export_equals_the_inline_one(tiny_llama
     for name, hist in inline.histograms.items():
         np.testing.assert_array_equal(external.histograms[name].counts, hist.counts)
         assert external.histograms[name].amax == hist.amax
+
+
+def test_load_model_reads_weights_a_calibration_has_hard_linked(external_llama_export,
+                                                                tmp_path) -> None:
+    """While a calibration of an export runs, its data file has a second hard link beside the
+    segment models; onnx.load refuses such a file ("hardlink attack"), quantkit's loader
+    reads it (a build beside a running calibration failed that way)."""
+    import os
+
+    from quantkit.onnx_io import load_model
+
+    data = next(p for p in external_llama_export.iterdir() if p.suffix == ".data")
+    os.link(data, tmp_path / data.name)
+    try:
+        model = load_model(external_llama_export / "model.onnx")
+    finally:
+        (tmp_path / data.name).unlink()
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    reference = onnx.load(str(external_llama_export / "model.onnx"))
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    for t in model.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), want[t.name])
+
+
+def test_load_model_refuses_data_outside_the_folder(tiny_llama_export, tmp_path) -> None:
+    from quantkit.onnx_io import load_model
+
+    model = onnx.load(str(tiny_llama_export.onnx_path))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    del weight.external_data[:]
+    weight.external_data.add(key="location", value="../elsewhere.bin")
+    weight.ClearField("raw_data")
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(ValueError, match="outside the model's folder"):
+        load_model(tmp_path / "model.onnx")

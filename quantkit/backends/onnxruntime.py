@@ -433,10 +433,10 @@ def _check_onnx(path: Path) -> None:
 
 
 def _load_graph(onnx_path: Path, with_weights: bool) -> Any:
-    import onnx
+    from quantkit.onnx_io import load_model
 
     try:
-        return onnx.load(str(onnx_path), load_external_data=with_weights)
+        return load_model(onnx_path, with_weights)
     except Exception as exc:  # protobuf DecodeError and friends
         raise QuantkitError(f"cannot read ONNX model {onnx_path}: {exc}") from None
 

@@ -212,7 +212,9 @@ class ProbeSession:
         import onnx
         import onnxruntime as ort
 
-        model = onnx.load(str(onnx_path))
+        from quantkit.onnx_io import load_model
+
+        model = load_model(onnx_path)
         built = build_probe_model(model, groups, amax, per_channel=per_channel, weights=weights,
                                   weight_layout=weight_layout)
         self.weight_layout = weight_layout

@@ -342,13 +342,12 @@ def write_qdq_onnx(request: BuildRequest, target: Path, version: TrtVersion) -> 
     :mod:`quantkit.qdq` (Q/DQ on INT8 MatMul/Gemm inputs with the table's scales, per-channel
     int8 weights, Cast-bounded FP16 regions). ``shared_inputs="dedicated"`` keeps every ONNX node
     name, so the engine inspector's layers map back onto the plan. Returns the rewrite summary."""
-    import onnx
-
     from quantkit.backends.onnxruntime import check_table, effective_plan, save_onnx
+    from quantkit.onnx_io import load_model
     from quantkit.qdq import QdqOptions, rewrite_model
 
     source = Path(request.onnx_path)
-    graph = onnx.load(str(source), load_external_data=False)
+    graph = load_model(source, with_weights=False)
     plan = effective_plan(request, graph)
     table = request.table
     if plan.nodes_with(Precision.INT8):
@@ -362,7 +361,7 @@ def write_qdq_onnx(request: BuildRequest, target: Path, version: TrtVersion) -> 
             )
         check_table(table, source, graph)
     options = QdqOptions(per_channel=True, shared_inputs="dedicated")
-    model = onnx.load(str(source), load_external_data=True)
+    model = load_model(source)
     result = rewrite_model(model, plan, table.amax if table is not None else None, options,
                            table.skipped if table is not None else None,
                            table.weights if table is not None else None)
