@@ -79,13 +79,7 @@ def exposing_session(onnx_path: Path, tensors: Iterable[str], *, only: bool = Fa
     optimizations off (so every inner tensor still exists under its name). ``only``: ``tensors``
     are the sole outputs and the nodes they do not depend on are dropped (their weights are
     never loaded)."""
-    import shutil
-    import tempfile
-
     import onnx
-    import onnxruntime as ort
-
-    from quantkit.onnx_io import is_external, link_external_data
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     tensors = list(tensors)
@@ -97,16 +91,30 @@ def exposing_session(onnx_path: Path, tensors: Iterable[str], *, only: bool = Fa
         if name not in known:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
             known.add(name)
+    return unoptimized_session(model, Path(onnx_path).parent)
+
+
+def unoptimized_session(model: Any, source_dir: Path) -> Any:
+    """An ONNX Runtime CPU session of an edited graph, graph optimizations off; weights it keeps
+    in external data are read from ``source_dir`` (the graph is saved beside a link to them, so
+    a model past 2 GB is never serialized)."""
+    import shutil
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from quantkit.onnx_io import is_external, link_external_data
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
     if not any(is_external(t) for t in model.graph.initializer):
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    # past 2 GB: no serialized copy; the graph is saved beside a link to its weights
-    tmp = Path(tempfile.mkdtemp(prefix="quantkit-expose-"))
+    tmp = Path(tempfile.mkdtemp(prefix="quantkit-session-"))
     try:
-        link_external_data(model, Path(onnx_path).parent, tmp)
+        link_external_data(model, Path(source_dir), tmp)
         onnx.save_model(model, str(tmp / "model.onnx"))
         return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=providers)
     finally:

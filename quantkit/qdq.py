@@ -830,10 +830,11 @@ def linear_layer_macs(model_path: Path, seq_len: int, batch: int = 1) -> dict[st
     reshapes); MACs = broadcast batch dims x M x K x N.
     """
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(model_path))
+    from quantkit.graph_edit import unoptimized_session
+
+    model = onnx.load(str(model_path), load_external_data=False)  # weights stay on disk
     targets = [n for n in model.graph.node if n.op_type in QUANTIZABLE_OP_TYPES]
     shape_outputs: list[str] = []
     for node in targets:
@@ -843,10 +844,7 @@ def linear_layer_macs(model_path: Path, seq_len: int, batch: int = 1) -> dict[st
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
             shape_outputs.append(name)
     feeds = _dummy_feeds(model, batch, seq_len)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = unoptimized_session(model, Path(model_path).parent)
     values = dict(zip(shape_outputs, session.run(shape_outputs, feeds), strict=True))
     macs: dict[str, int] = {}
     for node in targets:
