@@ -15,6 +15,33 @@ from typing import Any
 from quantkit.errors import MissingDependencyError, QuantkitError
 
 DEFAULT_MAX_RETRIES = 2  # times Ray retries a task whose worker or node died
+# test hook: a path; the first task to see it missing creates it and kills its own worker
+# process, as a crashed or preempted worker would (Ray then retries the task elsewhere)
+KILL_ENV = "QUANTKIT_TEST_KILL_WORKER"
+
+
+def die_once_if_asked() -> None:
+    """The test hook (``KILL_ENV``): the first task that finds the marker missing kills its
+    worker process; the others, and Ray's retry, go on."""
+    import os
+
+    marker = os.environ.get(KILL_ENV)
+    if not marker:
+        return
+    try:
+        with open(marker, "x"):
+            pass
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+def hook_env() -> dict[str, Any]:
+    """Task options that carry the test hook to workers started before it was set."""
+    import os
+
+    return ({"runtime_env": {"env_vars": {KILL_ENV: os.environ[KILL_ENV]}}}
+            if os.environ.get(KILL_ENV) else {})
 
 
 def import_ray() -> Any:

@@ -104,7 +104,9 @@ def run_one(recipe_data: dict[str, Any], workdir: str, force: bool,
     failure cannot lose the others' results; KeyboardInterrupt still stops the sweep.
     """
     from quantkit.pipeline import run_recipe
+    from quantkit.ray_tasks import die_once_if_asked
 
+    die_once_if_asked()
     name = str(recipe_data.get("name"))
     try:
         recipe = Recipe.from_dict(recipe_data, where=f"recipe '{name}'")
@@ -133,7 +135,9 @@ def _run_on_ray(ray: Any, work: list[tuple[dict[str, Any], str]], force: bool, c
                 max_retries: int, gpus: list[int]) -> list[RecipeOutcome]:
     """Each recipe as a Ray task (``gpus``: each one's GPUs); results taken in recipe order
     (``ray.get`` per reference)."""
-    task = ray.remote(max_retries=max_retries)(run_one)
+    from quantkit.ray_tasks import hook_env
+
+    task = ray.remote(max_retries=max_retries, **hook_env())(run_one)
     refs = [task.options(num_gpus=n).remote(data, workdir, force, command)
             for (data, workdir), n in zip(work, gpus, strict=True)]
     outcomes = []

@@ -142,6 +142,24 @@ def test_ray_sweep_gives_the_same_results_as_the_local_one(local_sweep, recipes,
     assert len(report["engines"]) == 4
 
 
+def test_a_killed_worker_loses_only_its_recipe_and_ray_retries_it(local_sweep, recipes,
+                                                                  tmp_path, monkeypatch):
+    """The first recipe task kills its own worker process (the test hook); Ray retries it and
+    the sweep ends with the serial results."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'quantkit[ray]'")
+    from quantkit.ray_tasks import KILL_ENV
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, str(marker))
+    out = tmp_path / "out"
+    outcome = run_sweep([recipes["minmax"], recipes["percentile"]], out,
+                        ray_address="local", say=lambda _: None,
+                        ray_init={"num_cpus": 1, "include_dashboard": False})
+    assert marker.exists()  # a worker did die
+    assert outcome.ok, [r.error for r in outcome.recipes]
+    assert _summary(out) == _summary(local_sweep[0])
+
+
 def test_unreachable_ray_cluster_is_one_error_and_nothing_written(recipes, tmp_path,
                                                                   monkeypatch):
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'quantkit[ray]'")

@@ -22,18 +22,14 @@ on a cluster of several hosts, a path every host sees (a shared folder).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.ray_tasks import die_once_if_asked, hook_env
 from quantkit.tune.measure import Request, score
-
-# test hook: a path; the first task to see it missing creates it and kills its own worker
-# process, as a crashed or preempted worker would (Ray then retries the task elsewhere)
-KILL_ENV = "QUANTKIT_TEST_KILL_WORKER"
 
 
 @dataclass(frozen=True)
@@ -79,15 +75,7 @@ def measure_task(key: str, spec_box: list[Any], subset: str, groups: tuple[str, 
                  amax: dict[str, float]) -> dict[str, Any]:
     """One measurement on a Ray worker (``spec_box``: the spec's object reference in a list, so
     Ray does not fetch it for every task)."""
-    marker = os.environ.get(KILL_ENV)
-    if marker:
-        try:
-            with open(marker, "x"):
-                pass
-        except FileExistsError:
-            pass
-        else:
-            os._exit(1)
+    die_once_if_asked()
     probe, spec = _probe(key, spec_box)
     return score(probe, spec.subsets[subset], spec.max_length, spec.batch_size, groups, amax)
 
@@ -112,8 +100,7 @@ class RayMeasurements:
         self._spec_box = [ray.put(spec)]
         cpus = max(1, int(settings.threads or 1))
         options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": 0, "max_retries": max_retries}
-        if os.environ.get(KILL_ENV):  # the test hook reaches workers started before it was set
-            options["runtime_env"] = {"env_vars": {KILL_ENV: os.environ[KILL_ENV]}}
+        options.update(hook_env())
         self._task = ray.remote(**options)(measure_task)
         self.width = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
         self.submitted = 0  # tasks submitted (Ray's retries of a task not counted)

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.cli.main import cli
-from quantkit.tune.ray_measure import KILL_ENV, bisection_points, levels
+from quantkit.ray_tasks import KILL_ENV
+from quantkit.tune.ray_measure import bisection_points, levels
 
 VOLATILE = ("seconds", "parallel")  # wall time, and how the measurements ran
 # budgets so tight that the tiny model's search takes every path: with every method, the kind
