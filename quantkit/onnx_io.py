@@ -65,6 +65,11 @@ def tensor_bytes(tensor: Any) -> int:
     return len(tensor.raw_data)
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes of all the model's initializers, wherever they are (inline or external)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
 def _inline(tensor: Any, base_dir: Path | None) -> Any:
     from onnx import numpy_helper
 

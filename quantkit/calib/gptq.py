@@ -218,10 +218,10 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, *, damping: float = D
     return restored, scale.astype(np.float32)
 
 
-def hessian_budget(weight_bytes: int) -> int:
+def hessian_budget(weights: int) -> int:
     """Bytes of Hessians held at once by default: half the model's FP32 weights, at least
     1 GiB (SmolLM2-135M's 0.4 GB take one pass; TinyLlama-1.1B's 3.9 GB take two)."""
-    return max(DEFAULT_HESSIAN_BYTES, weight_bytes // 2)
+    return max(DEFAULT_HESSIAN_BYTES, weights // 2)
 
 
 def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *,
@@ -239,7 +239,7 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *
     ``batches`` each, the graph cut to what the group needs."""
     import onnx
 
-    from quantkit.onnx_io import read_initializer, tensor_bytes
+    from quantkit.onnx_io import read_initializer, weight_bytes
     from quantkit.qdq import quantize_weight
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -250,7 +250,7 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *
     first: dict[str, WeightTarget] = {}  # a weight read by several nodes: its first reader's data
     for target in targets:
         first.setdefault(target.key, target)
-    widths = {t.activation: _input_width(t, inits[t.source]) for t in targets}
+    widths = {t.activation: input_width(t, inits[t.source]) for t in targets}
     out: dict[str, QuantizedWeight] = {}
     gain: list[float] = []
 
@@ -282,7 +282,7 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *
                                 "calibrate with --weights rtn")
     else:
         if memory is None:
-            memory = hessian_budget(sum(tensor_bytes(t) for t in model.graph.initializer))
+            memory = hessian_budget(weight_bytes(model))
         groups = hessian_passes(targets, widths, memory)
         batches = list(batches)  # a few hundred KB of token ids, read once per pass
         tokens = 0
@@ -339,7 +339,7 @@ def _layerwise(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]],
     return tokens, groups
 
 
-def _input_width(target: WeightTarget, initializer: Any) -> int:
+def input_width(target: WeightTarget, initializer: Any) -> int:
     """Input channels of a target's weight (the width of its activation's last axis)."""
     dims = list(initializer.dims)
     if target.perm is not None:

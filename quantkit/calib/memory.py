@@ -47,9 +47,9 @@ def estimate_calibration(model: Any, *, layer_segment_bytes: int | None, num_sam
                          seq_len: int, gptq_memory: int | None, gptq: bool) -> MemoryEstimate:
     """The estimate for ``model`` (a ModelProto, external data not loaded)."""
     from quantkit.calib.gptq import hessian_budget
-    from quantkit.onnx_io import tensor_bytes
+    from quantkit.onnx_io import weight_bytes
 
-    weights = sum(tensor_bytes(t) for t in model.graph.initializer)
+    weights = weight_bytes(model)
     if layer_segment_bytes is None:
         statistics = int(ALL_AT_ONCE_RATIO * weights)
     else:
@@ -66,15 +66,11 @@ def estimate_calibration(model: Any, *, layer_segment_bytes: int | None, num_sam
 
 def _hidden_size(model: Any) -> int:
     """The width of the first MatMul/Gemm weight's input: the model's hidden size."""
-    from quantkit.calib.gptq import weight_targets
+    from quantkit.calib.gptq import input_width, weight_targets
 
     inits = {t.name: t for t in model.graph.initializer}
-    for target in weight_targets(model):
-        dims = list(inits[target.source].dims)
-        if target.perm is not None:
-            dims = [dims[i] for i in target.perm]
-        return int(dims[0] if target.axis == 1 else dims[1])
-    return 0
+    targets = weight_targets(model)
+    return input_width(targets[0], inits[targets[0].source]) if targets else 0
 
 
 def check_fits(estimate: MemoryEstimate, available: int | None, *, gptq_memory: int | None,
@@ -106,7 +102,7 @@ def check_calibration_fits(onnx_path: Path, *, layer_segment_bytes: int | None,
     import onnx
 
     from quantkit.environment import available_memory_bytes
-    from quantkit.onnx_io import tensor_bytes
+    from quantkit.onnx_io import weight_bytes
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     estimate = estimate_calibration(model, layer_segment_bytes=layer_segment_bytes,
@@ -114,5 +110,5 @@ def check_calibration_fits(onnx_path: Path, *, layer_segment_bytes: int | None,
                                     gptq_memory=gptq_memory, gptq=gptq)
     check_fits(estimate, available_memory_bytes() if available is None else available,
                gptq_memory=gptq_memory,
-               weights=sum(tensor_bytes(t) for t in model.graph.initializer))
+               weights=weight_bytes(model))
     return estimate

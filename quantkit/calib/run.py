@@ -108,11 +108,11 @@ def layer_segment_bytes(onnx_path: Path) -> int | None:
     way measured on the small models)."""
     import onnx
 
-    from quantkit.onnx_io import tensor_bytes
+    from quantkit.onnx_io import weight_bytes
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    total = sum(tensor_bytes(t) for t in model.graph.initializer)
-    return LAYER_SEGMENT_BYTES if total >= LAYER_BY_LAYER_FROM else None
+    return (LAYER_SEGMENT_BYTES if weight_bytes(model) >= LAYER_BY_LAYER_FROM
+            else None)
 
 
 def first_rows(batches: Iterable[Mapping[str, np.ndarray]], rows: int
