@@ -164,6 +164,9 @@ def test_unreachable_ray_cluster_is_one_error_and_nothing_written(recipes, tmp_p
                                                                   monkeypatch):
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'quantkit[ray]'")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # "auto" finds a running cluster through RAY_TMPDIR/ray_current_cluster: an empty folder
+    # here, so that a cluster someone else runs on this machine is not found
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
     out = tmp_path / "out"
     # "auto" is Ray's: a running cluster (none here), never a new one
     result = CliRunner().invoke(cli, ["sweep", str(recipes["minmax"]), "--ray", "auto",

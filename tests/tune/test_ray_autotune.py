@@ -15,9 +15,14 @@ from quantkit.ray_tasks import KILL_ENV
 from quantkit.tune.ray_measure import bisection_points, levels
 
 VOLATILE = ("seconds", "parallel")  # wall time, and how the measurements ran
-# budgets so tight that the tiny model's search takes every path: with every method, the kind
-# and per-tensor method searches and a sensitivity pass; with MinMax alone, the bisection, the
-# greedy chunks and the held-out bisection
+# budgets so tight that the tiny model's search takes most paths: with every method, the kind
+# and per-tensor method searches; with MinMax alone (whose MLP down projections cost +2.5 %, far
+# over any budget here), a sensitivity pass, the bisection and the held-out bisection. Which
+# further steps run rests on differences of about 0.01 % that the CPU's kernels decide: on an
+# AVX2 CPU the bisection stopped early and the greedy chunks ran; on AVX-512 VNNI (Xeon, family
+# 6 model 106) 12 of 13 groups fit, the 13th failed and no group was left for a greedy chunk,
+# and every kind fit whole with every method (no sensitivity pass). The assertions below ask
+# only for the steps both kinds of CPU take; the greedy pass has its own tests (test_autotune).
 SEARCHES = {"methods": ("0.003%", "entropy,percentile,mse,minmax"),
             "bisection": ("0.01%", "minmax")}
 
@@ -204,7 +209,6 @@ def test_ray_gives_the_serial_plan_and_a_rerun_runs_nothing(serial, ray_local, f
     assert _outputs(out) == _outputs(serial("methods"))
     path = json.loads((out / "autotune.json").read_text())["path"]
     assert {"method", "kinds", "bisect", "holdout"} <= {s["stage"] for s in path}
-    assert json.loads((out / "sensitivity.json").read_text())["groups"]
     ran = json.loads((out / "autotune.json").read_text())["parallel"]
     assert ran["workers"] == 2 and ran["tasks"] > 0
     assert "Ray (local): " in result.output
@@ -232,7 +236,8 @@ def test_a_killed_worker_loses_only_its_task(serial, ray_local, fragile_export,
     # ... and Ray's retry of it gave the same plan
     assert _outputs(out) == _outputs(serial("bisection"))
     path = json.loads((out / "autotune.json").read_text())["path"]
-    assert {"bisect", "greedy", "holdout"} <= {s["stage"] for s in path}
+    assert {"kinds", "bisect", "holdout"} <= {s["stage"] for s in path}
+    assert json.loads((out / "sensitivity.json").read_text())["groups"]
 
 
 def test_quantize_with_ray_gives_the_serial_plan(ray_local, fragile_export, tmp_path) -> None:
