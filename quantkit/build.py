@@ -155,9 +155,11 @@ def build_engine(
     calib_table = load_table(table)
     if backend == "tensorrt":
         from quantkit.backends.tensorrt import TensorRTBuildOptions, require_tensorrt_gpu
-        from quantkit.backends.tensorrt.backend import check_int8_sources
+        from quantkit.backends.tensorrt.backend import check_int8_sources, graph_options
 
         trt_options = TensorRTBuildOptions.from_dict(options)  # unknown/bad options: now
+        if onnx is not None:  # profiles against the graph's kind (KV cache or not): now too
+            trt_options = graph_options(options, find_onnx(onnx))
         if _uses_int8(recipe):
             check_int8_sources(trt_options, table_given=table is not None, data=calibration)
         require_tensorrt_gpu()

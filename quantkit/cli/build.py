@@ -56,7 +56,9 @@ from quantkit.cli.options import force_option, trust_remote_code_option
                    "--option workspace_mib=4096 --option calibrator=minmax.")
 @click.option("--profile", "profiles", multiple=True, metavar="MIN:OPT:MAX",
               help="Optimization profile as BATCHxSEQ triples, e.g. 1x1:1x512:8x512 "
-                   "(repeatable) [default: 1x1:1x512:8x512].")
+                   "(repeatable) [default: 1x1:1x512:8x512]; a KV-cache graph's adds its past "
+                   "tokens, e.g. 1x1:1x1:8x1,past=1:512:2047 [default there: a prefill and a "
+                   "decode profile].")
 @click.option("--mode", "trt_mode", default=None, metavar="auto|implicit|explicit",
               help="Quantization path: implicit (TensorRT 10 calibrator / table as cache), "
                    "explicit (strongly typed Q/DQ ONNX; the only one on TensorRT 11) "
@@ -186,18 +188,31 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
 
 
 def parse_profile(text: str) -> dict[str, list[int]]:
-    """``"1x1:1x512:8x512"`` -> ``{"min": [1, 1], "opt": [1, 512], "max": [8, 512]}``."""
+    """``"1x1:1x512:8x512"`` -> ``{"min": [1, 1], "opt": [1, 512], "max": [8, 512]}``; a KV-cache
+    graph's profile adds its past length: ``"1x1:1x1:8x1,past=1:512:2047"`` -> ``past: [1, 512,
+    2047]``."""
     from quantkit.errors import QuantkitError
 
-    parts = text.split(":")
+    usage = ("write e.g. --profile 1x1:1x512:8x512, and for a KV-cache graph "
+             "--profile 1x1:1x1:8x1,past=1:512:2047")
+    shapes_text, sep, past_text = text.partition(",")
+    parts = shapes_text.split(":")
     shapes: list[list[int]] = []
     for part in parts:
-        batch, sep, seq = part.strip().lower().partition("x")
-        if len(parts) != 3 or not sep or not batch.isdigit() or not seq.isdigit():
-            raise QuantkitError(f"--profile '{text}' is not MIN:OPT:MAX of BATCHxSEQ",
-                                "write e.g. --profile 1x1:1x512:8x512")
+        batch, x, seq = part.strip().lower().partition("x")
+        if len(parts) != 3 or not x or not batch.isdigit() or not seq.isdigit():
+            raise QuantkitError(f"--profile '{text}' is not MIN:OPT:MAX of BATCHxSEQ", usage)
         shapes.append([int(batch), int(seq)])
-    return {"min": shapes[0], "opt": shapes[1], "max": shapes[2]}
+    profile = {"min": shapes[0], "opt": shapes[1], "max": shapes[2]}
+    if sep:
+        key, eq, values = past_text.strip().partition("=")
+        past = values.split(":")
+        if key.strip().lower() != "past" or not eq or len(past) != 3 or not all(
+                v.strip().isdigit() for v in past):
+            raise QuantkitError(f"--profile '{text}': after the comma comes past=MIN:OPT:MAX "
+                                "(past tokens of a KV-cache graph)", usage)
+        profile["past"] = [int(v) for v in past]
+    return profile
 
 
 def _print_tensorrt(path: Path, m: Any) -> None:

@@ -81,6 +81,10 @@ def test_option_errors_come_before_tensorrt_is_needed(tiny_llama_export, table_f
          "profile batch must satisfy min <= opt <= max"),
         (["--precision", "fp32", "--mode", "explicit", "--option", "mode=explicit"],
          "--option mode repeats a dedicated flag"),
+        (["--precision", "fp32", "--profile", "1x1:1x1:8x1,past=1:8:16"],
+         "has a past length, and this graph has no KV cache"),
+        (["--precision", "fp32", "--profile", "1x1:1x1:8x1,pest=1:8:16"],
+         "after the comma comes past=MIN:OPT:MAX"),
         (["--precision", "fp32", "--option", "fp16_mode=true"],
          "unknown TensorRT option(s): fp16_mode"),
         (["--precision", "int8", "--table", table_file, "--option", "calibrator=percentile"],
@@ -89,6 +93,26 @@ def test_option_errors_come_before_tensorrt_is_needed(tiny_llama_export, table_f
     for extra, expected in cases:
         line = one_line_error(trt_build(tiny_llama_export, out, *extra))
         assert expected in line, (extra, line)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_graph_profiles_are_checked_before_tensorrt_is_needed(tiny_llama_cache_export,
+                                                                    tmp_path):
+    """A KV-cache export's profiles carry a past length within the model's positions (256 for
+    the tiny Llama); without --profile it gets the prefill and decode defaults."""
+    out = tmp_path / "never"
+    cases = [(["--profile", "1x1:1x64:4x64"], "has no past length, and this is a KV-cache"),
+             (["--profile", "1x1:1x1:4x1,past=1:32:256"],
+              "reaches 257 positions; the model has 256")]
+    for extra, expected in cases:
+        line = one_line_error(trt_build(tiny_llama_cache_export, out, "--precision", "fp32",
+                                        *extra))
+        assert expected in line, (extra, line)
+    if not tensorrt_available():  # the defaults pass every check; TensorRT is what is missing
+        assert one_line_error(trt_build(tiny_llama_cache_export, out, "--precision",
+                                        "fp32")) == MISSING
+        assert one_line_error(trt_build(tiny_llama_cache_export, out, "--precision", "fp32",
+                                        "--profile", "1x1:1x1:4x1,past=1:32:255")) == MISSING
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,7 @@ quantkit CalibrationTable). ``manifest.json`` records the inputs and a summary o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,11 @@ from quantkit.backends.tensorrt.calibrator import (
     CalibrationSource,
 )
 from quantkit.backends.tensorrt.layers import compare_with_plan, summarize_engine_layers
-from quantkit.backends.tensorrt.options import CalibratorKind, TensorRTBuildOptions
+from quantkit.backends.tensorrt.options import (
+    CalibratorKind,
+    TensorRTBuildOptions,
+    resolve_cache_profiles,
+)
 from quantkit.backends.tensorrt.runner import ENGINE_FILE, TensorRTRunner
 from quantkit.backends.tensorrt.version import BuildMode, QuantPath, TrtVersion, select_path
 from quantkit.errors import QuantkitError
@@ -81,6 +85,20 @@ def calibration_shape(
     return options.profiles[0].opt
 
 
+def graph_options(options: Mapping[str, Any] | None, onnx_path: Path) -> TensorRTBuildOptions:
+    """Build options with the profiles the graph at ``onnx_path`` needs (a KV-cache export:
+    prefill and decode profiles with past lengths, ``resolve_cache_profiles``)."""
+    from quantkit.export import export_manifest
+
+    manifest = export_manifest(Path(onnx_path)) or {}
+    return resolve_cache_profiles(TensorRTBuildOptions.from_dict(options),
+                                  bool(manifest.get("cache")), manifest.get("max_positions"))
+
+
+def _graph_options(request: BuildRequest) -> TensorRTBuildOptions:
+    return graph_options(request.options, Path(request.onnx_path))
+
+
 def check_int8_sources(options: TensorRTBuildOptions, *, table_given: bool, data: Any) -> None:
     """An INT8 build needs scales from somewhere, and calibration data must make at least one
     calibration batch. ``data``: token blocks, or anything with their ``num_samples``,
@@ -136,7 +154,7 @@ class TensorRTBackend(Backend):
 
     # -- checks before anything is written --------------------------------------------------------
     def _check_request(self, request: BuildRequest) -> None:
-        options = TensorRTBuildOptions.from_dict(request.options)
+        options = _graph_options(request)
         wanted_precisions(request.precision, request.plan)
         for key in ("qdq_onnx", "calibration_cache"):
             value = getattr(options, key)
@@ -163,7 +181,7 @@ class TensorRTBackend(Backend):
         from quantkit.backends.onnxruntime import copy_export_context
         from quantkit.backends.tensorrt.builder import BuildSpec, build_engine
 
-        options = TensorRTBuildOptions.from_dict(request.options)
+        options = _graph_options(request)
         trt_mod = require_tensorrt()
         version_text = str(trt_mod.__version__)
         version = TrtVersion.parse(version_text)

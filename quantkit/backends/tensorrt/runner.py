@@ -15,6 +15,7 @@ from quantkit.backends.base import Engine, Runner
 from quantkit.backends.tensorrt._trt import require_tensorrt
 from quantkit.backends.tensorrt.diagnostics import LogBook, make_logger
 from quantkit.backends.tensorrt.dtypes import cast_tokens, numpy_dtype, torch_dtype
+from quantkit.backends.tensorrt.options import pick_profile
 from quantkit.backends.tensorrt.version import TrtVersion
 from quantkit.errors import QuantkitError
 
@@ -145,6 +146,7 @@ class TensorRTRunner(Runner):
         # stream, must not read them before that work is done
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
+            tensors: dict[str, torch.Tensor] = {}
             for spec in self._inputs:
                 name = spec["name"]
                 value = feeds[name]
@@ -154,7 +156,11 @@ class TensorRTRunner(Runner):
                     array = cast_tokens(np.asarray(value), numpy_dtype(spec["dtype"]), name)
                     host = torch.from_numpy(np.ascontiguousarray(array))
                     tensor = host.pin_memory().to(self.device, non_blocking=True)
-                tensor = tensor.contiguous()
+                tensors[name] = tensor.contiguous()
+            self._switch_profile({n: tuple(int(d) for d in t.shape) for n, t in tensors.items()})
+            for spec in self._inputs:
+                name = spec["name"]
+                tensor = tensors[name]
                 shape = tuple(int(d) for d in tensor.shape)
                 check_profile_fit(name, shape, spec.get("profiles", []), self.profile)
                 if not context.set_input_shape(name, shape):
@@ -162,6 +168,18 @@ class TensorRTRunner(Runner):
                 if not context.set_tensor_address(name, tensor.data_ptr()):
                     raise QuantkitError(f"TensorRT refused the buffer of input '{name}'")
                 self._in_device[name] = tensor  # keep alive until the next run
+
+    def _switch_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Activate the optimization profile that covers this run's shapes (a KV-cache engine's
+        prefill and decode profiles), if it is not the active one; where none covers them,
+        ``check_profile_fit`` names the input that does not fit."""
+        profiles = {spec["name"]: spec.get("profiles", []) for spec in self._inputs}
+        chosen = pick_profile(shapes, profiles, self.profile)
+        if chosen is None or chosen == self.profile:
+            return
+        if not self._context.set_optimization_profile_async(chosen, self._stream.cuda_stream):
+            raise QuantkitError(f"TensorRT refused optimization profile {chosen}")
+        self.profile = chosen
 
     def _bind_outputs(self) -> None:
         import torch

@@ -14,7 +14,9 @@ from quantkit.backends.tensorrt.options import (
     ShapeRange,
     TensorRTBuildOptions,
     calibration_profile_shapes,
+    pick_profile,
     profile_shapes,
+    resolve_cache_profiles,
 )
 from quantkit.backends.tensorrt.version import BuildMode
 from quantkit.errors import QuantkitError
@@ -133,9 +135,83 @@ def test_static_dimension_must_match_the_profile():
 
 
 def test_inputs_other_than_batch_by_seq_are_refused():
-    past = [*TOKENS, InputSpec("past_key_values.0.key", "FLOAT", (-1, 4, -1, 16))]
-    with pytest.raises(QuantkitError, match="past_key_values.0.key' has shape"):
-        profile_shapes(past, DEFAULT_PROFILE)
+    odd = [*TOKENS, InputSpec("pixel_values", "FLOAT", (-1, 3, 224, 224))]
+    with pytest.raises(QuantkitError, match="pixel_values' has shape"):
+        profile_shapes(odd, DEFAULT_PROFILE)
+
+
+CACHE_INPUTS = [*TOKENS, InputSpec("position_ids", "INT64", (-1, -1)),
+                InputSpec("past_key_values.0.key", "FLOAT", (-1, 4, -1, 16)),
+                InputSpec("past_key_values.0.value", "FLOAT", (-1, 4, -1, 16))]
+
+
+def test_cache_profile_shapes_add_the_past_to_the_mask_and_the_cache_inputs():
+    decode = ShapeRange((1, 1), (2, 1), (8, 1), past=(1, 512, 2047))
+    shapes = profile_shapes(CACHE_INPUTS, decode)
+    assert shapes["input_ids"] == shapes["position_ids"] == ((1, 1), (2, 1), (8, 1))
+    assert shapes["attention_mask"] == ((1, 2), (2, 513), (8, 2048))  # past + new tokens
+    assert shapes["past_key_values.0.key"] == ((1, 4, 1, 16), (2, 4, 512, 16), (8, 4, 2047, 16))
+    assert shapes["past_key_values.0.value"] == shapes["past_key_values.0.key"]
+    prefill = profile_shapes(CACHE_INPUTS, ShapeRange((1, 1), (1, 64), (4, 64), past=(0, 0, 0)))
+    assert prefill["past_key_values.0.key"][2] == (4, 4, 0, 16)  # an empty past
+    assert prefill["attention_mask"][2] == (4, 64)
+
+
+def test_cache_inputs_need_a_past_length_and_static_heads():
+    with pytest.raises(QuantkitError, match="KV-cache input and the profile has no past"):
+        profile_shapes(CACHE_INPUTS, DEFAULT_PROFILE)
+    dynamic_heads = [InputSpec("past_key_values.0.key", "FLOAT", (-1, -1, -1, 16))]
+    with pytest.raises(QuantkitError, match="needs static heads and head size"):
+        profile_shapes(dynamic_heads, ShapeRange((1, 1), (1, 1), (1, 1), past=(1, 1, 1)))
+    assert calibration_profile_shapes(CACHE_INPUTS, (4, 64))["past_key_values.0.key"] == (
+        (4, 4, 0, 16),) * 3  # calibrated on prefills with an empty past
+
+
+@pytest.mark.parametrize(("past", "match"), [((3, 2, 4), "0 <= min <= opt <= max"),
+                                             ((-1, 0, 4), "0 <= min"),
+                                             ((1, 2), "past must be")])
+def test_invalid_past_lengths(past, match):
+    with pytest.raises(QuantkitError, match=match):
+        ShapeRange((1, 1), (1, 1), (1, 1), past=past)
+
+
+def test_cache_profiles_round_trip_and_defaults_follow_the_model():
+    options = TensorRTBuildOptions.from_dict(
+        {"profiles": [{"min": [1, 1], "opt": [1, 1], "max": [8, 1], "past": [1, 512, 2047]}]})
+    assert TensorRTBuildOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+    # a cache graph left at the default profile gets prefill + decode, within its positions
+    prefill, decode = resolve_cache_profiles(TensorRTBuildOptions(), True, 8192).profiles
+    assert (prefill.max, prefill.past) == ((8, 512), (0, 0, 0))
+    assert (decode.max, decode.past) == ((8, 1), (1, 512, 2047))
+    small = resolve_cache_profiles(TensorRTBuildOptions(), True, 64).profiles
+    assert small[0].max == (8, 64) and small[1].past == (1, 63, 63)
+    # a plain graph keeps its profile; given profiles are checked against the graph's kind
+    assert resolve_cache_profiles(TensorRTBuildOptions(), False, 8192).profiles == (
+        DEFAULT_PROFILE,)
+    assert resolve_cache_profiles(TensorRTBuildOptions(), False, 256).profiles == (
+        ShapeRange((1, 1), (1, 256), (8, 256)),)  # the default within a short model
+    plain = TensorRTBuildOptions(profiles=(ShapeRange((1, 1), (1, 64), (2, 128)),))
+    with pytest.raises(QuantkitError, match="has no past length, and this is a KV-cache"):
+        resolve_cache_profiles(plain, True, 8192)
+    with pytest.raises(QuantkitError, match="has a past length, and this graph has no KV"):
+        resolve_cache_profiles(options, False, 8192)
+    with pytest.raises(QuantkitError, match="reaches 2048 positions; the model has 1024"):
+        resolve_cache_profiles(options, True, 1024)
+
+
+def test_pick_profile_keeps_the_active_one_and_switches_to_the_one_that_fits():
+    # as the engine reports them: per input, per profile, [min, opt, max]
+    profiles = {"input_ids": [[[1, 1], [1, 512], [8, 512]], [[1, 1], [1, 1], [8, 1]]],
+                "past_key_values.0.key": [[[1, 4, 0, 16]] * 3,
+                                          [[1, 4, 1, 16], [1, 4, 512, 16], [8, 4, 2047, 16]]]}
+    prefill = {"input_ids": (1, 1), "past_key_values.0.key": (1, 4, 0, 16)}
+    decode = {"input_ids": (1, 1), "past_key_values.0.key": (1, 4, 30, 16)}
+    assert pick_profile(prefill, profiles, current=0) == 0
+    assert pick_profile(decode, profiles, current=0) == 1
+    assert pick_profile(decode, profiles, current=1) == 1
+    assert pick_profile({"input_ids": (1, 1), "past_key_values.0.key": (1, 4, 0, 16)},
+                        profiles, current=1) == 0  # a new prompt: back to the prefill profile
+    assert pick_profile({"input_ids": (9, 1)}, profiles) is None  # no profile: the caller says
 
 
 def test_calibration_profile_is_fixed_at_the_calibration_shape():
