@@ -175,10 +175,10 @@ class QuantizeConfig:
             raise QuantkitError(f"{where} must be a mapping")
         fields = {f.name for f in dataclasses.fields(cls)} - {"model", "onnx", "parts",
                                                                 "trust_remote_code"}
-        unknown = sorted(set(section) - fields - set(PART_KEYS))
+        unknown = sorted(set(section) - set(quantize_section_keys()))
         if unknown:
             raise QuantkitError(f"{where}: unknown key(s) {', '.join(unknown)}",
-                                f"known: {', '.join(sorted(fields | set(PART_KEYS)))}")
+                                f"known: {', '.join(quantize_section_keys())}")
         texts = {k: section[k] for k in PART_KEYS if k in section}
         texts.setdefault("dataset", "wikitext")
         settings = {k: v for k, v in section.items() if k in fields}
@@ -189,6 +189,16 @@ class QuantizeConfig:
                        trust_remote_code=trust_remote_code, **settings)
         except TypeError as exc:
             raise QuantkitError(f"{where}: {exc}") from None
+
+
+def quantize_section_keys() -> list[str]:
+    """The keys a recipe's ``quantize:`` section takes: ``QuantizeConfig``'s settings and the
+    text keys of ``parts_for``."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(QuantizeConfig)} - {
+        "model", "onnx", "parts", "trust_remote_code"}
+    return sorted(fields | set(PART_KEYS))
 
 
 @dataclass
