@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.ray_tasks import DEFAULT_MAX_RETRIES
 from quantkit.text_roles import ROLES
 
 QUANTIZE_NAME = "quantize.json"
@@ -129,6 +130,7 @@ class QuantizeConfig:
     # the search's measurements as Ray tasks: 'local', 'auto' or a cluster address (None: here);
     # the plan is the same either way, so it is not part of the autotune step's key
     ray: str | None = None
+    max_retries: int = DEFAULT_MAX_RETRIES  # Ray's retries of a task whose worker died
 
     def check(self) -> None:
         if (self.model is None) == (self.onnx is None):
@@ -144,6 +146,8 @@ class QuantizeConfig:
                      "latency_iterations"):
             if int(getattr(self, name)) < 1:
                 raise QuantkitError(f"{name.replace('_', '-')} must be at least 1")
+        if int(self.max_retries) < 0:
+            raise QuantkitError("max-retries must not be negative")
         from quantkit.tune.budget import OBJECTIVES, Budget
 
         Budget.parse(self.max_ppl_increase)
@@ -344,7 +348,8 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
             max_evals=config.max_evals, method_groups=config.method_groups,
             greedy_runs=config.greedy_runs, time_limit_s=time_limit,
             reserve_windows=_windows_after_search(config, tune_part, out))
-        autotune(tune, settings, tune_dir, force=replace_, say=say, ray_address=config.ray)
+        autotune(tune, settings, tune_dir, force=replace_, say=say, ray_address=config.ray,
+                 max_retries=config.max_retries)
 
     steps.run("autotune", {"calibration": artifact_hash(calib_dir), "tune": tune.to_dict(),
                            "budget": config.max_ppl_increase, "objective": config.objective,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli.options import force_option, ray_option, typed_command
+from quantkit.cli.options import force_option, max_retries_option, ray_option, typed_command
 
 EXIT_RECIPE_FAILED = 1
 
@@ -17,8 +17,7 @@ EXIT_RECIPE_FAILED = 1
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path),
                 metavar="RECIPE...")
 @ray_option("each recipe (default: one after another, here)")
-@click.option("--max-retries", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Ray: times a task is retried when its worker or node dies.")
+@max_retries_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), metavar="DIR",
               help="Each recipe runs in DIR/<recipe name>; DIR/results.json, DIR/report/ and "
                    "DIR/sweep.json gather them.")
