@@ -27,10 +27,14 @@ def command(recipes: tuple[Path, ...], ray_address: str | None, max_retries: int
     """Run every RECIPE (configs/*.yaml, quantize recipes too) into DIR/<name>, then gather
     their engines as <recipe>/<engine> into DIR/results.json and one report.
 
-    A failed recipe does not stop the others: the sweep names it and why, and exits 1.
-    A rerun reuses every finished step. Example:
+    A RECIPE with a sweep: section stands for every combination of its axes (dotted paths
+    into the recipe, each with a list of values), each named by its values, which become
+    columns of the results and the report. A failed recipe does not stop the others: the
+    sweep names it and why, and exits 1. A rerun reuses every finished step. Examples:
 
+    \b
       quantkit sweep configs/a.yaml configs/b.yaml --ray auto --out out/sweep
+      quantkit sweep configs/demo-sweep.yaml --out out/demo-sweep
     """
     from quantkit.sweep import run_sweep
 
