@@ -5,9 +5,11 @@ byte-level BPE trained on the bundled sample.
 
     python benchmarks/random_model.py --like smollm2-135m --out out/random-smollm2
     python benchmarks/random_model.py --like tinyllama-1.1b --out out/random-tinyllama
+    python benchmarks/random_model.py --like smollm2-135m --layers 6 --out out/random-smol6
 
 Shapes are the published configs' (hidden size, MLP width, layers, heads, KV heads, vocabulary,
-positions, RoPE base, tied embeddings).
+positions, RoPE base, tied embeddings); ``--layers`` keeps the widths with fewer blocks (a
+smaller model of the same per-layer cost, e.g. to fit several processes in memory).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--like", choices=sorted(SHAPES), required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None,
+                   help="blocks (default: the published shape's)")
     args = p.parse_args(argv)
     if args.out.exists():
         print(f"--out {args.out} exists; give a new folder", file=sys.stderr)
@@ -46,15 +50,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from quantkit.doctor import sample_tokenizer
 
+    if args.layers is not None and args.layers < 1:
+        print("--layers must be at least 1", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
-    config = LlamaConfig(**SHAPES[args.like], rms_norm_eps=1e-5, bos_token_id=0,
+    shape = dict(SHAPES[args.like])
+    if args.layers is not None:
+        shape["num_hidden_layers"] = args.layers
+    config = LlamaConfig(**shape, rms_norm_eps=1e-5, bos_token_id=0,
                          eos_token_id=0, pad_token_id=None)
     model = LlamaForCausalLM(config).eval()
     tokenizer = sample_tokenizer(TOKENIZER_VOCAB)
     model.save_pretrained(str(args.out))
     tokenizer.save_pretrained(str(args.out))
     params = sum(t.numel() for t in model.parameters())
-    print(f"Wrote {args.out}: {args.like} shape, {params / 1e6:.1f} M parameters "
+    blocks = f", {shape['num_hidden_layers']} blocks" if args.layers is not None else ""
+    print(f"Wrote {args.out}: {args.like} shape{blocks}, {params / 1e6:.1f} M parameters "
           f"({4 * params / 2**30:.2f} GiB in FP32), random weights (seed {args.seed})")
     return 0
 

@@ -194,6 +194,10 @@ class Recipe:
         if not isinstance(data, dict):
             raise QuantkitError(f"{where} must be a mapping")
         data = dict(data)
+        if "sweep" in data:
+            raise QuantkitError(
+                f"{where} has a 'sweep' section: it stands for several recipes, not one",
+                "run it with 'quantkit sweep RECIPE --out DIR'")
         if "model" not in data:
             raise QuantkitError(f"{where} has no 'model'")
         if data.get("quantize") is not None:
@@ -235,18 +239,23 @@ class Recipe:
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise QuantkitError(f"recipe {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise QuantkitError(f"{path} is not valid YAML: {exc}") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_recipe_file(path), where=str(path))
 
     def to_yaml(self) -> str:
         import yaml
 
         return str(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def read_recipe_file(path: Path) -> Any:
+    """A recipe file's YAML as written (``Recipe.load`` and ``quantkit sweep``'s ``sweep:``
+    sections read it the same way)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise QuantkitError(f"recipe {path} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise QuantkitError(f"{path} is not valid YAML: {exc}") from None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.ray_tasks import DEFAULT_MAX_RETRIES
 from quantkit.text_roles import ROLES
 
 QUANTIZE_NAME = "quantize.json"
@@ -129,6 +130,7 @@ class QuantizeConfig:
     # the search's measurements as Ray tasks: 'local', 'auto' or a cluster address (None: here);
     # the plan is the same either way, so it is not part of the autotune step's key
     ray: str | None = None
+    max_retries: int = DEFAULT_MAX_RETRIES  # Ray's retries of a task whose worker died
 
     def check(self) -> None:
         if (self.model is None) == (self.onnx is None):
@@ -144,6 +146,8 @@ class QuantizeConfig:
                      "latency_iterations"):
             if int(getattr(self, name)) < 1:
                 raise QuantkitError(f"{name.replace('_', '-')} must be at least 1")
+        if int(self.max_retries) < 0:
+            raise QuantkitError("max-retries must not be negative")
         from quantkit.tune.budget import OBJECTIVES, Budget
 
         Budget.parse(self.max_ppl_increase)
@@ -175,10 +179,10 @@ class QuantizeConfig:
             raise QuantkitError(f"{where} must be a mapping")
         fields = {f.name for f in dataclasses.fields(cls)} - {"model", "onnx", "parts",
                                                                 "trust_remote_code"}
-        unknown = sorted(set(section) - fields - set(PART_KEYS))
+        unknown = sorted(set(section) - set(quantize_section_keys()))
         if unknown:
             raise QuantkitError(f"{where}: unknown key(s) {', '.join(unknown)}",
-                                f"known: {', '.join(sorted(fields | set(PART_KEYS)))}")
+                                f"known: {', '.join(quantize_section_keys())}")
         texts = {k: section[k] for k in PART_KEYS if k in section}
         texts.setdefault("dataset", "wikitext")
         settings = {k: v for k, v in section.items() if k in fields}
@@ -189,6 +193,16 @@ class QuantizeConfig:
                        trust_remote_code=trust_remote_code, **settings)
         except TypeError as exc:
             raise QuantkitError(f"{where}: {exc}") from None
+
+
+def quantize_section_keys() -> list[str]:
+    """The keys a recipe's ``quantize:`` section takes: ``QuantizeConfig``'s settings and the
+    text keys of ``parts_for``."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(QuantizeConfig)} - {
+        "model", "onnx", "parts", "trust_remote_code"}
+    return sorted(fields | set(PART_KEYS))
 
 
 @dataclass
@@ -334,7 +348,8 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
             max_evals=config.max_evals, method_groups=config.method_groups,
             greedy_runs=config.greedy_runs, time_limit_s=time_limit,
             reserve_windows=_windows_after_search(config, tune_part, out))
-        autotune(tune, settings, tune_dir, force=replace_, say=say, ray_address=config.ray)
+        autotune(tune, settings, tune_dir, force=replace_, say=say, ray_address=config.ray,
+                 max_retries=config.max_retries)
 
     steps.run("autotune", {"calibration": artifact_hash(calib_dir), "tune": tune.to_dict(),
                            "budget": config.max_ppl_increase, "objective": config.objective,

@@ -1,6 +1,11 @@
 """``quantkit sweep``: several recipes, one unit of work each, locally or as Ray tasks, gathered
 into one results file and one report.
 
+A recipe file with a ``sweep:`` section stands for the cross product of its axes
+(``quantkit.recipe_sweep``): each combination is one recipe of the sweep, named by its axis
+values, and the axis values are columns of the gathered results (``engines[i].axes``,
+``sweep.axes``) and of the report's sweep table.
+
 Each recipe runs through ``quantkit.pipeline.run_recipe`` into ``OUT/<recipe name>`` (so a rerun
 reuses every finished step of every recipe). Without Ray the recipes run one after another in
 this process; with Ray each is a plain ``ray.remote`` task (``max_retries`` covers a worker or
@@ -13,7 +18,8 @@ whichever way the recipes ran:
   ``<recipe>/<engine>``, with the recipe's own Δ against its own references; additive keys:
   ``engines[i].recipe`` and ``sweep`` (one entry per recipe: status, error, its results file);
 * ``OUT/report/``: ``quantkit report`` over the recipes' own ``results.json`` files;
-* ``OUT/sweep.json``: the recipes, their status and why a failed one failed.
+* ``OUT/sweep.json``: the recipes, their axis values, their status and why a failed one
+  failed.
 
 A failed recipe does not stop the others; the sweep says which failed and why.
 """
@@ -21,7 +27,7 @@ A failed recipe does not stop the others; the sweep says which failed and why.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +38,7 @@ from quantkit.artifacts import atomic_write_json, make_dirs, read_json
 from quantkit.config import Recipe
 from quantkit.errors import QuantkitError
 from quantkit.ray_tasks import DEFAULT_MAX_RETRIES, import_ray, ray_session
+from quantkit.recipe_sweep import SweepPoint, axis_paths, load_points
 
 SWEEP_SCHEMA = "quantkit.sweep/1"
 SWEEP_STATE = "sweep.json"
@@ -76,14 +83,16 @@ class SweepOutcome:
         return not self.failed and self.gather_error is None
 
 
-def load_recipes(paths: Sequence[Path]) -> list[Recipe]:
-    """Load and validate every recipe before any work; names must be unique because each names
-    its workdir (``OUT/<name>``) and prefixes its engines."""
+def load_sweep(paths: Sequence[Path]) -> list[SweepPoint]:
+    """Load and validate every recipe (each combination of a ``sweep:`` section) before any
+    work; names must be unique because each names its workdir (``OUT/<name>``) and prefixes its
+    engines."""
     if not paths:
         raise QuantkitError("no recipes given", "pass at least one recipe file")
-    recipes = [Recipe.load(Path(p)) for p in paths]
+    points = [point for p in paths for point in load_points(Path(p))]
     seen: dict[str, Path] = {}
-    for path, recipe in zip(paths, recipes, strict=True):
+    for point in points:
+        recipe, path = point.recipe, point.source
         if recipe.name in seen:
             raise QuantkitError(
                 f"recipes {seen[recipe.name]} and {path} have the same name '{recipe.name}'",
@@ -92,8 +101,13 @@ def load_recipes(paths: Sequence[Path]) -> list[Recipe]:
                 or recipe.name.endswith(".json"):
             raise QuantkitError(f"recipe {path}: name '{recipe.name}' cannot be a folder of a "
                                 "sweep", f"avoid '/', '{REPORT_DIR}' and names ending in .json")
-        seen[recipe.name] = Path(path)
-    return recipes
+        seen[recipe.name] = path
+    return points
+
+
+def load_recipes(paths: Sequence[Path]) -> list[Recipe]:
+    """The recipes of ``load_sweep``."""
+    return [point.recipe for point in load_sweep(paths)]
 
 
 def run_one(recipe_data: dict[str, Any], workdir: str, force: bool,
@@ -161,23 +175,24 @@ def run_sweep(recipe_paths: Sequence[Path], out: Path, *, ray_address: str | Non
     "ray://host:10001"). ``ray_init``: extra ``ray.init`` arguments (tests start a one-CPU
     local Ray with ``address="local"``).
     """
-    recipes = load_recipes(recipe_paths)
+    points = load_sweep(recipe_paths)
     ray = import_ray() if ray_address is not None else None
     if Path(out).exists() and any(Path(out).iterdir()) and \
             not (Path(out) / SWEEP_STATE).is_file() and not force:
         raise QuantkitError(f"{out} exists and is not a sweep's folder",
                             "pass --force to use it anyway, or another --out")
     with ray_session(ray, str(ray_address), ray_init) if ray is not None else nullcontext():
-        return _sweep(recipes, recipe_paths, Path(out).resolve(), ray, ray_address, force, say,
+        return _sweep(points, recipe_paths, Path(out).resolve(), ray, ray_address, force, say,
                       command, max_retries)
 
 
-def _sweep(recipes: list[Recipe], recipe_paths: Sequence[Path], out: Path, ray: Any,
+def _sweep(points: list[SweepPoint], recipe_paths: Sequence[Path], out: Path, ray: Any,
            ray_address: str | None, force: bool, say: Say, command: str | None,
            max_retries: int) -> SweepOutcome:
     """run_sweep once Ray (where asked for) is connected."""
     make_dirs(out)
     command = command or "quantkit sweep " + " ".join(str(p) for p in recipe_paths)
+    recipes = [p.recipe for p in points]
     work = [(r.to_dict(), str(out / r.name)) for r in recipes]
     say(f"{len(recipes)} recipes -> {out}" + (f" (Ray, address {ray_address})" if ray else ""))
     if ray is None:
@@ -192,13 +207,15 @@ def _sweep(recipes: list[Recipe], recipe_paths: Sequence[Path], out: Path, ray: 
     for o in outcomes:
         say(f"{o.name}: " + (f"done ({o.steps} steps, {o.reused} reused)" if o.ok
                              else f"FAILED: {o.error}"))
-    _gather(sweep, recipe_paths, command, say)
+    _gather(sweep, points, command, say)
     return sweep
 
 
-def _gather(sweep: SweepOutcome, recipe_paths: Sequence[Path], command: str, say: Say) -> None:
+def _gather(sweep: SweepOutcome, points: Sequence[SweepPoint], command: str, say: Say) -> None:
     """Write OUT/results.json and OUT/report/ from the finished recipes, then OUT/sweep.json."""
     out = sweep.out
+    axes = axis_paths(points)
+    values = {p.recipe.name: p.axes for p in points}
     finished = [o for o in sweep.recipes if o.ok and o.results]
     combined = out / RESULTS_NAME
     report_dir = out / REPORT_DIR
@@ -212,12 +229,15 @@ def _gather(sweep: SweepOutcome, recipe_paths: Sequence[Path], command: str, say
             shutil.rmtree(stale)
     if finished:
         try:
-            write_combined_results(finished, sweep.recipes, combined, command)
+            write_combined_results(finished, sweep.recipes, combined, command,
+                                   axes=axes, values=values)
             sweep.results = combined
             from quantkit.report import build_report
 
+            table = {"axes": axes, "sources": [{"recipe": o.name, "axes": values[o.name]}
+                                               for o in finished]}
             report = build_report([Path(str(o.results)) for o in finished], report_dir,
-                                  force=True, command=command)
+                                  force=True, command=command, sweep=table)
             sweep.report = report.html
         except QuantkitError as exc:
             sweep.gather_error = str(exc)
@@ -226,8 +246,9 @@ def _gather(sweep: SweepOutcome, recipe_paths: Sequence[Path], command: str, say
         "schema": SWEEP_SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "recipes": [{**o.to_dict(), "recipe": str(p)}
-                    for o, p in zip(sweep.recipes, recipe_paths, strict=True)],
+        "axes": axes,
+        "recipes": [{**o.to_dict(), "recipe": str(p.source), "axes": p.axes}
+                    for o, p in zip(sweep.recipes, points, strict=True)],
         "results": RESULTS_NAME if sweep.results else None,
         "report": f"{REPORT_DIR}/report.html" if sweep.report else None,
         "gather_error": sweep.gather_error,
@@ -235,10 +256,13 @@ def _gather(sweep: SweepOutcome, recipe_paths: Sequence[Path], command: str, say
 
 
 def write_combined_results(finished: Sequence[RecipeOutcome], every: Sequence[RecipeOutcome],
-                           path: Path, command: str) -> Path:
+                           path: Path, command: str, axes: Sequence[str] = (),
+                           values: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """One ``quantkit.results/1`` file with every finished recipe's engines as
     ``<recipe>/<engine>``; refused (QuantkitError) when the recipes scored different text or
-    windows, as ``quantkit report`` refuses to merge them."""
+    windows, as ``quantkit report`` refuses to merge them. ``axes``: the sweep's axis paths;
+    ``values``: recipe name -> its axis values (each engine's ``axes``, where there are axes)."""
+    values = values or {}
     from quantkit.eval.results import _parse_results
     from quantkit.report.inputs import check_comparable, read_results
 
@@ -251,7 +275,8 @@ def write_combined_results(finished: Sequence[RecipeOutcome], every: Sequence[Re
         commands += [c for c in f.commands if c not in commands]
         for engine in f.engines:
             engines.append({**engine, "name": f"{outcome.name}/{engine['name']}",
-                            "recipe": outcome.name})
+                            "recipe": outcome.name,
+                            **({"axes": dict(values.get(outcome.name, {}))} if axes else {})})
     first_name = finished[0].name
     data = {
         "schema": first["schema"],
@@ -264,8 +289,9 @@ def write_combined_results(finished: Sequence[RecipeOutcome], every: Sequence[Re
         "reference": {p: (f"{first_name}/{n}" if n else None)
                       for p, n in first["reference"].items()},
         "engines": engines,
-        "sweep": {"recipes": [
+        "sweep": {"axes": list(axes), "recipes": [
             {**o.to_dict(), "results": _relative(o.results, path.parent),
+             "axes": dict(values.get(o.name, {})),
              "dataset": _dataset_of(o, files, finished)} for o in every]},
     }
     _parse_results(data)  # never write a file the reader rejects

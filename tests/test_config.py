@@ -90,21 +90,35 @@ def test_every_shipped_recipe_loads() -> None:
     from pathlib import Path
 
     from quantkit.oneshot import QuantizeConfig
+    from quantkit.recipe_sweep import load_points
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     recipes = [p for p in sorted(configs.glob("*.yaml")) if "model:" in p.read_text()]
     assert {p.name for p in recipes} >= {"demo.yaml", "compare-precisions.yaml"}
     for path in recipes:
-        recipe = Recipe.load(path)
-        if recipe.quantize is not None:
-            config = QuantizeConfig.from_recipe(recipe.model, recipe.quantize)
-            config.check()
+        for point in load_points(path):  # a sweep file: every combination
+            recipe = point.recipe
+            if recipe.quantize is not None:
+                config = QuantizeConfig.from_recipe(recipe.model, recipe.quantize)
+                config.check()
+        if "sweep:" not in path.read_text():
+            assert Recipe.load(path) == recipe
     demo = Recipe.load(configs / "demo.yaml")
     config = QuantizeConfig.from_recipe(demo.model, demo.quantize)
     assert config.parts["calibration"].split == "train[:50%]"
     assert config.parts["tuning"].split == "train[50%:]"
     assert config.parts["evaluation"].split == "test"
     assert config.max_length == 256 and config.max_ppl_increase == "1%"
+    # the demo swept over budgets and objectives: the demo's settings, four named combinations
+    swept = load_points(configs / "demo-sweep.yaml")
+    assert [p.recipe.name for p in swept] == [
+        "demo-sweep-1pct-coverage", "demo-sweep-1pct-latency", "demo-sweep-2pct-coverage",
+        "demo-sweep-2pct-latency"]
+    assert {k: v for k, v in swept[3].recipe.quantize.items()
+            if k not in ("max_ppl_increase", "objective")} == \
+        {k: v for k, v in demo.quantize.items() if k != "max_ppl_increase"}
+    assert (swept[3].recipe.quantize["max_ppl_increase"], swept[3].recipe.quantize["objective"]) \
+        == ("2%", "latency")
 
 
 def test_quantize_recipe_round_trips_and_refuses_other_sections(tmp_path) -> None:

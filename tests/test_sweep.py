@@ -1,5 +1,6 @@
 """`quantkit sweep`: tiny recipes run locally (and on a one-CPU local Ray where it is installed),
-gathered into one results file and one report; duplicates, failures and a missing Ray."""
+gathered into one results file and one report; a recipe's `sweep:` section gives the results of
+the recipes it stands for; duplicates, failures and a missing Ray."""
 
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def local_sweep(recipes, tmp_path_factory):
     return out, result
 
 
+@pytest.fixture(scope="module")
+def swept(recipes, tmp_path_factory):
+    """The two hand-written recipes (minmax, percentile) as one file's `sweep:` section."""
+    base = yaml.safe_load(recipes["minmax"].read_text())
+    del base["calibration"]["method"]
+    path = recipes["root"] / "tiny-sweep.yaml"
+    path.write_text(yaml.safe_dump({**base, "name": "tiny",
+                                    "sweep": {"calibration.method": ["minmax", "percentile"]}}))
+    out = tmp_path_factory.mktemp("swept") / "out"
+    result = CliRunner().invoke(cli, ["sweep", str(path), "--out", str(out)])
+    return path, out, result
+
+
 def _summary(out: Path) -> list[tuple[str, str, float]]:
     data = json.loads((out / "results.json").read_text())
     return [(e["name"], e["recipe"], e["perplexity"]) for e in data["engines"]]
@@ -87,6 +101,45 @@ def test_rerun_reuses_every_finished_step(local_sweep, recipes):
     assert outcome.ok
     assert [(r.steps, r.reused) for r in outcome.recipes] == [(6, 6), (6, 6)]
     assert _summary(out) == before
+
+
+def test_a_sweep_section_gives_the_results_of_the_recipes_written_by_hand(swept, local_sweep):
+    path, out, result = swept
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert [e["name"] for e in data["engines"]] == [
+        "tiny-minmax/fp32", "tiny-minmax/int8", "tiny-percentile/fp32", "tiny-percentile/int8"]
+    by_hand = _summary(local_sweep[0])
+    assert [e["perplexity"] for e in data["engines"]] == [ppl for _, _, ppl in by_hand]
+    # the axis values are columns of the gathered results, the state and the report
+    assert [e["axes"] for e in data["engines"]] == \
+        [{"calibration.method": "minmax"}] * 2 + [{"calibration.method": "percentile"}] * 2
+    assert data["sweep"]["axes"] == ["calibration.method"]
+    state = json.loads((out / "sweep.json").read_text())
+    assert state["axes"] == ["calibration.method"]
+    assert [(r["name"], r["recipe"], r["axes"]) for r in state["recipes"]] == [
+        ("tiny-minmax", str(path), {"calibration.method": "minmax"}),
+        ("tiny-percentile", str(path), {"calibration.method": "percentile"})]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["sweep"] == {"axes": ["calibration.method"], "sources": [
+        {"recipe": "tiny-minmax", "axes": {"calibration.method": "minmax"}},
+        {"recipe": "tiny-percentile", "axes": {"calibration.method": "percentile"}}]}
+    markdown = (out / "report" / "report.md").read_text()
+    assert "## Sweep" in markdown
+    assert "| recipe | calibration.method | engine | precision |" in markdown
+    assert "| tiny-percentile | percentile | int8 | int8 |" in markdown
+    # the hand-written sweep has no axes: no such columns, no sweep table
+    plain = json.loads((local_sweep[0] / "results.json").read_text())
+    assert "axes" not in plain["engines"][0] and plain["sweep"]["axes"] == []
+    assert "## Sweep" not in (local_sweep[0] / "report" / "report.md").read_text()
+
+
+def test_a_rerun_of_a_sweep_section_reuses_every_step(swept):
+    path, out, _ = swept
+    outcome = run_sweep([path], out, say=lambda _: None)
+    assert outcome.ok
+    assert [(r.name, r.steps, r.reused) for r in outcome.recipes] == \
+        [("tiny-minmax", 6, 6), ("tiny-percentile", 6, 6)]
 
 
 def test_duplicate_names_are_refused_before_any_work(recipes, tmp_path):
@@ -129,17 +182,22 @@ def test_ray_without_ray_installed_is_one_clear_error(recipes, tmp_path, without
     assert not out.exists()
 
 
-def test_ray_sweep_gives_the_same_results_as_the_local_one(local_sweep, recipes, tmp_path):
+def test_ray_sweep_gives_the_same_results_as_the_local_one(swept, local_sweep, tmp_path):
+    """The sweep section's recipes as Ray tasks: the serial sweep's results (and so the
+    hand-written recipes'); plain recipes on Ray are the killed-worker test's."""
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'quantkit[ray]'")
+    path, serial, _ = swept
     out = tmp_path / "out"
-    outcome = run_sweep([recipes["minmax"], recipes["percentile"]], out,
-                        ray_address="local", say=lambda _: None,
+    outcome = run_sweep([path], out, ray_address="local", say=lambda _: None,
                         ray_init={"num_cpus": 1, "include_dashboard": False})
     assert outcome.ok, [r.error for r in outcome.recipes]
     assert [(r.steps, r.reused) for r in outcome.recipes] == [(6, 0), (6, 0)]
-    assert _summary(out) == _summary(local_sweep[0])
+    assert _summary(out) == _summary(serial)
+    assert [ppl for _, _, ppl in _summary(out)] == [ppl for _, _, ppl in
+                                                    _summary(local_sweep[0])]
     report = json.loads((out / "report" / "report.json").read_text())
     assert len(report["engines"]) == 4
+    assert report["sweep"]["axes"] == ["calibration.method"]
 
 
 def test_a_killed_worker_loses_only_its_recipe_and_ray_retries_it(local_sweep, recipes,

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from quantkit.cli.options import force_option, ray_option
+from quantkit.cli.options import force_option, max_retries_option, ray_option
 from quantkit.cli.tune_options import tune_options, tune_settings
 
 
@@ -38,11 +38,13 @@ from quantkit.cli.tune_options import tune_options, tune_settings
                    "tuned.")
 @click.option("--no-build", is_flag=True, help="Write the plan and table only, no engine.")
 @ray_option("the independent measurements of each search step (the same plan)")
+@max_retries_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @force_option
 def command(budget: str, objective: str, search_windows: int, holdout_windows: int,
             max_evals: int, methods: str, method_groups: int, candidates: tuple[Path, ...],
-            no_build: bool, ray_address: str | None, out: Path, force: bool,
+            no_build: bool, ray_address: str | None, max_retries: int, out: Path,
+            force: bool,
             **kw: Any) -> None:
     """Search for a plan within --max-ppl-increase of FP32 and write OUT: plan.yaml (for
     'quantkit build --plan'), table.json, engine/, autotune.json, autotune.md.
@@ -83,7 +85,7 @@ def command(budget: str, objective: str, search_windows: int, holdout_windows: i
         result = autotune(tune, settings, out, force=force,
                           say=lambda m: bar.console.print(m), on_step=step,
                           sensitivity_progress=sensitivity, alternatives=alternatives,
-                          ray_address=ray_address)
+                          ray_address=ray_address, max_retries=max_retries)
     for c in result.candidates:
         click.echo(f"{'* ' if c['chosen'] else '  '}candidate {c['label']}: op kinds in INT8 "
                    f"cost {c['score']:+.3f} ppl in sum ({c['table']})")

@@ -36,6 +36,17 @@ def ray_option(work: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
              "'quantkit[ray]'.")
 
 
+def max_retries_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--max-retries N``: Ray's retries of a task whose worker or node died (with --ray)."""
+    from quantkit.ray_tasks import DEFAULT_MAX_RETRIES
+
+    return click.option(
+        "--max-retries", default=DEFAULT_MAX_RETRIES, show_default=True,
+        type=click.IntRange(min=0),
+        help="With --ray: times Ray retries a task whose worker or node died (a task that "
+             "raises is not retried).")(func)
+
+
 def typed_command(ctx: click.Context) -> str:
     """The command as typed (``sys.argv``); when invoked in-process (tests, scripts), the
     equivalent command spelled out from the parsed arguments and options, defaults included."""

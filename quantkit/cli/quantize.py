@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from quantkit.cli.options import force_option, ray_option, typed_command
+from quantkit.cli.options import force_option, max_retries_option, ray_option, typed_command
 
 
 @click.command("quantize")
@@ -59,6 +59,7 @@ from quantkit.cli.options import force_option, ray_option, typed_command
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--trust-remote-code", is_flag=True)
 @ray_option("the autotune step's independent measurements (the same plan)")
+@max_retries_option
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Work and output directory (reruns reuse its finished steps).")
 @force_option
@@ -70,7 +71,7 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
             search_windows: int, holdout_windows: int, max_evals: int,
             time_budget: str | None, eval_tokens: int,
             seed: int, tuning_seed: int | None, threads: int | None, trust_remote_code: bool,
-            ray_address: str | None, out: Path,
+            ray_address: str | None, max_retries: int, out: Path,
             force: bool) -> None:
     """Export, transform, calibrate, autotune, build and evaluate in one command: the quantized
     engine with the most INT8 within --max-ppl-increase of FP32, measured on text no earlier step
@@ -91,7 +92,7 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
         search_windows=search_windows, holdout_windows=holdout_windows, max_evals=max_evals,
         time_budget=time_budget,
         eval_tokens=eval_tokens or None, seed=seed, tuning_seed=tuning_seed, threads=threads,
-        trust_remote_code=trust_remote_code, ray=ray_address)
+        trust_remote_code=trust_remote_code, ray=ray_address, max_retries=max_retries)
     result = run(config, out, force=force, say=click.echo,
                  command=typed_command(click.get_current_context()),
                  progress=sys.stderr.isatty())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli.options import force_option, ray_option, typed_command
+from quantkit.cli.options import force_option, max_retries_option, ray_option, typed_command
 
 EXIT_RECIPE_FAILED = 1
 
@@ -17,8 +17,7 @@ EXIT_RECIPE_FAILED = 1
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path),
                 metavar="RECIPE...")
 @ray_option("each recipe (default: one after another, here)")
-@click.option("--max-retries", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Ray: times a task is retried when its worker or node dies.")
+@max_retries_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), metavar="DIR",
               help="Each recipe runs in DIR/<recipe name>; DIR/results.json, DIR/report/ and "
                    "DIR/sweep.json gather them.")
@@ -28,10 +27,14 @@ def command(recipes: tuple[Path, ...], ray_address: str | None, max_retries: int
     """Run every RECIPE (configs/*.yaml, quantize recipes too) into DIR/<name>, then gather
     their engines as <recipe>/<engine> into DIR/results.json and one report.
 
-    A failed recipe does not stop the others: the sweep names it and why, and exits 1.
-    A rerun reuses every finished step. Example:
+    A RECIPE with a sweep: section stands for every combination of its axes (dotted paths
+    into the recipe, each with a list of values), each named by its values, which become
+    columns of the results and the report. A failed recipe does not stop the others: the
+    sweep names it and why, and exits 1. A rerun reuses every finished step. Examples:
 
+    \b
       quantkit sweep configs/a.yaml configs/b.yaml --ray auto --out out/sweep
+      quantkit sweep configs/demo-sweep.yaml --out out/demo-sweep
     """
     from quantkit.sweep import run_sweep
 

@@ -30,6 +30,7 @@ under a temporary name and renamed into place, so a reader never sees half a rep
                      "histogram": {"tensor", "amax", "image", "note", ...}} | null,
      "tuning": {"directory", "sensitivity": <quantkit.sensitivity/1>,
                 "autotune": <quantkit.autotune/1> | null} | null,
+     "sweep": {"axes": [path], "sources": [{"recipe", "axes": {path: value}}]} | null,
      "notes": [text]}
 """
 
@@ -68,6 +69,7 @@ from quantkit.report.document import (
 )
 from quantkit.report.inputs import ResultsFile, check_comparable, read_results, resolve_engine_dir
 from quantkit.report.layers import OUTSIDE_BLOCKS, precision_map
+from quantkit.report.sweep import check_sweep, sweep_section
 from quantkit.report.tables import build_tables
 from quantkit.report.tuning import read_tuning, tuning_images, tuning_section
 
@@ -110,6 +112,7 @@ def build_report(
     tuning: Path | None = None,
     force: bool = False,
     command: str | None = None,
+    sweep: Mapping[str, Any] | None = None,
 ) -> ReportOutput:
     """Write report.md, report.html, report.json and the PNGs that report.md shows into ``out``.
 
@@ -117,7 +120,8 @@ def build_report(
     comparable. ``calibration`` is a directory written by ``quantkit calibrate``; its histogram of
     ``histogram_tensor`` (default: the tensor with the largest amax) is drawn with the threshold.
     ``tuning`` is a ``quantkit autotune`` (or ``quantkit sensitivity``) output directory: its
-    ranking and search path become a section of their own.
+    ranking and search path become a section of their own. ``sweep`` (``quantkit sweep``): each
+    results file's recipe and axis values, a table of their own.
     """
     if not results:
         raise QuantkitError("no results files given", "pass at least one results.json")
@@ -127,7 +131,8 @@ def build_report(
     check_comparable(files)
     calib = _read_calibration(calibration) if calibration is not None else None
     tune = read_tuning(tuning) if tuning is not None else None
-    data, images = report_data(files, calib, histogram_tensor, command, tune)
+    data, images = report_data(files, calib, histogram_tensor, command, tune,
+                               check_sweep(sweep, len(files)))
     blocks = report_blocks(data, images)
     with atomic_output_dir(out, force=force) as tmp:
         for name, png in images.items():
@@ -150,6 +155,7 @@ def report_data(
     histogram_tensor: str | None = None,
     command: str | None = None,
     tuning: Mapping[str, Any] | None = None,
+    sweep: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """report.json's content, and the PNG images by file name."""
     from quantkit.report import plots
@@ -201,6 +207,7 @@ def report_data(
         "precision_maps": maps,
         "calibration": calibration,
         "tuning": tuning,
+        "sweep": sweep,
         "notes": notes,
     }
     if tuning is not None:
@@ -286,6 +293,7 @@ def report_blocks(data: Mapping[str, Any], images: Mapping[str, bytes]) -> list[
     if front:
         blocks.append(Para(f"Pareto front (fastest first): {', '.join(front)}."))
     blocks += _engine_section(engines, shape)
+    blocks += sweep_section(data.get("sweep"), engines)
     blocks += _pareto_section(data, images)
     blocks += _latency_section(engines)
     blocks += _maps_section(data["precision_maps"], images)

@@ -259,3 +259,50 @@ def test_quantize_with_ray_gives_the_serial_plan(ray_local, fragile_export, tmp_
     for key in ("int8_groups", "methods", "path", "model_runs"):
         assert tuned["ray"][key] == tuned["serial"][key], key
     assert results["ray"].perplexity["quantized"] == results["serial"].perplexity["quantized"]
+
+
+def test_max_retries_0_gives_up_on_a_killed_worker(ray_local, fragile_export,
+                                                   fragile_calibration, tmp_path,
+                                                   monkeypatch) -> None:
+    """``--max-retries`` reaches Ray: with 0 the killed worker's task is not retried and the
+    search stops with one error saying a rerun reuses what finished."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, str(marker))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, _cli_args(fragile_export, fragile_calibration,
+                                               tmp_path / "cache", out, "bisection")
+                                + ["--ray", "local", "--max-retries", "0"])
+    assert marker.is_file()
+    assert result.exit_code == 2, result.output
+    assert "Ray worker died and its retries are spent" in result.output
+    assert "every finished measurement is reused" in result.output
+    assert not out.exists()
+
+
+def test_quantize_hands_max_retries_to_autotune(fragile_export, tmp_path,
+                                                monkeypatch) -> None:
+    """``quantkit quantize --max-retries`` (and ``max_retries:`` in a recipe's quantize section)
+    reach autotune's Ray tasks."""
+    import quantkit.tune.autotune
+    from quantkit.errors import QuantkitError
+    from quantkit.oneshot import QuantizeConfig
+
+    seen: dict[str, Any] = {}
+
+    def autotune(*args: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise QuantkitError("stopped by the test")
+
+    monkeypatch.setattr(quantkit.tune.autotune, "autotune", autotune)
+    result = CliRunner().invoke(cli, [
+        "quantize", "--onnx", str(fragile_export.onnx_path.parent), "--dataset", "sample",
+        "--max-length", "64", "--num-samples", "8", "--seq-len", "64", "--ray", "local",
+        "--max-retries", "5", "--out", str(tmp_path / "out")])
+    assert "stopped by the test" in result.output, result.output
+    assert (seen["ray_address"], seen["max_retries"]) == ("local", 5)
+    recipe = QuantizeConfig.from_recipe("m", {"dataset": "sample", "max_retries": 0})
+    assert recipe.max_retries == 0
+    with pytest.raises(QuantkitError, match="max-retries must not be negative"):
+        QuantizeConfig.from_recipe("m", {"dataset": "sample", "max_retries": -1}).check()
+    bad = CliRunner().invoke(cli, ["autotune", "--max-retries", "-1"])
+    assert bad.exit_code == 2 and "--max-retries" in bad.output
