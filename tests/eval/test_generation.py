@@ -268,3 +268,25 @@ def test_cli_prints_the_generation_table(cache_engines, tmp_path):
     assert "TTFT ms 16" in result.output and "ms/token 1x20" in result.output
     assert "100.0%" in result.output  # the FP32 engine against itself
     assert load_results(out).engines[1].generation.agreement.prompts == 2
+
+
+def test_report_shows_the_generation_plot_and_table(cache_results, tmp_path):
+    from quantkit.report.build import build_report
+    from quantkit.report.generation import GENERATION_PNG
+
+    results = write_results(cache_results, tmp_path / "results.json")
+    report = build_report([results], tmp_path / "report")
+    md = report.markdown.read_text()
+    assert "## Generation (KV-cache engines)" in md and f"]({GENERATION_PNG})" in md
+    assert (report.directory / GENERATION_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "TTFT ms (16 tokens)" in md and "ms/token 3×50" in md and "tokens/s 1×20" in md
+    section = md[md.index("## Generation"):].splitlines()
+    fp32_row = next(line for line in section if line.startswith("| cache-fp32 "))
+    assert fp32_row.count("100.0%") == 2 and "10.0 / 10" in fp32_row
+    noisy = cache_results.engines[2].generation.agreement
+    noisy_row = next(line for line in section if line.startswith("| cache-noisy "))
+    assert f"{100 * noisy.token_match:.1f}%" in noisy_row
+    html = report.html.read_text()
+    assert "Generation (KV-cache engines)" in html and "data:image/png;base64" in html
+    data = json.loads(report.json.read_text())
+    assert data["engines"][0]["generation"]["decode"][1]["past"] == 50
