@@ -54,6 +54,9 @@ def generation_png(engines: Sequence[Mapping[str, Any]]) -> bytes:
             ax.plot([x for x, _ in points], [y for _, y in points], linestyle=line,
                     marker=marker, color=colour, label=f"{entry['label']}, batch {batch}")
     ax.set_xscale("log", base=2)
+    pasts = sorted({p["past"] for e in engines for p in e["generation"]["decode"]})
+    ax.set_xticks(pasts, [str(n) for n in pasts])
+    ax.minorticks_off()
     ax.set_xlabel("cache length (past positions)")
     ax.set_ylabel("time per output token, p50 ms — lower is better")
     ax.grid(True, alpha=0.3)

@@ -102,7 +102,7 @@ def _broken(mutate: Any) -> dict[str, Any]:
         (lambda d: d["engines"][0].pop("perplexity"), r"engines\[0\]\.perplexity is missing"),
         (lambda d: d["engines"][0].update(perplexity=0.5), "expected at least 1"),
         (lambda d: d["engines"][0].update(size_bytes=True), "size_bytes: expected an integer"),
-        (lambda d: d["engines"][0].update(eval_output="probs"), "expected 'nll' or 'logits'"),
+        (lambda d: d["engines"][0].update(eval_output="probs"), "expected 'nll', 'logits' or 'decode'"),
         (lambda d: d["engines"][1].update(name="fp32"), "duplicate names fp32"),
         (lambda d: d["reference"].update(fp32="gone"), "reference.fp32: no engine named 'gone'"),
         (lambda d: d.update(engines=[]), "at least one engine"),
