@@ -454,7 +454,7 @@ def evaluate_engines(
     if layout is not None and gen_grid is not None and prompts is not None:
         vocab = infos[0].vocab_size or len(infos[0].tokenizer)
         metrics = evaluate_generation(infos, layout, gen_grid, gen_config, vocab, prompts,
-                                      runner_options(infos[0], config))
+                                      [runner_options(info, config) for info in infos])
         engines = [replace(e, generation=m) for e, m in zip(engines, metrics, strict=True)]
         generation = generation_settings(gen_grid, gen_config, offsets)
     engines_with_deltas, reference = with_deltas(engines)

@@ -333,11 +333,13 @@ def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
 
 def evaluate_generation(infos: Sequence[Any], layout: Any, grid: ResolvedGrid,
                         config: GenerationConfig, vocab_size: int, prompts: np.ndarray,
-                        runner_options: dict[str, Any]) -> list[GenerationMetrics]:
-    """Open every engine of ``infos`` (``EngineInfo``, cache engines of one model) at once,
-    measure them together, and compare each one's tokens with the first FP32 engine's."""
+                        runner_options: Sequence[dict[str, Any]]) -> list[GenerationMetrics]:
+    """Open every engine of ``infos`` (``EngineInfo``, cache engines of one model; each with its
+    ``runner_options``) at once, measure them together, and compare each one's tokens with the
+    first FP32 engine's."""
     with ExitStack() as stack:
-        runners = [stack.enter_context(info.engine.runner(**runner_options)) for info in infos]
+        runners = [stack.enter_context(info.engine.runner(**options))
+                   for info, options in zip(infos, runner_options, strict=True)]
         measured = measure_generation(runners, layout, grid, config, vocab_size, prompts)
     ref = next((i for i, info in enumerate(infos) if info.engine.precision == "fp32"), None)
     metrics = []

@@ -20,8 +20,8 @@ GENERATION_PNG = "generation-per-token.png"
 DEFINITIONS = {
     "ttft": "time to first token: one prefill of a prompt of that many random tokens at batch 1 "
             "with an empty cache (p50 of the timed runs, host to host)",
-    "per_token": "time per output token: one decode step (one new token per row) against a "
-                 "zero-filled cache of that many positions, batch × past as in the column",
+    "per_token": "one decode step (one new token per row) against a zero-filled cache of that "
+                 "many positions, batch × past as in the column (p50, and p90 in brackets)",
     "tokens_per_s": "output tokens per second of the batch: batch / mean decode-step time",
     "agreement": "greedy tokens equal to the FP32 cache engine's, position by position, over "
                  "prompts cut from the evaluation text (each engine generates on its own); "
