@@ -5,6 +5,14 @@ an engine, all engines come from the same model (``source_model_hash``) and toke
 (vocabulary fingerprint), the window settings fit the model, the text is not empty. Each engine
 then runs alone (one runner at a time): perplexity over the windows, then the latency grid, with its
 peak memory measured around both.
+
+KV-cache engines (``export --with-cache``) are scored through their cache, token by token (the
+same perplexity as the full-sequence engine, ``quantkit.eval.decode``); the full-pass latency grid
+does not apply to them. Instead, after every engine's perplexity, all cache engines are loaded
+together and their generation latency (TTFT, time per output token) is measured interleaved, and
+their greedy tokens compared with the FP32 cache engine's (``quantkit.eval.generation``). One run
+holds cache engines or full-sequence engines, not both (their graphs differ, and so do their
+source-model hashes).
 """
 
 from __future__ import annotations
@@ -13,12 +21,20 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.eval.generation import (
+    GenerationConfig,
+    agreement_prompts,
+    check_agreement_fits,
+    evaluate_generation,
+    generation_settings,
+    resolve_grid,
+)
 from quantkit.eval.latency import (
     LATENCY_SEED,
     GridPoint,
@@ -56,6 +72,7 @@ class EvalConfig:
     threads: int | None = None  # None: every core
     use_nll: bool | None = None  # None: fused nll output when the engine has it
     allow_overlap: bool = False  # evaluate on text the engines' calibration/tuning read
+    generation: GenerationConfig = GenerationConfig()  # KV-cache engines only
 
     @classmethod
     def from_recipe(cls, evaluation: Any, **overrides: Any) -> EvalConfig:
@@ -81,6 +98,7 @@ class EvalConfig:
             raise QuantkitError(f"iterations must be at least 1, got {self.iterations}")
         if self.limit_tokens is not None and self.limit_tokens < 2:
             raise QuantkitError(f"limit-tokens must be at least 2, got {self.limit_tokens}")
+        self.generation.check()
 
 
 @dataclass
@@ -106,6 +124,14 @@ class EngineInfo:
         value = self.manifest.get("vocab_size")
         return int(value) if isinstance(value, int) else None
 
+    @property
+    def cache_layout(self) -> Any:
+        """The KV-cache layout of a cache engine, else None."""
+        from quantkit.export_cache import CacheLayout
+
+        cache = self.manifest.get("cache")
+        return CacheLayout.from_dict(cache) if cache else None
+
 
 def load_engine_info(path: Path) -> tuple[Any, Any, str]:
     """(Engine, tokenizer, tokenizer fingerprint) of an engine directory, or QuantkitError."""
@@ -121,10 +147,6 @@ def load_engine_info(path: Path) -> tuple[Any, Any, str]:
         raise QuantkitError(
             f"{path} is not an engine: {exc.message}", "build one with 'quantkit build'"
         ) from None
-    if engine.manifest.get("cache"):
-        raise QuantkitError(
-            f"{path} is a KV-cache engine (for 'quantkit generate'); eval does not run it yet",
-            "evaluate an engine built from the plain export of the same model")
     missing = [k for k in ("backend", "precision", "source_model_hash")
                if not engine.manifest.get(k)]
     if missing:
@@ -190,9 +212,19 @@ def engine_text_roles(name: str, manifest: Mapping[str, Any]) -> list[Any]:
 
 
 def check_compatible(infos: Sequence[EngineInfo]) -> None:
-    """Refuse to compare engines of different models, tokenizers or vocabularies."""
+    """Refuse to compare engines of different models, tokenizers or vocabularies, or KV-cache
+    engines with full-sequence ones."""
     first = infos[0]
     for other in infos[1:]:
+        if (first.cache_layout is None) != (other.cache_layout is None):
+            cache, plain = (first, other) if first.cache_layout else (other, first)
+            raise QuantkitError(
+                f"engine {cache.name} is a KV-cache engine and {plain.name} a full-sequence one",
+                "evaluate engines built from the --with-cache export in one run and engines of "
+                "the plain export in another")
+        if first.cache_layout != other.cache_layout:
+            raise QuantkitError(f"engines {first.name} and {other.name} have different KV-cache "
+                                "layouts", "compare engines built from one export in one run")
         a, b = first.manifest["source_model_hash"], other.manifest["source_model_hash"]
         if a != b:
             raise QuantkitError(
@@ -318,17 +350,17 @@ def evaluate_engine(
     on_batch: Callable[[int], None] | None = None,
 ) -> EngineResult:
     """Perplexity and latency of one engine, with its peak memory (deltas left empty)."""
-    options: dict[str, Any] = {}
-    if config.threads is not None and info.engine.backend in CPU_THREADED_BACKENDS:
-        options["threads"] = config.threads
+    options = runner_options(info, config)
     vocab = info.vocab_size or len(info.tokenizer)
+    layout = info.cache_layout
     with PeakMemory() as memory, info.engine.runner(**options) as runner:
         ppl = evaluate_perplexity(
             runner, tokens, max_length, stride, config.batch_size,
-            use_nll=config.use_nll, vocab_size=vocab, on_batch=on_batch,
+            use_nll=None if layout is not None else config.use_nll, vocab_size=vocab,
+            on_batch=on_batch, cache_layout=layout,
         )
         accuracy_only = info.manifest.get("accuracy_only")
-        latency = [] if accuracy_only else measure_latency(
+        latency = [] if accuracy_only or layout is not None else measure_latency(
             runner, config.latency_grid, vocab, config.warmup, config.iterations
         )
         described = runner.describe()
@@ -363,6 +395,12 @@ def evaluate_engine(
     )
 
 
+def runner_options(info: EngineInfo, config: EvalConfig) -> dict[str, Any]:
+    if config.threads is not None and info.engine.backend in CPU_THREADED_BACKENDS:
+        return {"threads": config.threads}
+    return {}
+
+
 def evaluate_engines(
     engine_dirs: Sequence[Path],
     config: EvalConfig,
@@ -381,7 +419,13 @@ def evaluate_engines(
     limits = [i.max_positions for i in infos if i.max_positions is not None]
     max_positions = min(limits) if limits else None
     max_length, stride = resolve_windows(config, max_positions)
-    check_grid(config.latency_grid, max_positions)
+    layout = infos[0].cache_layout
+    if layout is None:  # cache engines are not timed on the full-pass grid
+        check_grid(config.latency_grid, max_positions)
+    gen_config = replace(config.generation, warmup=config.warmup)
+    gen_grid = resolve_grid(gen_config, max_positions) if layout is not None else None
+    if layout is not None:
+        check_agreement_fits(gen_config, max_positions)
 
     source = resolve_text_source(config.dataset, config.dataset_config, config.split,
                                  config.text_column)
@@ -393,8 +437,11 @@ def evaluate_engines(
     tokens = tokenize_text(infos[0].tokenizer, text.text, config.limit_tokens,
                            text.num_documents)
     windows = plan_windows(tokens.num_tokens, max_length, stride)
+    prompts, offsets = (agreement_prompts(tokens.ids, gen_config.agreement_prompts,
+                                          gen_config.agreement_prompt_tokens)
+                        if layout is not None else (None, []))
     shapes = [(len(b), b[0].length) for b in window_batches(windows, config.batch_size)]
-    shapes += [(p.batch, p.seq) for p in config.latency_grid]
+    shapes += [(p.batch, p.seq) for p in config.latency_grid if layout is None]
     for info in infos:
         check_shapes(info.name, info.manifest, shapes)
 
@@ -403,6 +450,13 @@ def evaluate_engines(
         for info in infos:
             advance = bar.task(f"{info.name} ({info.engine.precision})", len(windows))
             engines.append(evaluate_engine(info, tokens, max_length, stride, config, advance))
+    generation: dict[str, Any] | None = None
+    if layout is not None and gen_grid is not None and prompts is not None:
+        vocab = infos[0].vocab_size or len(infos[0].tokenizer)
+        metrics = evaluate_generation(infos, layout, gen_grid, gen_config, vocab, prompts,
+                                      [runner_options(info, config) for info in infos])
+        engines = [replace(e, generation=m) for e, m in zip(engines, metrics, strict=True)]
+        generation = generation_settings(gen_grid, gen_config, offsets)
     engines_with_deltas, reference = with_deltas(engines)
     dataset = {
         "source": source.describe(),
@@ -432,6 +486,7 @@ def evaluate_engines(
         "latency_grid": [str(p) for p in config.latency_grid],
         "latency_seed": LATENCY_SEED,
         "cpu_threads_available": os.cpu_count(),
+        **({"generation": generation} if generation is not None else {}),
     }
     return EvalResults(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -24,6 +24,10 @@ chunk, in place, and the batch is capped so one batch's logits stay under ``logi
 memory holds the logits of one batch at most, never of many windows.
 
 Windows of equal length are batched ``batch_size`` at a time; the last, shorter window runs alone.
+
+KV-cache engines (``export --with-cache``) output the last position's logits only; their windows
+are scored token by token through the cache (``quantkit.eval.decode``), output ``"decode"``: the
+same NLL per token as the full-sequence engine, one engine run per token.
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ class PerplexityResult:
     num_scored_tokens: int
     num_windows: int
     num_input_tokens: int  # tokens fed to the engine, summed over windows
-    output: str  # "nll" (fused) or "logits"
+    output: str  # "nll" (fused), "logits", or "decode" (a KV-cache engine, token by token)
     batch_size: int  # windows per engine call actually used
     seconds: float
 
@@ -253,6 +257,7 @@ def evaluate_perplexity(
     vocab_size: int | None = None,
     logits_budget_bytes: int = LOGITS_BUDGET_BYTES,
     on_batch: Callable[[int], None] | None = None,
+    cache_layout: Any = None,
 ) -> PerplexityResult:
     """Perplexity of ``tokens`` through an active runner.
 
@@ -260,11 +265,18 @@ def evaluate_perplexity(
     it, ``False`` uses logits. ``vocab_size`` sizes the logits path's batch cap
     (``logits_budget_bytes``; without it the batch is not capped). ``on_batch(n)`` is called after
     each engine call with the number of windows it covered (for progress bars).
+    ``cache_layout`` (a ``quantkit.export_cache.CacheLayout``): the runner is a KV-cache graph,
+    scored through its cache (module docstring); ``use_nll`` must then be None.
     """
     ids = tokens.ids if isinstance(tokens, TokenizedText) else np.asarray(tokens, dtype=np.int64)
     windows = plan_windows(int(ids.shape[0]), max_length, stride)
     outputs = list(runner.output_names)
-    if use_nll is None:
+    if cache_layout is not None:
+        if use_nll:
+            raise QuantkitError("a KV-cache engine has no fused 'nll' output",
+                                "its perplexity comes from its logits, token by token")
+        use_nll = False
+    elif use_nll is None:
         use_nll = "nll" in outputs
     elif use_nll and "nll" not in outputs:
         raise QuantkitError(
@@ -275,7 +287,7 @@ def evaluate_perplexity(
             f"the engine has neither an 'nll' nor a 'logits' output (outputs: {', '.join(outputs)})"
         )
     effective_batch = batch_size
-    if not use_nll and vocab_size:
+    if not use_nll and vocab_size and cache_layout is None:
         effective_batch = min(batch_size, logits_batch_cap(max_length, vocab_size,
                                                            logits_budget_bytes))
     nll_sum = 0.0
@@ -283,7 +295,12 @@ def evaluate_perplexity(
     fed = 0
     start = time.perf_counter()
     for batch in window_batches(windows, effective_batch):
-        values = scored_nll(runner, ids, batch, use_nll)
+        if cache_layout is not None:
+            from quantkit.eval.decode import scored_nll_cached
+
+            values = scored_nll_cached(runner, cache_layout, ids, batch)
+        else:
+            values = scored_nll(runner, ids, batch, use_nll)
         expected = sum(w.num_scored for w in batch)
         if values.shape[0] != expected:
             raise QuantkitError(
@@ -308,7 +325,7 @@ def evaluate_perplexity(
         num_scored_tokens=count,
         num_windows=len(windows),
         num_input_tokens=fed,
-        output="nll" if use_nll else "logits",
+        output="decode" if cache_layout is not None else ("nll" if use_nll else "logits"),
         batch_size=effective_batch,
         seconds=seconds,
     )

@@ -39,7 +39,8 @@ Schema ``quantkit.results/1`` (every key below is present; ``null`` only where m
           "int8_coverage": float or null,             # share of quantizable ops run in INT8
           "source_model_hash", "size_bytes": int or null,
           "perplexity", "nll_mean", "nll_sum", "num_scored_tokens",
-          "eval_output": "nll" | "logits",           # fused per-token NLL, or logits reduced here
+          "eval_output": "nll" | "logits" | "decode",  # fused per-token NLL, logits reduced here,
+                                  # or a KV-cache engine's last-position logits, token by token
           "eval_batch_size", "eval_seconds", "eval_tokens_per_s",   # whole perplexity loop
           "delta_vs_fp32": {"abs": ppl - ppl_fp32, "pct": 100 * abs / ppl_fp32} or null,
           "delta_vs_fp16": same against the fp16 reference, or null,
@@ -47,10 +48,26 @@ Schema ``quantkit.results/1`` (every key below is present; ``null`` only where m
                        "mean_ms", "min_ms", "max_ms", "tokens_per_s"}],  # [] if no grid
           "peak_rss_bytes": int or null, "rss_baseline_bytes": int or null,
           "peak_rss_delta_bytes": int or null, "peak_rss_method": str,
-          "runner": {...}         # Runner.describe(): providers, threads, device, versions
+          "runner": {...},        # Runner.describe(): providers, threads, device, versions
+          "generation": {         # KV-cache engines only (absent or null otherwise);
+                                  # quantkit.eval.generation defines every number
+            "ttft": [{"kind": "prefill", "batch", "tokens" (prompt length), "past": 0,
+                      "warmup", "iterations", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
+                      "min_ms", "max_ms", "tokens_per_s" (prompt tokens/s)}],
+            "decode": [{"kind": "decode", "batch", "tokens": 1, "past" (cache length), ...,
+                        "tokens_per_s" (output tokens/s of the batch)}],
+            "tokens": [[greedy token ids of each agreement prompt]],
+            "agreement": {"reference" (engine name), "prompts", "new_tokens", "token_match",
+                          "mean_common_prefix", "identical_share"} or null
+          }
         }
       ]
     }
+
+``settings`` of a run with cache engines also holds ``"generation"``: {"prompt_lengths",
+"decode_grid": ["1x128", ...], "dropped": [default points beyond the model's positions],
+"warmup", "iterations", "seed", "interleaved": true, "agreement_prompts",
+"agreement_prompt_tokens", "agreement_new_tokens", "agreement_offsets"}.
 
 Reference engines are the first engine of precision ``fp32`` (and ``fp16``) in the run; a reference
 engine's delta against itself is 0. ``load_results`` checks all of the above and raises
@@ -68,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.eval.generation import Agreement, GenerationMetrics, StepLatency
 from quantkit.eval.latency import LatencyPoint
 
 SCHEMA = "quantkit.results/1"
@@ -112,6 +130,8 @@ class EngineResult:
     runner: dict[str, Any] = field(default_factory=dict)
     # why the engine has no latency: it emulates a precision (FP16 rounding in float32)
     accuracy_only: str | None = None
+    # KV-cache engines: generation latency and greedy-token agreement
+    generation: GenerationMetrics | None = None
 
     def latency_at(self, batch: int, seq: int) -> LatencyPoint | None:
         return next((p for p in self.latency if (p.batch, p.seq) == (batch, seq)), None)
@@ -145,8 +165,10 @@ class EvalResults:
         ordered = {"schema": data.pop("schema")}
         ordered.update(data)
         ordered["commands"] = list(self.commands)
-        for eng in ordered["engines"]:
+        for eng, result in zip(ordered["engines"], self.engines, strict=True):
             eng["latency"] = list(eng["latency"])
+            eng["generation"] = (None if result.generation is None
+                                 else result.generation.to_dict())
         ordered["engines"] = list(ordered["engines"])
         return ordered
 
@@ -261,6 +283,43 @@ def _parse_latency(data: Any, where: str) -> LatencyPoint:
     return LatencyPoint(**ints, **floats)
 
 
+_STEP_INTS = ("batch", "tokens", "past", "warmup", "iterations")
+
+
+def _parse_step(data: Any, where: str, kind: str) -> StepLatency:
+    c = _Checker(data, where)
+    if c.string("kind") != kind:
+        raise QuantkitError(f"{where}.kind: expected '{kind}', got '{data['kind']}'")
+    ints = {k: c.integer(k) for k in _STEP_INTS}
+    floats = {k: c.number(k) for k in _LATENCY_FLOATS}
+    if ints["batch"] < 1 or ints["tokens"] < 1 or ints["iterations"] < 1:
+        raise QuantkitError(f"{where}: batch, tokens and iterations must be at least 1")
+    return StepLatency(kind=kind, **ints, **floats)
+
+
+def _parse_generation(data: Any, where: str) -> GenerationMetrics:
+    c = _Checker(data, where)
+    ttft = tuple(_parse_step(x, f"{where}.ttft[{i}]", "prefill")
+                 for i, x in enumerate(c.array("ttft")))
+    decode = tuple(_parse_step(x, f"{where}.decode[{i}]", "decode")
+                   for i, x in enumerate(c.array("decode")))
+    rows = c.array("tokens")
+    if not all(isinstance(r, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                           for t in r) for r in rows):
+        raise QuantkitError(f"{where}.tokens: expected arrays of token ids")
+    a = c.obj("agreement", nullable=True)
+    agreed = None
+    if a is not None:
+        agreed = Agreement(reference=a.string("reference"), prompts=a.integer("prompts"),
+                           new_tokens=a.integer("new_tokens"),
+                           token_match=a.number("token_match"),
+                           mean_common_prefix=a.number("mean_common_prefix"),
+                           identical_share=a.number("identical_share"))
+        if not 0.0 <= agreed.token_match <= 1.0 or not 0.0 <= agreed.identical_share <= 1.0:
+            raise QuantkitError(f"{where}.agreement: shares must be between 0 and 1")
+    return GenerationMetrics(ttft, decode, tuple(tuple(r) for r in rows), agreed)
+
+
 def _parse_delta(c: _Checker, key: str) -> Delta | None:
     d = c.obj(key, nullable=True)
     return None if d is None else Delta(abs=d.number("abs"), pct=d.number("pct"))
@@ -269,8 +328,9 @@ def _parse_delta(c: _Checker, key: str) -> Delta | None:
 def _parse_engine(data: Any, where: str) -> EngineResult:
     c = _Checker(data, where)
     output = c.string("eval_output")
-    if output not in ("nll", "logits"):
-        raise QuantkitError(f"{where}.eval_output: expected 'nll' or 'logits', got '{output}'")
+    if output not in ("nll", "logits", "decode"):
+        raise QuantkitError(
+            f"{where}.eval_output: expected 'nll', 'logits' or 'decode', got '{output}'")
     perplexity = c.number("perplexity")
     if perplexity < 1.0:
         raise QuantkitError(f"{where}.perplexity: expected at least 1, got {perplexity}")
@@ -302,6 +362,8 @@ def _parse_engine(data: Any, where: str) -> EngineResult:
         peak_rss_method=c.string("peak_rss_method"),
         runner=dict(c.obj("runner").data),
         accuracy_only=data.get("accuracy_only") if isinstance(data, dict) else None,
+        generation=(None if data.get("generation") is None
+                    else _parse_generation(data["generation"], f"{where}.generation")),
     )
 
 

@@ -20,7 +20,8 @@ under a temporary name and renamed into place, so a reader never sees half a rep
                   "latency": [{<results row>, "speedup_vs_fp32", "speedup_vs_fp16"}],
                   "at_reference_shape": {"p50_ms", "p99_ms", "tokens_per_s", "speedup_vs_fp32",
                                          "speedup_vs_fp16"} | null,
-                  "pareto": bool}],
+                  "pareto": bool,
+                  "generation": <results' generation entry> | null}],   # KV-cache engines
      "pareto": {"x", "y", "points": {label: {"p50_ms", "delta_pct"}}, "front": [label],
                 "excluded": [{"engine", "reason"}]},
      "precision_maps": [{"engine", "map": {"rows", "columns", "grid", "linear_counts", "uniform",
@@ -66,6 +67,12 @@ from quantkit.report.document import (
     Table,
     to_html,
     to_markdown,
+)
+from quantkit.report.generation import (
+    GENERATION_PNG,
+    generation_engines,
+    generation_png,
+    generation_section,
 )
 from quantkit.report.inputs import ResultsFile, check_comparable, read_results, resolve_engine_dir
 from quantkit.report.layers import OUTSIDE_BLOCKS, precision_map
@@ -170,6 +177,8 @@ def report_data(
     else:
         notes.append("No engine has both a Δppl against FP32 and a latency at the reference "
                      "shape, so there is no Pareto plot.")
+    if generation_engines(tables["engines"]):
+        images[GENERATION_PNG] = generation_png(generation_engines(tables["engines"]))
     maps = []
     for entry in tables["engines"]:
         item = _precision_map_entry(entry, files[entry["source"]].path)
@@ -296,6 +305,7 @@ def report_blocks(data: Mapping[str, Any], images: Mapping[str, bytes]) -> list[
     blocks += sweep_section(data.get("sweep"), engines)
     blocks += _pareto_section(data, images)
     blocks += _latency_section(engines)
+    blocks += generation_section(engines, images)
     blocks += _maps_section(data["precision_maps"], images)
     blocks += _calibration_section(data["calibration"], images)
     blocks += tuning_section(data.get("tuning"), images)
@@ -383,6 +393,9 @@ def _latency_section(engines: Sequence[Mapping[str, Any]]) -> list[Block]:
                if e.get("peak_rss_bytes") is not None]
         if rss:
             blocks.append(Para("Peak resident memory during evaluation: " + "; ".join(rss) + "."))
+    elif any(e.get("generation") for e in engines):
+        blocks.append(Para("No full-pass latency was measured: KV-cache engines are timed in "
+                           "the generation section.", muted=True))
     else:
         blocks.append(Para("No latency was measured.", muted=True))
     return blocks

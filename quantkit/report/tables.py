@@ -69,6 +69,7 @@ def collect_engines(files: Sequence[ResultsFile]) -> list[dict[str, Any]]:
                 "machine": machine_of(f.environment),
                 "latency": [dict(row) for row in engine["latency"]],
                 "accuracy_only": engine.get("accuracy_only"),
+                "generation": engine.get("generation"),
             })
     return rows
 

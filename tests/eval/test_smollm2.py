@@ -37,3 +37,35 @@ def test_smollm2_fp32_engine_matches_pytorch(wikitext_test_file, smollm2, smollm
     assert result.num_windows == 4 and result.num_scored_tokens == NUM_TOKENS - 4
     assert result.perplexity == pytest.approx(reference, rel=1e-3)
     assert 10 < result.perplexity < 60  # a real model on English text, not a broken pipeline
+
+
+def test_smollm2_cache_engine_perplexity_and_generation(wikitext_test_file, smollm2,
+                                                        smollm2_export, tmp_path) -> None:
+    """The KV-cache engine of SmolLM2-135M, scored token by token through its cache, gives the
+    plain FP32 engine's perplexity (1e-5 relative); its generation numbers come out whole, and its
+    greedy tokens agree with themselves."""
+    from quantkit.build import build_engine
+    from quantkit.eval.evaluate import EvalConfig, evaluate_engines
+    from quantkit.eval.generation import DecodePoint, GenerationConfig
+    from quantkit.export import export_model
+
+    cache = export_model(smollm2, tmp_path / "cache-export", with_cache=True)
+    cache_engine = build_engine(tmp_path / "cache-fp32", precision="fp32", onnx=cache.directory)
+    plain_engine = build_engine(tmp_path / "plain-fp32", precision="fp32",
+                                onnx=smollm2_export.directory)
+    config = EvalConfig(dataset=str(wikitext_test_file), split="test", max_length=128,
+                        limit_tokens=256, threads=2, latency_grid=(), warmup=1,
+                        generation=GenerationConfig(prompt_lengths=(64,),
+                                                    decode_grid=(DecodePoint(2, 64),),
+                                                    iterations=2, agreement_prompts=2,
+                                                    agreement_prompt_tokens=16,
+                                                    agreement_new_tokens=8))
+    plain = evaluate_engines([plain_engine.path], config).engines[0]
+    cached = evaluate_engines([cache_engine.path], config).engines[0]
+    assert cached.eval_output == "decode" and cached.num_scored_tokens == plain.num_scored_tokens
+    assert cached.perplexity == pytest.approx(plain.perplexity, rel=1e-5)
+    gen = cached.generation
+    assert [(p.tokens, p.iterations) for p in gen.ttft] == [(64, 2)]
+    assert [(p.batch, p.past) for p in gen.decode] == [(2, 64)]
+    assert gen.agreement is not None and gen.agreement.token_match == 1.0
+    assert len(gen.tokens) == 2 and all(len(row) == 8 for row in gen.tokens)
