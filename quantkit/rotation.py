@@ -38,7 +38,7 @@ import numpy as np
 
 from quantkit.errors import QuantkitError
 from quantkit.export import write_derived_export
-from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
+from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index, selects_tokens
 from quantkit.onnx_io import INLINE_BYTES, SpillFile, is_external, read_initializer
 from quantkit.plan import ROTATION_SEGMENT
 
@@ -205,12 +205,14 @@ class _Rewriter:
 
 
 def _readers(rw: _Rewriter, norm: Any) -> list[Any]:
-    """The linears reading a norm's output (through reshapes)."""
+    """The linears reading a norm's output (through reshapes, and the cache graph's slice of
+    the last position)."""
     found, stack = [], [norm.output[0]]
     while stack:
         tensor = stack.pop()
         for node in rw.consumers.get(tensor, []):
-            if node.op_type in PASS_THROUGH and node.input[0] == tensor:
+            if (node.op_type in PASS_THROUGH and node.input[0] == tensor) \
+                    or selects_tokens(node, tensor, rw.inits):
                 stack.extend(node.output)
             elif node.op_type == "MatMul" and node.input[0] == tensor:
                 found.append(node)
@@ -428,9 +430,10 @@ def rotate_export(onnx_path: Path, out: Path, *, seed: int = 0,
 def _write_rotated(model: Any, onnx_path: Path, out: Path, seed: int, down_block: int,
                    force: bool, summary: dict[str, Any]) -> Path:
     """The export directory of a rotated model, written only if it computes the source's
-    function (checked from the written file)."""
+    function (checked from the written file; a KV-cache graph over prefill and decode steps)."""
+    from quantkit.export import export_manifest
 
-    def verify(target: Path) -> dict[str, Any]:
+    def verify_plain(target: Path) -> dict[str, Any]:
         check = check_equivalent(onnx_path, target)
         if not check["relative_error"] <= CHECK_TOLERANCE:
             raise QuantkitError(
@@ -440,6 +443,11 @@ def _write_rotated(model: Any, onnx_path: Path, out: Path, seed: int, down_block
             )
         return {**check, "against": "source_onnx"}
 
+    verify = verify_plain
+    if (export_manifest(onnx_path) or {}).get("cache"):
+        from quantkit.cache_transform import verified_against
+
+        verify = verified_against(onnx_path, "rotated")
     return write_derived_export(
         model, onnx_path, out, exporter="quantkit.rotation", force=force,
         inputs={"rotation": {"seed": seed, "down_block": down_block}},
