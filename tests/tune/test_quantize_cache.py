@@ -153,3 +153,36 @@ def test_recipe_section_takes_the_cache_settings(tmp_path) -> None:
                                               "generation_tokens": 4})
     assert config.with_cache and config.generation_prompts == ("Hi", "Yo")
     assert config.to_dict()["cache_onnx"] is None
+
+
+def test_layernorm_model_gets_its_smoothing_carried_to_the_cache_graph(
+        tiny_gpt2_export, tiny_gpt2_cache_export, tmp_path) -> None:
+    """GPT-2 family: SmoothQuant (applied in calibration) is carried to the cache graph, whose
+    quantized engine gives the verified engine's last-position logits."""
+    import quantkit
+    from quantkit.backends.base import Engine
+    from quantkit.export_cache import CacheLayout, hf_positions
+    from tests.build_helpers import run_onnx, token_feeds
+
+    out = tmp_path / "q"
+    settings = {**SETTINGS, "max_evals": 10, "search_windows": 2, "holdout_windows": 2,
+                "generation_prompts": ("The",), "generation_tokens": 4}
+    result = quantkit.quantize(onnx=tiny_gpt2_export.directory, dataset="sample", out=out,
+                               max_ppl_increase="50%", say=lambda _: None, with_cache=True,
+                               cache_onnx=tiny_gpt2_cache_export.directory, **settings)
+    assert result.transform["name"] == "smoothquant"
+    assert [s["name"] for s in result.steps][-4:] == [
+        "smooth cache", "build cache-fp32", "build cache-quantized", "generation check"]
+    smoothed = json.loads((out / "cache-smoothed" / "manifest.json").read_text())
+    assert smoothed["smoothquant"]["carried"]["constants"] > 0
+    assert smoothed["check"]["relative_error"] < 1e-4
+    verified = Engine.load(result.engine)
+    cache = Engine.load(result.cache_engine)
+    feed = token_feeds(1, batch=2, seq=24, seed=9)[0]
+    layout = CacheLayout.from_dict(cache.manifest["cache"])
+    ref = run_onnx(verified.path / "engine.onnx", feed)[:, -1:]
+    got = run_onnx(cache.path / "engine.onnx",
+                   {**feed, "position_ids": hf_positions(feed["attention_mask"]),
+                    **layout.empty_past(2)})
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    assert result.generation["positions"] == 4
