@@ -23,7 +23,9 @@ by the transpose. Three rotations, all exact in FP32:
 
 GPT-2's LayerNorm subtracts the mean, which does not commute with a rotation: it is refused.
 The rotated graph is checked against the source on a random batch before anything is written,
-and written as a new export directory (its own model hash), like a SmoothQuant export.
+and written as a new export directory (its own model hash), like a SmoothQuant export. A KV-cache
+export rotates the same way, to the same weights (``quantkit.cache_transform``), and is checked
+over padded prefills and cached decode steps.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.export import write_derived_export
+from quantkit.export import export_manifest, write_derived_export
 from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index, selects_tokens
 from quantkit.onnx_io import INLINE_BYTES, SpillFile, is_external, read_initializer
 from quantkit.plan import ROTATION_SEGMENT
@@ -431,7 +433,6 @@ def _write_rotated(model: Any, onnx_path: Path, out: Path, seed: int, down_block
                    force: bool, summary: dict[str, Any]) -> Path:
     """The export directory of a rotated model, written only if it computes the source's
     function (checked from the written file; a KV-cache graph over prefill and decode steps)."""
-    from quantkit.export import export_manifest
 
     def verify_plain(target: Path) -> dict[str, Any]:
         check = check_equivalent(onnx_path, target)
