@@ -7,7 +7,9 @@ differently. A table is keyed by tensor name, so it is translated node by node: 
 Gemm of the plain graph, the cache graph's node of the same name and op type gets the range of
 the same input. The constant weights of each such pair must be equal (this is what proves the two
 graphs are the same model: the table's own ``model_hash`` names the plain graph), and GPTQ weights
-follow their node. Ranges of other tensors are dropped: only MatMul/Gemm inputs are quantized.
+follow their node. A rotated or smoothed plain export pairs with the cache export transformed the
+same way (``quantkit.cache_transform``), whose weights are then equal too. Ranges of other
+tensors are dropped: only MatMul/Gemm inputs are quantized.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ def carry_table(table: CalibrationTable, plain_onnx: Path,
                     raise QuantkitError(
                         f"the table's graph ({plain_onnx}) and the cache graph ({cache_onnx}) "
                         f"have different weights at {node.name}",
-                        "calibrate a plain export of the same model (a rotated or smoothed "
-                        "graph has other weights than a fresh --with-cache export)")
+                        "calibrate a plain export of the same model, transformed as the "
+                        "cache graph was: a rotated table needs the cache export rotated with "
+                        "the same seed, a smoothed one the cache export smoothed from the same "
+                        "graph (quantkit.cache_transform)")
                 p_key, c_key = weight_key(*p_weight), weight_key(*c_weight)
                 if table.weights and p_key in table.weights:
                     weights[c_key] = table.weights[p_key]

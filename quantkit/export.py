@@ -368,7 +368,8 @@ def write_derived_export(model: Any, source_onnx: Path, out: Path, *, exporter: 
     hash), atomically; return the new ONNX path. Weights the model left in the source's
     external-data file are copied from there (``quantkit.onnx_io``). ``verify`` is run on the
     written ONNX file before the manifest (raise to write nothing) and its result is the
-    manifest's ``check``; ``check`` otherwise, else the source's."""
+    manifest's ``check``; ``check`` otherwise, else the source's. A KV-cache export's ``cache``
+    layout is kept (the rewrites keep its inputs and outputs)."""
     import shutil
 
     import onnx
@@ -393,7 +394,8 @@ def write_derived_export(model: Any, source_onnx: Path, out: Path, *, exporter: 
             outputs=[o.name for o in model.graph.output], num_nodes=len(model.graph.node),
             vocab_size=source.get("vocab_size"), max_positions=source.get("max_positions"),
             check=check if check is not None else source.get("check"),
-            tokenizer=TOKENIZER_DIR if tokenizer.is_dir() else None, **fields,
+            tokenizer=TOKENIZER_DIR if tokenizer.is_dir() else None,
+            **({"cache": source["cache"]} if source.get("cache") else {}), **fields,
         )
         write_manifest(tmp, manifest)
     return Path(out) / ONNX_NAME

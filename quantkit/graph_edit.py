@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops that only move values
+_TOKEN_AXES = (0, 1, -2, -3)  # batch and sequence axes of a [batch, seq, channels] activation
 
 
 def graph_index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, Any]]:
@@ -21,6 +22,20 @@ def graph_index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[
             consumers[name].append(n)
     inits = {t.name: t for t in graph.initializer}
     return producers, consumers, inits
+
+
+def selects_tokens(node: Any, tensor: str, inits: dict[str, Any]) -> bool:
+    """Whether ``node`` is a Slice of the [batch, seq, channels] activation ``tensor`` along the
+    batch or sequence axes only, keeping every channel: the KV-cache graph's last-position
+    slice before the LM head (``logits_to_keep``). A rewrite that scales or rotates channels
+    passes through it as through a reshape."""
+    from onnx import numpy_helper
+
+    if node.op_type != "Slice" or node.input[0] != tensor or len(node.input) < 4 \
+            or node.input[3] not in inits:
+        return False
+    axes = numpy_helper.to_array(inits[node.input[3]]).reshape(-1)
+    return len(axes) > 0 and all(int(a) in _TOKEN_AXES for a in axes)
 
 
 def replace_nodes(graph: Any, nodes: Iterable[Any]) -> None:

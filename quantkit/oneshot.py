@@ -7,8 +7,9 @@ family: SmoothQuant with alpha per group, applied in calibration) -> calibration
 plus histograms for the per-tensor method search, GPTQ weights) -> autotune within the budget
 (tuned and verified on windows of the deployment length) -> FP32 and naive INT8 engines of the
 same graph -> evaluation of FP32, naive INT8 and the quantized engine on text no earlier step
-read -> report. One dataset is cut into disjoint calibration, tuning and evaluation parts (or
-each role names its own); the evaluation refuses any overlap (``quantkit.text_roles``).
+read -> report (``with_cache``: then the plan's KV-cache engine, ``quantkit.cache_quantize``).
+One dataset is cut into disjoint calibration, tuning and evaluation parts (or each role names
+its own); the evaluation refuses any overlap (``quantkit.text_roles``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.generation_check import DEFAULT_NEW_TOKENS, DEFAULT_PROMPTS
 from quantkit.ray_tasks import DEFAULT_MAX_RETRIES
 from quantkit.text_roles import ROLES
 
@@ -131,6 +133,12 @@ class QuantizeConfig:
     # the plan is the same either way, so it is not part of the autotune step's key
     ray: str | None = None
     max_retries: int = DEFAULT_MAX_RETRIES  # Ray's retries of a task whose worker died
+    # a KV-cache engine of the verified plan for 'quantkit generate', checked against FP32's
+    # greedy tokens (quantkit.cache_quantize); cache_onnx: the cache export with --onnx
+    with_cache: bool = False
+    cache_onnx: Path | None = None
+    generation_prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    generation_tokens: int = DEFAULT_NEW_TOKENS
 
     def check(self) -> None:
         if (self.model is None) == (self.onnx is None):
@@ -162,10 +170,14 @@ class QuantizeConfig:
         if self.objective not in OBJECTIVES:
             raise QuantkitError(f"unknown objective '{self.objective}'",
                                 f"use one of: {', '.join(OBJECTIVES)}")
+        from quantkit.cache_quantize import check_cache_settings
+
+        check_cache_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["onnx"] = None if self.onnx is None else str(self.onnx)
+        for key in ("onnx", "cache_onnx"):
+            out[key] = None if out[key] is None else str(out[key])
         return out
 
     @classmethod
@@ -188,6 +200,10 @@ class QuantizeConfig:
         settings = {k: v for k, v in section.items() if k in fields}
         if "max_ppl_increase" in settings:
             settings["max_ppl_increase"] = str(settings["max_ppl_increase"])
+        if "generation_prompts" in settings:
+            settings["generation_prompts"] = tuple(settings["generation_prompts"])
+        if settings.get("cache_onnx") is not None:
+            settings["cache_onnx"] = Path(settings["cache_onnx"])
         try:
             return cls(model=model, parts=parts_for(**texts),
                        trust_remote_code=trust_remote_code, **settings)
@@ -224,6 +240,10 @@ class QuantizeResult:
     steps: list[dict[str, Any]]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # with_cache: the quantized KV-cache engine and its greedy agreement with FP32's
+    # (quantkit.generation_check; its engine paths and the cache graph as strings)
+    cache_engine: str | None = None
+    generation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -293,6 +313,10 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     transform = choose_transform(find_onnx(export_dir), config.transform)
     say(f"transform: {transform['name']} ({transform['why']})")
     steps.total += transform["name"] == "rotate"
+    if config.with_cache:
+        from quantkit.cache_quantize import export_cache_step
+
+        cache_export = export_cache_step(config, steps, out, transform["name"])
 
     source_dir = export_dir
     if transform["name"] == "rotate":
@@ -404,7 +428,16 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
                      force=replace_, command=command)
 
     steps.run("report", {"results": artifact_hash(results)}, report_dir, make_report)
+    generation = None
+    if config.with_cache:
+        from quantkit.cache_quantize import cache_steps
+
+        generation = cache_steps(config, steps, out, cache_export=cache_export,
+                                 transform=transform["name"], source_dir=source_dir,
+                                 graph_dir=graph_dir, tune_dir=tune_dir)
     result = _result(config, out, engines, results, tune_dir, transform, steps, started)
+    if generation is not None:
+        result.cache_engine, result.generation = generation["cache_engine"], generation
     atomic_write_json(out / QUANTIZE_NAME, result.to_dict())
     return result
 
@@ -428,6 +461,7 @@ def _windows_after_search(config: QuantizeConfig, part: TextPart, out: Path) -> 
     four engines and the latency runs of three (FP16 on a CPU is accuracy-only)."""
     eval_windows = -(-(config.eval_tokens or 40 * config.max_length) // config.max_length)
     builds = 0 if (out / "engines" / "int8-naive").is_dir() else 30
+    builds += 40 if config.with_cache else 0  # quantkit.cache_quantize: 2 builds, generation
     return (10 + config.holdout_windows + builds + 4 * eval_windows
             + 3 * (2 + config.latency_iterations))
 

@@ -23,7 +23,9 @@ by the transpose. Three rotations, all exact in FP32:
 
 GPT-2's LayerNorm subtracts the mean, which does not commute with a rotation: it is refused.
 The rotated graph is checked against the source on a random batch before anything is written,
-and written as a new export directory (its own model hash), like a SmoothQuant export.
+and written as a new export directory (its own model hash), like a SmoothQuant export. A KV-cache
+export rotates the same way, to the same weights (``quantkit.cache_transform``), and is checked
+over padded prefills and cached decode steps.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
-from quantkit.export import write_derived_export
-from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
+from quantkit.export import export_manifest, write_derived_export
+from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index, selects_tokens
 from quantkit.onnx_io import INLINE_BYTES, SpillFile, is_external, read_initializer
 from quantkit.plan import ROTATION_SEGMENT
 
@@ -205,12 +207,14 @@ class _Rewriter:
 
 
 def _readers(rw: _Rewriter, norm: Any) -> list[Any]:
-    """The linears reading a norm's output (through reshapes)."""
+    """The linears reading a norm's output (through reshapes, and the cache graph's slice of
+    the last position)."""
     found, stack = [], [norm.output[0]]
     while stack:
         tensor = stack.pop()
         for node in rw.consumers.get(tensor, []):
-            if node.op_type in PASS_THROUGH and node.input[0] == tensor:
+            if (node.op_type in PASS_THROUGH and node.input[0] == tensor) \
+                    or selects_tokens(node, tensor, rw.inits):
                 stack.extend(node.output)
             elif node.op_type == "MatMul" and node.input[0] == tensor:
                 found.append(node)
@@ -428,9 +432,9 @@ def rotate_export(onnx_path: Path, out: Path, *, seed: int = 0,
 def _write_rotated(model: Any, onnx_path: Path, out: Path, seed: int, down_block: int,
                    force: bool, summary: dict[str, Any]) -> Path:
     """The export directory of a rotated model, written only if it computes the source's
-    function (checked from the written file)."""
+    function (checked from the written file; a KV-cache graph over prefill and decode steps)."""
 
-    def verify(target: Path) -> dict[str, Any]:
+    def verify_plain(target: Path) -> dict[str, Any]:
         check = check_equivalent(onnx_path, target)
         if not check["relative_error"] <= CHECK_TOLERANCE:
             raise QuantkitError(
@@ -440,6 +444,11 @@ def _write_rotated(model: Any, onnx_path: Path, out: Path, seed: int, down_block
             )
         return {**check, "against": "source_onnx"}
 
+    verify = verify_plain
+    if (export_manifest(onnx_path) or {}).get("cache"):
+        from quantkit.cache_transform import verified_against
+
+        verify = verified_against(onnx_path, "rotated")
     return write_derived_export(
         model, onnx_path, out, exporter="quantkit.rotation", force=force,
         inputs={"rotation": {"seed": seed, "down_block": down_block}},

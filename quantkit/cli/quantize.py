@@ -58,6 +58,13 @@ from quantkit.cli.options import force_option, max_retries_option, ray_option, t
                    "before the search).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--trust-remote-code", is_flag=True)
+@click.option("--with-cache", is_flag=True,
+              help="Also build the plan's KV-cache engine (for 'quantkit generate') and an FP32 "
+                   "one, and compare their greedy tokens on a few prompts.")
+@click.option("--cache-onnx", type=click.Path(path_type=Path), default=None,
+              help="With --onnx --with-cache: the same model's 'export --with-cache' directory.")
+@click.option("--generation-tokens", default=32, show_default=True, type=int,
+              help="New tokens per prompt of the --with-cache generation check.")
 @ray_option("the autotune step's independent measurements (the same plan)")
 @max_retries_option
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -71,8 +78,8 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
             search_windows: int, holdout_windows: int, max_evals: int,
             time_budget: str | None, eval_tokens: int,
             seed: int, tuning_seed: int | None, threads: int | None, trust_remote_code: bool,
-            ray_address: str | None, max_retries: int, out: Path,
-            force: bool) -> None:
+            with_cache: bool, cache_onnx: Path | None, generation_tokens: int,
+            ray_address: str | None, max_retries: int, out: Path, force: bool) -> None:
     """Export, transform, calibrate, autotune, build and evaluate in one command: the quantized
     engine with the most INT8 within --max-ppl-increase of FP32, measured on text no earlier step
     read, beside FP32 and naive INT8. Exit code 3 when the budget is missed there.
@@ -92,7 +99,8 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
         search_windows=search_windows, holdout_windows=holdout_windows, max_evals=max_evals,
         time_budget=time_budget,
         eval_tokens=eval_tokens or None, seed=seed, tuning_seed=tuning_seed, threads=threads,
-        trust_remote_code=trust_remote_code, ray=ray_address, max_retries=max_retries)
+        trust_remote_code=trust_remote_code, ray=ray_address, max_retries=max_retries,
+        with_cache=with_cache, cache_onnx=cache_onnx, generation_tokens=generation_tokens)
     result = run(config, out, force=force, say=click.echo,
                  command=typed_command(click.get_current_context()),
                  progress=sys.stderr.isatty())
@@ -115,6 +123,11 @@ def print_result(result: Any, out: Path) -> None:
     if result.coverage is not None:
         click.echo(f"INT8 coverage of the quantized engine: {100 * result.coverage:.1f}% of "
                    "linear-layer MACs")
+    if result.generation is not None:
+        from quantkit.generation_check import describe
+
+        click.echo(f"KV-cache engine: {result.cache_engine} ({describe(result.generation)}); "
+                   f"run it with 'quantkit generate --engine {result.cache_engine} --prompt ...'")
     for note in result.notes:
         click.echo(f"Note: {note}")
     click.echo(f"Engine: {result.engine}  Plan: {result.plan}  Report: "
