@@ -19,8 +19,8 @@ def quantize(model: str | None = None, *, out: str | Path, dataset: str = "wikit
     (``max_ppl_increase="1%"``, ``max_length=512``, ``time_budget="15m"``, ...) and the text
     overrides of the command line (``tuning_split=...``, ``evaluation_dataset=...``); returns a
     ``QuantizeResult``."""
-    from quantkit.oneshot import PART_KEYS, QuantizeConfig, parts_for
     from quantkit.oneshot import quantize as run
+    from quantkit.quantize_config import PART_KEYS, QuantizeConfig, parts_for
 
     say = settings.pop("say", print)
     texts = {k: settings.pop(k) for k in PART_KEYS if k in settings}

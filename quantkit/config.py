@@ -175,7 +175,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     engines: list[EngineConfig] = field(default_factory=list)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    # 'quantize' recipes: ``quantkit.oneshot.QuantizeConfig.from_recipe`` reads this mapping
+    # 'quantize' recipes: ``quantkit.quantize_config.QuantizeConfig.from_recipe`` reads this mapping
     # and ``quantkit run`` runs ``quantkit quantize`` instead of the sections above
     quantize: dict[str, Any] | None = None
 

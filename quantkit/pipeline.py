@@ -90,7 +90,8 @@ def check_recipe_texts(recipe: Recipe) -> None:
 def run_quantize_recipe(recipe: Recipe, *, workdir: Path | None, force: bool, say: Say,
                         progress: bool, command: str) -> RunOutcome:
     """A recipe with a ``quantize:`` section: ``quantkit quantize`` into the workdir."""
-    from quantkit.oneshot import QuantizeConfig, quantize
+    from quantkit.oneshot import quantize
+    from quantkit.quantize_config import QuantizeConfig
 
     config = QuantizeConfig.from_recipe(recipe.model, recipe.quantize,
                                         recipe.trust_remote_code)

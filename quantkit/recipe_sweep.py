@@ -145,7 +145,7 @@ def check_path(path: str, where: str) -> None:
     import dataclasses
 
     from quantkit import config
-    from quantkit.oneshot import quantize_section_keys
+    from quantkit.quantize_config import quantize_section_keys
 
     keys = path.split(".")
     hint = ("an axis is a dotted path into the recipe as written, e.g. model, "
@@ -243,7 +243,7 @@ def check_quantize_section(recipe: Recipe, where: str) -> None:
     known keys): refused before any recipe of a sweep runs."""
     if recipe.quantize is None:
         return
-    from quantkit.oneshot import QuantizeConfig
+    from quantkit.quantize_config import QuantizeConfig
 
     QuantizeConfig.from_recipe(recipe.model, recipe.quantize, recipe.trust_remote_code,
                                where=f"{where}.quantize").check()

@@ -89,7 +89,7 @@ def test_calibration_weights_option_is_checked():
 def test_every_shipped_recipe_loads() -> None:
     from pathlib import Path
 
-    from quantkit.oneshot import QuantizeConfig
+    from quantkit.quantize_config import QuantizeConfig
     from quantkit.recipe_sweep import load_points
 
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -133,7 +133,7 @@ def test_quantize_recipe_round_trips_and_refuses_other_sections(tmp_path) -> Non
 
 
 def test_quantize_section_names_its_unknown_keys() -> None:
-    from quantkit.oneshot import QuantizeConfig
+    from quantkit.quantize_config import QuantizeConfig
 
     with pytest.raises(QuantkitError, match="unknown key.*max_ppl.*known:"):
         QuantizeConfig.from_recipe("m", {"max_ppl": "1%"})

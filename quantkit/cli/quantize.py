@@ -87,8 +87,8 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
     \b
     quantkit quantize --model smollm2-135m --dataset wiki.test.raw --out out/q
     """
-    from quantkit.oneshot import QuantizeConfig, parts_for
     from quantkit.oneshot import quantize as run
+    from quantkit.quantize_config import QuantizeConfig, parts_for
 
     config = QuantizeConfig(
         model=model, onnx=onnx_path,
@@ -109,7 +109,7 @@ def command(model: str | None, onnx_path: Path | None, dataset: str,
 
 def print_result(result: Any, out: Path) -> None:
     """The comparison table and where everything is; exit code 3 when the budget is missed."""
-    from quantkit.oneshot import EXIT_BUDGET_MISSED
+    from quantkit.quantize_config import EXIT_BUDGET_MISSED
 
     click.echo("")
     max_length = result.max_length

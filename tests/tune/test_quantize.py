@@ -81,7 +81,7 @@ def test_layernorm_models_get_smoothquant(tiny_gpt2_export) -> None:
 
 
 def test_default_parts_are_disjoint(tmp_path) -> None:
-    from quantkit.oneshot import default_parts
+    from quantkit.quantize_config import default_parts
 
     path = tmp_path / "text.txt"
     path.write_text("line\n" * 10)
@@ -131,7 +131,7 @@ def test_time_budget_too_small_or_unreadable_is_refused_before_any_work(fragile_
 
 
 def test_parse_duration() -> None:
-    from quantkit.oneshot import parse_duration
+    from quantkit.quantize_config import parse_duration
 
     assert [parse_duration(t) for t in ("15m", "900s", "1h", "90", "2.5min")] == [
         900, 900, 3600, 90, 150]

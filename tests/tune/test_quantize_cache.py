@@ -138,7 +138,7 @@ def test_bad_cache_input_is_refused_before_any_work(fragile_export, tiny_llama_e
     alone = runner.invoke(cli, [*base, "--cache-onnx", str(tiny_llama_export.directory)])
     assert alone.exit_code == 2 and "--cache-onnx is for --with-cache" in alone.output
     assert not out.exists()
-    from quantkit.oneshot import QuantizeConfig, parts_for
+    from quantkit.quantize_config import QuantizeConfig, parts_for
 
     with pytest.raises(QuantkitError, match="generation-tokens must be at least 1"):
         QuantizeConfig(model="m", parts=parts_for("sample"), with_cache=True,
@@ -146,7 +146,7 @@ def test_bad_cache_input_is_refused_before_any_work(fragile_export, tiny_llama_e
 
 
 def test_recipe_section_takes_the_cache_settings(tmp_path) -> None:
-    from quantkit.oneshot import QuantizeConfig
+    from quantkit.quantize_config import QuantizeConfig
 
     config = QuantizeConfig.from_recipe("m", {"dataset": "sample", "with_cache": True,
                                               "generation_prompts": ["Hi", "Yo"],

@@ -285,7 +285,7 @@ def test_quantize_hands_max_retries_to_autotune(fragile_export, tmp_path,
     reach autotune's Ray tasks."""
     import quantkit.tune.autotune
     from quantkit.errors import QuantkitError
-    from quantkit.oneshot import QuantizeConfig
+    from quantkit.quantize_config import QuantizeConfig
 
     seen: dict[str, Any] = {}
 
