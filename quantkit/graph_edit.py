@@ -119,3 +119,39 @@ def unoptimized_session(model: Any, source_dir: Path) -> Any:
         return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=providers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+FLOAT_TYPES = frozenset({1, 10, 11, 16})  # float, float16, double, bfloat16 (TensorProto)
+
+
+def zeros_for_float_weights(graph: Any, min_bytes: int = 1024) -> int:
+    """Replace each float initializer of at least ``min_bytes`` (or kept in external data) by a
+    ``ConstantOfShape`` node that makes zeros of its shape and type when the graph runs, and
+    return how many. For runs that need every tensor's shape but no weight's value (counting
+    MACs): ONNX Runtime then holds the weights of one node at a time instead of the model's,
+    and never reads the data file. Small initializers (shape constants) stay as they are."""
+    from onnx import TensorProto, helper
+
+    from quantkit.onnx_io import is_external, tensor_bytes
+
+    inputs = {i.name for i in graph.input}
+    keep, nodes = [], []
+    for tensor in graph.initializer:
+        if (tensor.data_type not in FLOAT_TYPES or tensor.name in inputs
+                or not (is_external(tensor) or tensor_bytes(tensor) >= min_bytes)):
+            keep.append(tensor)
+            continue
+        shape = helper.make_tensor(f"{tensor.name}/__zeros_shape", TensorProto.INT64,
+                                   [len(tensor.dims)], [int(d) for d in tensor.dims])
+        keep.append(shape)
+        nodes.append(helper.make_node(
+            "ConstantOfShape", [shape.name], [tensor.name], name=f"{tensor.name}/__zeros",
+            value=helper.make_tensor("value", tensor.data_type, [1], [0])))
+    if not nodes:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    current = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + current)  # before every reader: the order stays topological
+    return len(nodes)

@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
+from quantkit.onnx_io import INLINE_BYTES, SpillFile, read_initializer
 from quantkit.plan import QUANTIZABLE_OP_TYPES, Precision, PrecisionPlan, int8_capable
 
 INT8_MAX = 127
@@ -235,22 +236,33 @@ def rewrite_model(
     options: QdqOptions | None = None,
     skipped: Mapping[str, str] | None = None,
     weights: Mapping[str, Any] | None = None,
+    *,
+    weights_dir: Path | None = None,
+    spill: SpillFile | None = None,
 ) -> RewriteResult:
-    """Return a rewritten copy of ``model`` (an in-memory ModelProto with its weights) that
-    realises ``plan``.
+    """Return a rewritten copy of ``model`` (an ONNX ModelProto) that realises ``plan``.
 
     ``amax`` maps activation tensor names to calibrated ranges (``CalibrationTable.amax``); it is
     needed when the plan has INT8 nodes. A tensor missing from it may be a Reshape/Transpose view
     of one that is there. ``skipped`` (``CalibrationTable.skipped``) only improves the error
     message for tensors the calibration left out on purpose. ``weights``
     (``CalibrationTable.weights``: GPTQ int8 weights by weight key) replaces round-to-nearest
-    for the weights it names."""
+    for the weights it names.
+
+    A model past the memory budget comes without its weights (``onnx.load(...,
+    load_external_data=False)``): each external weight is read from ``weights_dir`` when the
+    rewrite needs it, and every new initializer of at least 1 KiB (int8 weights, fused or
+    float16 weights) goes to ``spill`` as it is made, the graph keeping a reference. Memory then
+    holds a weight or a fused group at a time, never the FP32 model and its rewrite; the values
+    are the ones the in-memory rewrite makes, bit for bit."""
     import onnx
 
     options = options or QdqOptions()
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    return _Rewriter(out, plan, amax, options, skipped or {}, weights or {}).run()
+    rewriter = _Rewriter(out, plan, amax, options, skipped or {}, weights or {})
+    rewriter.weights_dir, rewriter.spill = weights_dir, spill
+    return rewriter.run()
 
 
 class _Rewriter:
@@ -275,6 +287,8 @@ class _Rewriter:
         self._fused_members: dict[str, list[str]] = {}  # fused MatMul -> original MatMuls
         self._split_nodes: set[str] = set()
         self._fp16_nodes: set[str] = set()
+        self.weights_dir: Path | None = None  # where external weights are read from
+        self.spill: SpillFile | None = None  # where new initializers go, if not in the graph
 
     # -- helpers ---------------------------------------------------------------------------
     def run(self) -> RewriteResult:
@@ -307,19 +321,24 @@ class _Rewriter:
         return candidate
 
     def _add_init(self, array: np.ndarray, name: str) -> str:
-        from onnx import numpy_helper
-
         name = self._unique(name)
-        tensor = numpy_helper.from_array(np.asarray(array), name)
+        tensor = self._tensor(np.asarray(array), name)
         self.new_inits.append(tensor)
         self.inits[name] = tensor
         return name
 
-    def _const_value(self, tensor: str) -> np.ndarray | None:
+    def _tensor(self, array: np.ndarray, name: str) -> Any:
+        """An initializer of ``array``: in the graph, or written to the spill file (with a
+        reference in the graph) when there is one and it is not small."""
         from onnx import numpy_helper
 
+        if self.spill is not None and array.nbytes >= INLINE_BYTES:
+            return self.spill.tensor(array, name)
+        return numpy_helper.from_array(array, name)
+
+    def _const_value(self, tensor: str) -> np.ndarray | None:
         if tensor in self.inits:
-            return np.asarray(numpy_helper.to_array(self.inits[tensor]))
+            return np.asarray(read_initializer(self.inits[tensor], Path(self.weights_dir or ".")))
         return None
 
     def _constant_weight(self, tensor: str) -> tuple[str, tuple[int, ...] | None] | None:
@@ -588,7 +607,7 @@ class _Rewriter:
 
     # -- FP16 ------------------------------------------------------------------------------
     def _fp16_regions(self) -> None:
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import TensorProto, helper
 
         float_t, half_t = TensorProto.FLOAT, TensorProto.FLOAT16
         consumers: dict[str, list[str]] = defaultdict(list)
@@ -632,7 +651,7 @@ class _Rewriter:
                         and tensor not in converted_inits):
                     half, over = self._fp16_constant(tensor)
                     clamped += over
-                    self.inits[tensor].CopyFrom(numpy_helper.from_array(half, tensor))
+                    self.inits[tensor].CopyFrom(self._tensor(half, tensor))
                     converted_inits.add(tensor)
                     half_name[tensor] = tensor
                     continue
@@ -663,9 +682,9 @@ class _Rewriter:
     def _fp16_constant(self, tensor: str) -> tuple[np.ndarray, int]:
         """An initializer in float16, clamped to its range, and how many values were clamped
         (what native and emulated FP16 regions both store)."""
-        from onnx import numpy_helper
-
-        value = numpy_helper.to_array(self.inits[tensor]).astype(np.float32)
+        value = self._const_value(tensor)
+        assert value is not None
+        value = value.astype(np.float32)
         clamped = int(np.count_nonzero(np.abs(value) > FP16_MAX))
         return np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16), clamped
 
@@ -827,14 +846,18 @@ def linear_layer_macs(model_path: Path, seq_len: int, batch: int = 1) -> dict[st
 
     Shapes come from running the FP32 graph once in ONNX Runtime on dummy ids with a ``Shape``
     node added after each operand (so every shape is concrete, whatever the exporter did with
-    reshapes); MACs = broadcast batch dims x M x K x N.
+    reshapes); MACs = broadcast batch dims x M x K x N. The weights are zeros made when they
+    are read (``zeros_for_float_weights``): shapes do not depend on them, and the run holds one
+    node's weights at a time instead of the model's (a 1.1B model's 4.4 GB and their prepacked
+    copies).
     """
     import onnx
     from onnx import TensorProto, helper
 
-    from quantkit.graph_edit import unoptimized_session
+    from quantkit.graph_edit import unoptimized_session, zeros_for_float_weights
 
     model = onnx.load(str(model_path), load_external_data=False)  # weights stay on disk
+    zeros_for_float_weights(model.graph)
     targets = [n for n in model.graph.node if n.op_type in QUANTIZABLE_OP_TYPES]
     shape_outputs: list[str] = []
     for node in targets:

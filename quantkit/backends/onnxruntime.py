@@ -26,11 +26,11 @@ from quantkit.qdq import (
     float_node_precisions,
     int8_coverage,
     linear_layer_macs,
-    rewrite_model,
 )
 
 if TYPE_CHECKING:
     from quantkit.calib.table import CalibrationTable
+    from quantkit.rewrite_io import RewriteSource
 
 ENGINE_ONNX = "engine.onnx"
 
@@ -134,14 +134,19 @@ class OnnxRuntimeBackend(Backend):
             as_built = float_node_precisions(graph)
             fields["rewrite"] = None
         else:
-            result, plan_used, fallback = rewrite_for_provider(
-                request, plan, options, provider)
-            if options["activations"] == "dynamic":
-                from quantkit.dynamic_quant import to_dynamic_activations
+            from quantkit.rewrite_io import open_for_rewrite
 
-                fields["activations"] = {"mode": "dynamic",
-                                         "matmuls": to_dynamic_activations(result.model)}
-            save_onnx(result.model, target)
+            with open_for_rewrite(request.onnx_path, out_dir) as source:
+                result, plan_used, fallback = rewrite_for_provider(
+                    request, plan, options, provider, source)
+                if options["activations"] == "dynamic":
+                    from quantkit.dynamic_quant import to_dynamic_activations
+
+                    fields["activations"] = {"mode": "dynamic",
+                                             "matmuls": to_dynamic_activations(result.model)}
+                source.save(result.model, target)
+                fields["external_data"] = source.streamed
+            result.model = None  # the graph's protobuf: gone before the sessions below
             _check_onnx(target)
             as_built = result.as_built
             fields["rewrite"] = {**result.summary(), "options": {
@@ -270,12 +275,14 @@ def check_table(table: CalibrationTable | None, onnx_path: Path, graph: Any) -> 
 
 
 def rewrite_for_provider(
-    request: BuildRequest, plan: PrecisionPlan, options: Mapping[str, Any], provider: str
+    request: BuildRequest, plan: PrecisionPlan, options: Mapping[str, Any], provider: str,
+    source: RewriteSource,
 ) -> tuple[RewriteResult, PrecisionPlan, dict[str, Any]]:
-    """Rewrite the graph; check that ``provider`` has float16 kernels for the FP16 nodes (ONNX
-    Runtime would otherwise wrap them in Casts and silently compute in float32). Unsupported
-    nodes fail the build, or with ``fp16_fallback`` are planned fp32 and the rewrite redone."""
-    model = _load_graph(request.onnx_path, with_weights=True)
+    """Rewrite the graph of ``source`` (the request's export, opened by
+    ``quantkit.rewrite_io.open_for_rewrite``); check that ``provider`` has float16 kernels for
+    the FP16 nodes (ONNX Runtime would otherwise wrap them in Casts and silently compute in
+    float32). Unsupported nodes fail the build, or with ``fp16_fallback`` are planned fp32 and
+    the rewrite redone."""
     table = request.table
     qdq_options = QdqOptions(per_channel=bool(options["per_channel"]),
                              shared_inputs=str(options["shared_inputs"]),
@@ -284,7 +291,7 @@ def rewrite_for_provider(
     amax = table.amax if table is not None else None
     skipped = table.skipped if table is not None else None
     weights = table.weights if table is not None else None
-    result = rewrite_model(model, plan, amax, qdq_options, skipped, weights)
+    result = source.rewrite(plan, amax, qdq_options, skipped, weights)
     fp16_nodes = [n for n, v in result.as_built.items() if v == "fp16"]
     if not fp16_nodes or qdq_options.fp16 == "emulate":  # emulated: float32 kernels
         return result, plan, {}
@@ -308,7 +315,7 @@ def rewrite_for_provider(
         old = decisions[name]
         decisions[name] = NodeDecision(name, old.op_type, Precision.FP32, f"{old.rule} ({reason})")
     fallback_plan = PrecisionPlan(plan.default, decisions, plan.source)
-    result = rewrite_model(model, fallback_plan, amax, qdq_options, skipped, weights)
+    result = source.rewrite(fallback_plan, amax, qdq_options, skipped, weights)
     return result, fallback_plan, {"nodes": len(unsupported), "op_types": dict(ops)}
 
 
