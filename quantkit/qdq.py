@@ -167,16 +167,28 @@ def quantize_weight(weight: np.ndarray, axis: int | None,
     ``scale`` float32 of shape ``[weight.shape[axis]]`` (or a scalar)."""
     weight = np.asarray(weight, dtype=np.float32)
     if axis is None:
-        scale = symmetric_scale(np.max(np.abs(weight)), qmax)
-        q = np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8)
-        return q, scale.reshape(())
+        scale = symmetric_scale(_abs_max(weight, None), qmax)
+        return _round_clip(weight, scale, qmax), scale.reshape(())
     axis = axis % weight.ndim
     reduce = tuple(i for i in range(weight.ndim) if i != axis)
-    scale = symmetric_scale(np.max(np.abs(weight), axis=reduce), qmax)
+    scale = symmetric_scale(_abs_max(weight, reduce), qmax)
     shape = [1] * weight.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    return q, scale
+    return _round_clip(weight, scale.reshape(shape), qmax), scale
+
+
+def _abs_max(weight: np.ndarray, axis: tuple[int, ...] | None) -> np.ndarray:
+    """max|w| (along ``axis``) as max(max w, -min w): the same numbers, without a copy of the
+    weight (a 1.1B model's LM head is 262 MB in FP32)."""
+    return np.maximum(np.max(weight, axis=axis), -np.min(weight, axis=axis))
+
+
+def _round_clip(weight: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
+    """``clip(rint(weight / scale), -qmax, qmax)`` as int8, in one float32 temporary."""
+    scaled = np.divide(weight, scale, dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, -qmax, qmax, out=scaled)
+    return scaled.astype(np.int8)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:

@@ -392,7 +392,11 @@ def coverage_fields(onnx_path: Path, as_built: Mapping[str, str], options: Mappi
 def inspect_fusion(onnx_path: Path, provider: str) -> dict[str, Any]:
     """Load the engine with ONNX Runtime's full graph optimizations and report what its Q/DQ
     became: integer kernels, and float MatMul/Gemm still reading DequantizeLinear outputs (Q/DQ
-    that ONNX Runtime did not fuse and runs as dequantize + float GEMM)."""
+    that ONNX Runtime did not fuse and runs as dequantize + float GEMM).
+
+    The session only writes its optimized graph: its weights go to a file of their own (an
+    inline graph past 2 GB cannot be written at all) and are not prepacked (a second copy of
+    every weight that this session never multiplies with; the graph is the same)."""
     import onnx
 
     ort = _ort()
@@ -402,6 +406,11 @@ def inspect_fusion(onnx_path: Path, provider: str) -> dict[str, Any]:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(path)
         options.log_severity_level = 3  # not the "hardware specific optimizations" warning
+        for key, value in (
+                ("session.optimized_model_external_initializers_file_name", f"{path.name}.data"),
+                ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
+                ("session.disable_prepacking", "1")):
+            options.add_session_config_entry(key, value)
         try:
             ort.InferenceSession(str(onnx_path), options, providers=[provider])
         except Exception as exc:  # onnxruntime raises its own exception types
