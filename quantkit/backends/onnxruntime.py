@@ -430,12 +430,6 @@ def fusion_report(optimized: Any) -> dict[str, Any]:
     return {"integer_ops": dict(integer), "unfused_dequantized_matmuls": unfused}
 
 
-def save_onnx(model: Any, path: Path) -> None:
-    from quantkit.export import _save
-
-    _save(model, path)
-
-
 def _check_onnx(path: Path) -> None:
     import onnx
 

@@ -188,3 +188,28 @@ def test_external_data_outside_the_model_folder_is_refused_before_any_work(
         get_backend("onnxruntime").build(
             BuildRequest(bad / "model.onnx", "int8", None, llama_table, {}), out)
     assert not out.exists()
+
+
+def test_tensorrts_qdq_onnx_of_external_weights_is_the_in_memory_one(
+        tiny_llama_export, external_export, llama_table, tmp_path):
+    """The explicit TensorRT path writes the same rewrite (parsed with parse_from_file, which
+    resolves model.qdq.onnx.data beside it)."""
+    from quantkit.backends.tensorrt.backend import write_qdq_onnx
+    from quantkit.backends.tensorrt.version import TrtVersion
+
+    written = {}
+    for name, path in (("inline", tiny_llama_export.onnx_path), ("streamed", external_export)):
+        (tmp_path / name).mkdir()
+        request = BuildRequest(path, "int8", plan_for(path, "int8", None), llama_table, {})
+        write_qdq_onnx(request, tmp_path / name / "model.qdq.onnx", TrtVersion(11, 0))
+        written[name] = tmp_path / name / "model.qdq.onnx"
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == [
+        "model.qdq.onnx", "model.qdq.onnx.data"]
+    assert [p.name for p in (tmp_path / "inline").iterdir()] == ["model.qdq.onnx"]
+    a, b = (onnx.load(str(written[k])) for k in ("inline", "streamed"))
+    assert list(a.graph.node) == list(b.graph.node)
+    inline, streamed = _initializers(written["inline"]), _initializers(written["streamed"])
+    assert list(inline) == list(streamed)
+    for name, value in inline.items():
+        np.testing.assert_array_equal(value, streamed[name], err_msg=name)
+        assert value.dtype == streamed[name].dtype
