@@ -130,7 +130,8 @@ class OnnxRuntimeBackend(Backend):
         plan = effective_plan(request, graph)
         provider = options["provider"] or _default_provider(ort.get_available_providers())
         if not plan.nodes_with(Precision.INT8) and not plan.nodes_with(Precision.FP16):
-            _copy_onnx(request.onnx_path, target)  # FP32: the export itself, bit for bit
+            data = _copy_onnx(request.onnx_path, target)  # FP32: the export itself, bit for bit
+            fields["external_data"] = data is not None
             as_built = float_node_precisions(graph)
             fields["rewrite"] = None
         else:
@@ -175,7 +176,9 @@ class OnnxRuntimeBackend(Backend):
         if options["verify"]:
             fields["onnxruntime_fusion"] = inspect_fusion(target, provider)
         fields["onnx"] = ENGINE_ONNX
-        fields["size_bytes"] = engine_size_bytes(out_dir, [ENGINE_ONNX])
+        fields["size_bytes"] = engine_size_bytes(out_dir, [ENGINE_ONNX]) + sum(
+            p.stat().st_size for p in out_dir.glob("*.onnx.data")
+            if p.name != f"{ENGINE_ONNX}.data")  # an FP32 engine keeps the export's data name
         return fields
 
     def _runner_impl(self, engine: Engine, **options: Any) -> Runner:
@@ -462,12 +465,15 @@ def _default_provider(available: list[str]) -> str:
         "CPUExecutionProvider")
 
 
-def _copy_onnx(src: Path, dst: Path) -> None:
+def _copy_onnx(src: Path, dst: Path) -> Path | None:
+    """Copy the export (and its data file, if any, returned)."""
     shutil.copyfile(src, dst)
     data = Path(f"{src}.data")
-    if data.is_file():
-        # external data is referenced by file name: keep the name the model expects
-        shutil.copyfile(data, dst.parent / data.name)
+    if not data.is_file():
+        return None
+    # external data is referenced by file name: keep the name the model expects
+    shutil.copyfile(data, dst.parent / data.name)
+    return dst.parent / data.name
 
 
 # measured with benchmarks/int8_cpu_layouts.py on an AMD EPYC (family 25, AVX2, no VNNI), ONNX

@@ -213,3 +213,17 @@ def test_tensorrts_qdq_onnx_of_external_weights_is_the_in_memory_one(
     for name, value in inline.items():
         np.testing.assert_array_equal(value, streamed[name], err_msg=name)
         assert value.dtype == streamed[name].dtype
+
+
+def test_fp32_engine_of_external_weights_counts_its_data_file(external_export, eval_feed,
+                                                              tiny_llama_export, tmp_path):
+    engine = _build(external_export, "fp32", tmp_path / "e", None)
+    data = engine.path / "model.onnx.data"  # the export's own file name, which the graph names
+    assert engine.manifest["external_data"] is True and data.is_file()
+    assert engine.manifest["size_bytes"] == (engine.path / "engine.onnx").stat().st_size + \
+        data.stat().st_size
+    inline = _build(tiny_llama_export.onnx_path, "fp32", tmp_path / "inline", None)
+    assert inline.manifest["external_data"] is False
+    with engine.runner(threads=1) as r1, inline.runner(threads=1) as r2:
+        np.testing.assert_array_equal(r1.run(eval_feed, ["logits"])["logits"],
+                                      r2.run(eval_feed, ["logits"])["logits"])
