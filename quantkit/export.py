@@ -47,6 +47,7 @@ def export_model(
     force: bool = False,
     check_tolerance: float = CHECK_TOLERANCE,
     on_phase: Callable[[str], None] | None = None,
+    external_data: bool = False,
 ) -> ExportResult:
     """Export ``loaded`` (a ``quantkit.models.LoadedModel``) into the directory ``out``.
 
@@ -93,7 +94,7 @@ def export_model(
         from quantkit.attention_mask import drop_softmax_nan_guards
 
         guards_removed = drop_softmax_nan_guards(proto.graph)
-        _save(proto, onnx_path)
+        _save(proto, onnx_path, external=external_data)
         phase("checking the ONNX graph")
         onnx.checker.check_model(str(onnx_path), full_check=True)
         if with_cache:
@@ -112,6 +113,8 @@ def export_model(
                 "this model is not exported faithfully; report it with the model id",
             )
         inputs = {"model": loaded.source, "opset": opset, "with_nll": with_nll}
+        if external_data:  # exports without it keep the inputs (and hash) they always had
+            inputs["external_data"] = True
         cache_fields: dict[str, Any] = {}
         if layout is not None:  # plain exports keep the manifest they always had
             inputs["with_cache"] = True
@@ -275,11 +278,12 @@ def _rename_tensors(graph: Any, mapping: dict[str, str]) -> None:
         info.name = mapping.get(info.name, info.name)
 
 
-def _save(proto: Any, path: Path) -> None:
-    """``model.onnx``, with ``model.onnx.data`` beside it past the 2 GB protobuf limit."""
+def _save(proto: Any, path: Path, external: bool = False) -> None:
+    """``model.onnx``, with ``model.onnx.data`` beside it past the 2 GB protobuf limit (or when
+    ``external`` asks for it)."""
     from quantkit.onnx_io import save_with_external_data
 
-    save_with_external_data(proto, path)
+    save_with_external_data(proto, path, external=external)
 
 
 def onnx_model_hash(onnx_path: Path) -> str:

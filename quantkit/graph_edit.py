@@ -109,10 +109,12 @@ def exposing_session(onnx_path: Path, tensors: Iterable[str], *, only: bool = Fa
     return unoptimized_session(model, Path(onnx_path).parent)
 
 
-def unoptimized_session(model: Any, source_dir: Path) -> Any:
+def unoptimized_session(model: Any, source_dir: Path, in_node_order: bool = False) -> Any:
     """An ONNX Runtime CPU session of an edited graph, graph optimizations off; weights it keeps
     in external data are read from ``source_dir`` (the graph is saved beside a link to them, so
-    a model past 2 GB is never serialized)."""
+    a model past 2 GB is never serialized). ``in_node_order``: run the nodes in the graph's
+    order wherever their inputs allow (ONNX Runtime's priority-based order), not in its default
+    order, which may run nodes that read only initializers first."""
     import shutil
     import tempfile
 
@@ -124,6 +126,8 @@ def unoptimized_session(model: Any, source_dir: Path) -> Any:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    if in_node_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     providers = ["CPUExecutionProvider"]
     if not any(is_external(t) for t in model.graph.initializer):
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
@@ -134,3 +138,43 @@ def unoptimized_session(model: Any, source_dir: Path) -> Any:
         return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=providers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+FLOAT_TYPES = frozenset({1, 10, 11, 16})  # float, float16, double, bfloat16 (TensorProto)
+
+
+def zeros_for_float_weights(graph: Any, min_bytes: int = 1024) -> int:
+    """Replace each float initializer of at least ``min_bytes`` (or kept in external data) by a
+    ``ConstantOfShape`` node that makes zeros of its shape and type when the graph runs, and
+    return how many. For runs that need every tensor's shape but no weight's value (counting
+    MACs): ONNX Runtime then holds the weights of one node at a time instead of the model's,
+    and never reads the data file. Small initializers (shape constants) stay as they are."""
+    from onnx import TensorProto, helper
+
+    from quantkit.onnx_io import is_external, tensor_bytes
+
+    inputs = {i.name for i in graph.input}
+    keep, nodes = [], {}
+    for tensor in graph.initializer:
+        if (tensor.data_type not in FLOAT_TYPES or tensor.name in inputs
+                or not (is_external(tensor) or tensor_bytes(tensor) >= min_bytes)):
+            keep.append(tensor)
+            continue
+        shape = helper.make_tensor(f"{tensor.name}/__zeros_shape", TensorProto.INT64,
+                                   [len(tensor.dims)], [int(d) for d in tensor.dims])
+        keep.append(shape)
+        nodes[tensor.name] = helper.make_node(
+            "ConstantOfShape", [shape.name], [tensor.name], name=f"{tensor.name}/__zeros",
+            value=helper.make_tensor("value", tensor.data_type, [1], [0]))
+    if not nodes:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    count, ordered = len(nodes), []
+    for node in list(graph.node):  # each just before its first reader: made when needed
+        ordered.extend(nodes.pop(name) for name in node.input if name in nodes)
+        ordered.append(node)
+    # the rest are read by no node's inputs (by a subgraph, or not at all): first, to be safe
+    del graph.node[:]
+    graph.node.extend([*nodes.values(), *ordered])
+    return count

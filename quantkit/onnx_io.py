@@ -85,17 +85,25 @@ def load_model(path: Path, with_weights: bool = True) -> Any:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    check_locations(model)
     if with_weights:
         base = Path(path).parent
         for tensor in model.graph.initializer:
-            if not is_external(tensor):
-                continue
-            location = Path(_external_fields(tensor).get("location", ""))
-            if location.is_absolute() or ".." in location.parts:
-                raise ValueError(f"external data of {tensor.name} points outside the model's "
-                                 f"folder: {location}")
-            tensor.CopyFrom(_inline(tensor, base))
+            if is_external(tensor):
+                tensor.CopyFrom(_inline(tensor, base))
     return model
+
+
+def check_locations(model: Any) -> None:
+    """Refuse external data that points outside the model's folder (an absolute path or
+    ``..``): what ``onnx.load`` and ONNX Runtime refuse too."""
+    for tensor in model.graph.initializer:
+        if not is_external(tensor):
+            continue
+        location = Path(_external_fields(tensor).get("location", ""))
+        if location.is_absolute() or ".." in location.parts:
+            raise ValueError(f"external data of {tensor.name} points outside the model's "
+                             f"folder: {location}")
 
 
 def link_external_data(model: Any, source_dir: Path, target_dir: Path) -> None:
@@ -157,18 +165,19 @@ class SpillFile:
         self.close()
 
 
-def save_with_external_data(model: Any, target: Path, base_dir: Path | None = None) -> None:
-    """Save ``model``; above 2 GB of weights, or when any weight is external (relative to
-    ``base_dir``), every initializer of at least 1 KiB goes to ``<target>.data`` beside it,
-    copied from its source file in chunks when it was never loaded. ``model`` is changed to
-    refer to the new file."""
+def save_with_external_data(model: Any, target: Path, base_dir: Path | None = None,
+                            external: bool = False) -> None:
+    """Save ``model``; above 2 GB of weights, when any weight is external (relative to
+    ``base_dir``), or when ``external`` asks for it, every initializer of at least 1 KiB goes to
+    ``<target>.data`` beside it, copied from its source file in chunks when it was never
+    loaded. ``model`` is changed to refer to the new file."""
     import onnx
 
     inits = list(model.graph.initializer)
-    external = [t for t in inits if is_external(t)]
     inline_bytes = sum(len(t.raw_data) for t in inits)
     # ByteSize() only where the weights alone fit: past 2 GB protobuf cannot size the message
-    if not external and inline_bytes < TWO_GB and model.ByteSize() < TWO_GB:
+    if (not external and not any(is_external(t) for t in inits) and inline_bytes < TWO_GB
+            and model.ByteSize() < TWO_GB):
         onnx.save_model(model, str(target))
         return
     location = f"{target.name}.data"

@@ -65,6 +65,31 @@ def test_dynamic_batch_and_sequence(tiny_llama_export, tiny_llama):
         np.testing.assert_allclose(nll, ref_nll.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_external_data_export_is_the_same_model_with_its_weights_beside_it(
+        tiny_llama, tiny_llama_export, tmp_path):
+    from onnx import numpy_helper
+
+    from quantkit.export import onnx_model_hash
+    from quantkit.onnx_io import INLINE_BYTES, is_external
+
+    result = export_model(tiny_llama, tmp_path / "e", with_nll=True, external_data=True)
+    data = result.directory / "model.onnx.data"
+    assert data.is_file() and not (tiny_llama_export.directory / "model.onnx.data").exists()
+    graph = onnx.load(str(result.onnx_path), load_external_data=False)
+    big = [t for t in graph.graph.initializer if is_external(t) or len(t.raw_data) >= INLINE_BYTES]
+    assert big and all(is_external(t) for t in big)
+    assert result.manifest["inputs"]["external_data"] is True
+    assert "external_data" not in tiny_llama_export.manifest["inputs"]
+    assert result.manifest["model_hash"] == onnx_model_hash(result.onnx_path)  # covers the data
+    inline = {t.name: numpy_helper.to_array(t)
+              for t in onnx.load(str(tiny_llama_export.onnx_path)).graph.initializer}
+    external = {t.name: numpy_helper.to_array(t)
+                for t in onnx.load(str(result.onnx_path)).graph.initializer}
+    assert inline.keys() == external.keys()
+    for name, value in inline.items():
+        np.testing.assert_array_equal(value, external[name])
+
+
 def test_output_exists_without_force(tiny_llama, tiny_llama_export):
     with pytest.raises(QuantkitError, match="already exists.*--force"):
         export_model(tiny_llama, tiny_llama_export.directory)

@@ -486,6 +486,35 @@ def test_linear_layer_macs(tiny_llama_export):
     assert len(macs) == 19
 
 
+def test_zero_weights_are_made_just_before_their_first_reader(tiny_llama_export):
+    """What bounds the memory of the MAC count: each float weight becomes a ConstantOfShape of
+    its shape and type, placed right before the node that reads it first; small initializers
+    (shape constants) stay."""
+    import onnx
+
+    from quantkit.graph_edit import zeros_for_float_weights
+
+    model = onnx.load(str(tiny_llama_export.onnx_path))
+    before = {t.name: t for t in model.graph.initializer}
+    count = zeros_for_float_weights(model.graph)
+    big = [n for n, t in before.items() if t.data_type == 1 and len(t.raw_data) >= 1024]
+    assert count == len(big) > 10
+    nodes = list(model.graph.node)
+    kept = {t.name for t in model.graph.initializer}
+    assert not kept & set(big) and {n for n in before if n not in big} <= kept
+    for i, node in enumerate(nodes):
+        if node.op_type != "ConstantOfShape" or not node.name.endswith("/__zeros"):
+            continue
+        weight = node.output[0]
+        first = next(j for j, n in enumerate(nodes) if weight in n.input)
+        assert nodes[first - 1] is node or nodes[first - 1].op_type == "ConstantOfShape", weight
+        assert first > i
+        dims = [int(d) for d in before[weight].dims]
+        shape = onnx.numpy_helper.to_array(
+            next(t for t in model.graph.initializer if t.name == node.input[0]))
+        assert shape.tolist() == dims
+
+
 def test_fp16_emulation_rounds_every_value_a_float16_engine_stores() -> None:
     """MatMul then Add in fp16, emulated: the graph computes in float32 on values rounded to
     float16 at the input, the weights, the MatMul's output and the Add's output."""

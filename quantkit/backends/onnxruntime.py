@@ -26,11 +26,11 @@ from quantkit.qdq import (
     float_node_precisions,
     int8_coverage,
     linear_layer_macs,
-    rewrite_model,
 )
 
 if TYPE_CHECKING:
     from quantkit.calib.table import CalibrationTable
+    from quantkit.rewrite_io import RewriteSource
 
 ENGINE_ONNX = "engine.onnx"
 
@@ -130,18 +130,24 @@ class OnnxRuntimeBackend(Backend):
         plan = effective_plan(request, graph)
         provider = options["provider"] or _default_provider(ort.get_available_providers())
         if not plan.nodes_with(Precision.INT8) and not plan.nodes_with(Precision.FP16):
-            _copy_onnx(request.onnx_path, target)  # FP32: the export itself, bit for bit
+            data = _copy_onnx(request.onnx_path, target)  # FP32: the export itself, bit for bit
+            fields["external_data"] = data is not None
             as_built = float_node_precisions(graph)
             fields["rewrite"] = None
         else:
-            result, plan_used, fallback = rewrite_for_provider(
-                request, plan, options, provider)
-            if options["activations"] == "dynamic":
-                from quantkit.dynamic_quant import to_dynamic_activations
+            from quantkit.rewrite_io import open_for_rewrite
 
-                fields["activations"] = {"mode": "dynamic",
-                                         "matmuls": to_dynamic_activations(result.model)}
-            save_onnx(result.model, target)
+            with open_for_rewrite(request.onnx_path, out_dir) as source:
+                result, plan_used, fallback = rewrite_for_provider(
+                    request, plan, options, provider, source)
+                if options["activations"] == "dynamic":
+                    from quantkit.dynamic_quant import to_dynamic_activations
+
+                    fields["activations"] = {"mode": "dynamic",
+                                             "matmuls": to_dynamic_activations(result.model)}
+                source.save(result.model, target)
+                fields["external_data"] = source.streamed
+            result.model = None  # the graph's protobuf: gone before the sessions below
             _check_onnx(target)
             as_built = result.as_built
             fields["rewrite"] = {**result.summary(), "options": {
@@ -170,7 +176,9 @@ class OnnxRuntimeBackend(Backend):
         if options["verify"]:
             fields["onnxruntime_fusion"] = inspect_fusion(target, provider)
         fields["onnx"] = ENGINE_ONNX
-        fields["size_bytes"] = engine_size_bytes(out_dir, [ENGINE_ONNX])
+        fields["size_bytes"] = engine_size_bytes(out_dir, [ENGINE_ONNX]) + sum(
+            p.stat().st_size for p in out_dir.glob("*.onnx.data")
+            if p.name != f"{ENGINE_ONNX}.data")  # an FP32 engine keeps the export's data name
         return fields
 
     def _runner_impl(self, engine: Engine, **options: Any) -> Runner:
@@ -270,12 +278,14 @@ def check_table(table: CalibrationTable | None, onnx_path: Path, graph: Any) -> 
 
 
 def rewrite_for_provider(
-    request: BuildRequest, plan: PrecisionPlan, options: Mapping[str, Any], provider: str
+    request: BuildRequest, plan: PrecisionPlan, options: Mapping[str, Any], provider: str,
+    source: RewriteSource,
 ) -> tuple[RewriteResult, PrecisionPlan, dict[str, Any]]:
-    """Rewrite the graph; check that ``provider`` has float16 kernels for the FP16 nodes (ONNX
-    Runtime would otherwise wrap them in Casts and silently compute in float32). Unsupported
-    nodes fail the build, or with ``fp16_fallback`` are planned fp32 and the rewrite redone."""
-    model = _load_graph(request.onnx_path, with_weights=True)
+    """Rewrite the graph of ``source`` (the request's export, opened by
+    ``quantkit.rewrite_io.open_for_rewrite``); check that ``provider`` has float16 kernels for
+    the FP16 nodes (ONNX Runtime would otherwise wrap them in Casts and silently compute in
+    float32). Unsupported nodes fail the build, or with ``fp16_fallback`` are planned fp32 and
+    the rewrite redone."""
     table = request.table
     qdq_options = QdqOptions(per_channel=bool(options["per_channel"]),
                              shared_inputs=str(options["shared_inputs"]),
@@ -284,7 +294,7 @@ def rewrite_for_provider(
     amax = table.amax if table is not None else None
     skipped = table.skipped if table is not None else None
     weights = table.weights if table is not None else None
-    result = rewrite_model(model, plan, amax, qdq_options, skipped, weights)
+    result = source.rewrite(plan, amax, qdq_options, skipped, weights)
     fp16_nodes = [n for n, v in result.as_built.items() if v == "fp16"]
     if not fp16_nodes or qdq_options.fp16 == "emulate":  # emulated: float32 kernels
         return result, plan, {}
@@ -308,7 +318,7 @@ def rewrite_for_provider(
         old = decisions[name]
         decisions[name] = NodeDecision(name, old.op_type, Precision.FP32, f"{old.rule} ({reason})")
     fallback_plan = PrecisionPlan(plan.default, decisions, plan.source)
-    result = rewrite_model(model, fallback_plan, amax, qdq_options, skipped, weights)
+    result = source.rewrite(fallback_plan, amax, qdq_options, skipped, weights)
     return result, fallback_plan, {"nodes": len(unsupported), "op_types": dict(ops)}
 
 
@@ -385,7 +395,13 @@ def coverage_fields(onnx_path: Path, as_built: Mapping[str, str], options: Mappi
 def inspect_fusion(onnx_path: Path, provider: str) -> dict[str, Any]:
     """Load the engine with ONNX Runtime's full graph optimizations and report what its Q/DQ
     became: integer kernels, and float MatMul/Gemm still reading DequantizeLinear outputs (Q/DQ
-    that ONNX Runtime did not fuse and runs as dequantize + float GEMM)."""
+    that ONNX Runtime did not fuse and runs as dequantize + float GEMM).
+
+    The session only writes its optimized graph: its weights go to a file of their own (an
+    inline graph past 2 GB cannot be written at all) and are not prepacked (prepacking reads
+    every weight in, for a session that never multiplies: 1.38 against 0.34 GB peak on the
+    TinyLlama-1.1B-shaped engine, ``benchmarks/ort_session_memory.py``; the graph is the
+    same)."""
     import onnx
 
     ort = _ort()
@@ -395,6 +411,11 @@ def inspect_fusion(onnx_path: Path, provider: str) -> dict[str, Any]:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(path)
         options.log_severity_level = 3  # not the "hardware specific optimizations" warning
+        for key, value in (
+                ("session.optimized_model_external_initializers_file_name", f"{path.name}.data"),
+                ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
+                ("session.disable_prepacking", "1")):
+            options.add_session_config_entry(key, value)
         try:
             ort.InferenceSession(str(onnx_path), options, providers=[provider])
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -412,12 +433,6 @@ def fusion_report(optimized: Any) -> dict[str, Any]:
         producers.get(t) is not None and producers[t].op_type == "DequantizeLinear"
         for t in n.input)]
     return {"integer_ops": dict(integer), "unfused_dequantized_matmuls": unfused}
-
-
-def save_onnx(model: Any, path: Path) -> None:
-    from quantkit.export import _save
-
-    _save(model, path)
 
 
 def _check_onnx(path: Path) -> None:
@@ -452,12 +467,15 @@ def _default_provider(available: list[str]) -> str:
         "CPUExecutionProvider")
 
 
-def _copy_onnx(src: Path, dst: Path) -> None:
+def _copy_onnx(src: Path, dst: Path) -> Path | None:
+    """Copy the export (and its data file, if any, returned)."""
     shutil.copyfile(src, dst)
     data = Path(f"{src}.data")
-    if data.is_file():
-        # external data is referenced by file name: keep the name the model expects
-        shutil.copyfile(data, dst.parent / data.name)
+    if not data.is_file():
+        return None
+    # external data is referenced by file name: keep the name the model expects
+    shutil.copyfile(data, dst.parent / data.name)
+    return dst.parent / data.name
 
 
 # measured with benchmarks/int8_cpu_layouts.py on an AMD EPYC (family 25, AVX2, no VNNI), ONNX

@@ -20,10 +20,13 @@ from quantkit.cli.options import force_option, trust_remote_code_option
               help="Export the KV-cache decoder graph for 'quantkit generate' (past key/value "
                    "inputs, present outputs, position_ids; prefill and decode in one graph). "
                    "Not with --with-nll.")
+@click.option("--external-data", is_flag=True,
+              help="Keep the weights in model.onnx.data beside model.onnx whatever their size "
+                   "(past the 2 GB protobuf limit they always are there).")
 @trust_remote_code_option
 @force_option
 def command(model: str, out: Path, opset: int, with_nll: bool, with_cache: bool,
-            trust_remote_code: bool, force: bool) -> None:
+            external_data: bool, trust_remote_code: bool, force: bool) -> None:
     """Export MODEL to FP32 ONNX (dynamic batch and sequence) and check it against PyTorch."""
     from quantkit.artifacts import check_can_write
     from quantkit.export import export_model
@@ -34,7 +37,7 @@ def command(model: str, out: Path, opset: int, with_nll: bool, with_cache: bool,
         export_model(None, out, with_nll=True, with_cache=True)
     loaded = load_model(model, trust_remote_code=trust_remote_code)
     result = export_model(loaded, out, opset=opset, with_nll=with_nll,
-                          with_cache=with_cache, force=force)
+                          with_cache=with_cache, force=force, external_data=external_data)
     check = result.manifest["check"]
     click.echo(
         f"Wrote {result.onnx_path} ({result.manifest['num_nodes']} nodes, opset {opset}); "

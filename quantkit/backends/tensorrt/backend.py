@@ -360,9 +360,10 @@ def write_qdq_onnx(request: BuildRequest, target: Path, version: TrtVersion) -> 
     :mod:`quantkit.qdq` (Q/DQ on INT8 MatMul/Gemm inputs with the table's scales, per-channel
     int8 weights, Cast-bounded FP16 regions). ``shared_inputs="dedicated"`` keeps every ONNX node
     name, so the engine inspector's layers map back onto the plan. Returns the rewrite summary."""
-    from quantkit.backends.onnxruntime import check_table, effective_plan, save_onnx
+    from quantkit.backends.onnxruntime import check_table, effective_plan
     from quantkit.onnx_io import load_model
-    from quantkit.qdq import QdqOptions, rewrite_model
+    from quantkit.qdq import QdqOptions
+    from quantkit.rewrite_io import open_for_rewrite
 
     source = Path(request.onnx_path)
     graph = load_model(source, with_weights=False)
@@ -379,11 +380,11 @@ def write_qdq_onnx(request: BuildRequest, target: Path, version: TrtVersion) -> 
             )
         check_table(table, source, graph)
     options = QdqOptions(per_channel=True, shared_inputs="dedicated")
-    model = load_model(source)
-    result = rewrite_model(model, plan, table.amax if table is not None else None, options,
-                           table.skipped if table is not None else None,
-                           table.weights if table is not None else None)
-    save_onnx(result.model, target)
+    with open_for_rewrite(source, target.parent) as rewrite:  # streamed past 2 GB
+        result = rewrite.rewrite(plan, table.amax if table is not None else None, options,
+                                 table.skipped if table is not None else None,
+                                 table.weights if table is not None else None)
+        rewrite.save(result.model, target)
     return {"file": target.name, "options": options.to_dict(), **result.summary()}
 
 
