@@ -23,7 +23,8 @@ text, ``rank`` and ``search``:
 5. **Held-out check** (the ``holdout`` subset, never used by the steps above), at the upper
    ``confidence`` bound (``quantkit.tune.search``): if the plan misses there, the longest
    prefix of it (in the order above: whole kinds first, the last-added groups last) that meets
-   the bound on the held-out windows is found by bisection and kept.
+   the bound on the held-out windows is found by bisection and kept, and the groups after the
+   one that broke the bound are tried in chunks on those windows (at most ``greedy_runs``).
 6. ``objective=latency``: the feasible plans seen on the way are built and timed; the fastest
    one that meets the budget on the held-out subset wins.
 7. **Verification**: the chosen plan is built as a real engine (ONNX Runtime backend) and its

@@ -191,14 +191,17 @@ def bisect_and_greedy(search: _Search, order: list[str], limit: float,
 
 
 def chunked_greedy(search: _Search, chosen: list[str], rest: list[str],
-                   limit: float) -> list[str]:
+                   limit: float, subset: str | None = None, stage: str = "greedy") -> list[str]:
     """Add ``rest`` (in order) to ``chosen`` chunk by chunk: a chunk that keeps the plan within
-    ``limit`` on the search subset is taken whole; one that does not is halved, first half
-    first (when the first half is taken, the second is known to fail: it is halved without a
-    measurement); a lone group that does not fit stays FP32. A few groups that do not fit among
-    many that do cost about 2 log2(n) measurements each, not one per group; at most
-    ``greedy_runs`` measurements (and runs are kept back for the held-out phase)."""
-    reserve = HOLDOUT_RESERVE if "holdout" in search.context.subsets else 0
+    ``limit`` on ``subset`` (default: the search subset) is taken whole; one that does not is
+    halved, first half first (when the first half is taken, the second is known to fail: it is
+    halved without a measurement); a lone group that does not fit stays FP32. A few groups that
+    do not fit among many that do cost about 2 log2(n) measurements each, not one per group; at
+    most ``greedy_runs`` measurements (and on the search subset, runs are kept back for the
+    held-out phase)."""
+    subset = subset or search.subset
+    reserve = (HOLDOUT_RESERVE if subset == search.subset and "holdout" in search.context.subsets
+               else 0)
     # (chunk, state): "test" to measure; "sibling" the second half of a failed chunk, which
     # fails for sure once its first half is taken (chosen + both halves was measured); "fails"
     pending: list[tuple[list[str], str]] = [(rest, "test")] if rest else []
@@ -209,11 +212,10 @@ def chunked_greedy(search: _Search, chosen: list[str], rest: list[str],
             label = (f"+ {chunk[0]}" if len(chunk) == 1
                      else f"+ {len(chunk)} groups ({chunk[0]} ...)")
             runs += 1
-            if search.width > 1 and len(chunk) > 1:  # its first half is next if it fails
-                search.prefetch(search.subset, [[*chosen, *chunk],
-                                                [*chosen, *chunk[:(len(chunk) + 1) // 2]]])
-            taken = search.measure(search.subset, [*chosen, *chunk], "greedy", label,
-                                   limit).within
+            if search.width > 1:  # the chunk, and its first half: next if it fails
+                search.prefetch(subset, [[*chosen, *chunk]] + (
+                    [[*chosen, *chunk[:(len(chunk) + 1) // 2]]] if len(chunk) > 1 else []))
+            taken = search.measure(subset, [*chosen, *chunk], stage, label, limit).within
             if pending and pending[0][1] == "sibling":
                 pending[0] = (pending[0][0], "fails" if taken else "test")
             if taken:
@@ -230,8 +232,10 @@ def holdout_phase(search: _Search, chosen: list[str], order: list[str], limit: f
     """Step 5: the plan on the held-out subset, at the upper confidence bound; on a miss, the
     longest prefix of the plan (groups in ``order``: whole kinds first, the last-added groups
     last) that meets it there, by bisection on the held-out windows themselves (the search
-    windows already said yes to all of them). Returns the plan, its held-out perplexity, and
-    whether it is met (the empty plan, FP32, always is)."""
+    windows already said yes to all of them), then the groups after the one that broke the
+    bound, in chunks (``chunked_greedy`` on the held-out windows: every plan it keeps meets the
+    bound there). Returns the plan, its held-out perplexity, and whether it is met (the empty
+    plan, FP32, always is)."""
     rank = {name: i for i, name in enumerate(order)}
     current = sorted(chosen, key=lambda g: rank.get(g, len(rank)))
 
@@ -254,5 +258,9 @@ def holdout_phase(search: _Search, chosen: list[str], order: list[str], limit: f
         else:
             hi = mid
     plan = current[:lo]
+    if lo < len(current) - 1:
+        # current[lo] broke the bound; the groups after it were never tried without it: one
+        # group that costs much on these windows must not take all later groups out
+        plan = chunked_greedy(search, plan, current[lo + 1:], limit, "holdout", "holdout")
     ppl = search.measurer.measure("holdout", tuple(plan), search.methods_for(plan)).perplexity
     return plan, ppl, True

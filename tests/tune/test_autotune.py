@@ -183,8 +183,12 @@ class _ScriptedSearch:
     subset = "search"
 
     def __init__(self, costs: dict[str, dict[str, float]], runs: int = 50,
-                 width: int = 1) -> None:
+                 width: int = 1, greedy_runs: int = 16) -> None:
+        from types import SimpleNamespace
+
         self.costs, self.runs_left, self.path = costs, runs, []
+        self.settings = SimpleNamespace(greedy_runs=greedy_runs)
+        self.context = SimpleNamespace(subsets={"search": None, "holdout": None})
         self.width = width  # measurements at once (Ray workers)
         self.prefetched: list[tuple[str, tuple[str, ...]]] = []  # what it was told to speculate
         self.measured: list[tuple[str, tuple[str, ...]]] = []
@@ -217,7 +221,25 @@ def test_holdout_miss_keeps_the_longest_prefix_that_meets_it_held_out() -> None:
     assert met and plan == ["kind1", "kind2", "g1"] and ppl == pytest.approx(10.0)
     assert all(s.stage == "holdout" for s in search.path)
     assert search.path[0].action == "5 groups on the held-out subset"
-    assert len(search.path) <= 1 + 3  # the plan, then a bisection over 5 prefixes
+    # the plan, a bisection over 5 prefixes, then g3 (after g2, which broke the bound) alone
+    assert len(search.path) <= 1 + 3 + 1
+    assert search.path[-1].action == "+ g3" and not search.path[-1].within
+
+
+def test_holdout_miss_keeps_the_groups_after_the_one_that_broke_the_bound() -> None:
+    """One group that costs much held out (g1) ends the prefix; the groups after it that fit
+    there are still taken, in chunks, and the plan kept meets the bound."""
+    from quantkit.tune.search import holdout_phase
+
+    order = ["kind1", "g0", "g1", *[f"h{i}" for i in range(8)]]
+    costs = {"search": {}, "holdout": {"g1": 0.5, "h5": 0.2, "h1": 0.01, "h2": 0.01}}
+    search = _ScriptedSearch(costs)
+    search.measurer = _CachedMeasurer(search)
+    plan, ppl, met = holdout_phase(search, list(reversed(order)), order, 10.1)
+    assert met and plan[:2] == ["kind1", "g0"]
+    assert set(plan) == set(order) - {"g1", "h5"} and ppl == pytest.approx(10.02)
+    assert ppl <= 10.1 and all(s.stage == "holdout" for s in search.path)
+    assert len(search.path) < 1 + 4 + 8  # chunks, not one measurement per group
 
 
 @pytest.mark.parametrize("width", [2, 3, 7])
