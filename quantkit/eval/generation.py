@@ -30,7 +30,6 @@ prompts whose whole continuation is the reference's.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -87,18 +86,10 @@ def parse_decode_grid(text: str) -> list[DecodePoint] | None:
         return None
     if text == "none":
         return []
-    points: list[DecodePoint] = []
-    for item in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
-        if not match:
-            raise QuantkitError(f"decode grid entry '{item.strip()}' is not BATCHxPAST",
-                                "e.g. --decode-grid 1x128,8x512")
-        point = DecodePoint(int(match.group(1)), int(match.group(2)))
-        if point.batch < 1 or point.past < 1:
-            raise QuantkitError(f"decode grid entry '{point}' needs batch and past of at least 1")
-        if point not in points:
-            points.append(point)
-    return points
+    from quantkit.eval.latency import parse_pairs
+
+    return [DecodePoint(b, p) for b, p in parse_pairs(text, "decode grid", "past",
+                                                      "e.g. --decode-grid 1x128,8x512")]
 
 
 @dataclass(frozen=True)

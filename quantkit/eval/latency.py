@@ -39,24 +39,31 @@ class GridPoint:
         return f"{self.batch}x{self.seq}"
 
 
+def parse_pairs(text: str, what: str, second: str, example: str) -> list[tuple[int, int]]:
+    """``"1x128,4x512"`` -> distinct (batch, n) pairs in order, each at least 1; ``what`` names
+    the list in errors (``"latency grid"``), ``second`` its second number (``"seq"``)."""
+    pairs: list[tuple[int, int]] = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
+        if not match:
+            raise QuantkitError(f"{what} entry '{item.strip()}' is not BATCHx{second.upper()}",
+                                example)
+        pair = (int(match.group(1)), int(match.group(2)))
+        if min(pair) < 1:
+            raise QuantkitError(f"{what} entry '{pair[0]}x{pair[1]}' needs batch and {second} "
+                                "of at least 1")
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
 def parse_grid(text: str) -> list[GridPoint]:
     """``"1x128,4x512"`` -> grid points; ``""`` or ``"none"`` -> no latency measurement."""
     text = text.strip()
     if text.lower() in ("", "none"):
         return []
-    points: list[GridPoint] = []
-    for item in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
-        if not match:
-            raise QuantkitError(
-                f"latency grid entry '{item.strip()}' is not BATCHxSEQ", "e.g. 1x128,1x512"
-            )
-        point = GridPoint(int(match.group(1)), int(match.group(2)))
-        if point.batch < 1 or point.seq < 1:
-            raise QuantkitError(f"latency grid entry '{point}' needs batch and seq of at least 1")
-        if point not in points:
-            points.append(point)
-    return points
+    return [GridPoint(b, s) for b, s in parse_pairs(text, "latency grid", "seq",
+                                                    "e.g. 1x128,1x512")]
 
 
 def check_grid(grid: Sequence[GridPoint], max_positions: int | None) -> None:
