@@ -42,13 +42,17 @@ def check_cache_settings(config: Any) -> None:
                                 "export it with 'quantkit export --with-cache'")
 
 
+def cache_step_count(config: Any, transform: str) -> int:
+    """This module's steps: the cache export (from a model), a transform of the cache graph,
+    two builds and the generation check."""
+    return 3 + (transform != "none") + (config.cache_onnx is None)
+
+
 def export_cache_step(config: Any, steps: Any, out: Path, transform: str) -> Path:
     """The cache export's directory: ``--cache-onnx``'s, or a step exporting ``--model`` (before
-    the search, so a ``--time-budget`` counts it); ``steps.total`` counts this module's steps
-    (the export, a transform of the cache graph, two builds and the generation check)."""
+    the search, so a ``--time-budget`` counts it)."""
     from quantkit.export import find_onnx
 
-    steps.total += 3 + (transform != "none") + (config.cache_onnx is None)
     if config.cache_onnx is not None:
         return find_onnx(Path(config.cache_onnx)).parent
     directory = Path(out) / CACHE_EXPORT_DIR

@@ -83,6 +83,18 @@ def choose_transform(onnx_path: Path, wanted: str) -> dict[str, Any]:
                                      "outliers (measured on SmolLM2-135M, README)"}
 
 
+def planned_steps(config: QuantizeConfig, transform: str) -> int:
+    """How many steps ``quantize`` runs with ``transform``: export (from a model), rotation,
+    calibration, the search, three reference builds, evaluation and report, and with a cache
+    the cache steps (``quantkit.cache_quantize.cache_step_count``)."""
+    count = 7 + (config.model is not None) + (transform == "rotate")
+    if config.with_cache:
+        from quantkit.cache_quantize import cache_step_count
+
+        count += cache_step_count(config, transform)
+    return count
+
+
 def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
              say: Callable[[str], None] = print, command: str | None = None,
              progress: bool = False) -> QuantizeResult:
@@ -106,7 +118,11 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     check_roles_disjoint([role_of_source(role, s) for role, s in sources.items()],
                          allow_with=None)
     started = time.perf_counter()
-    steps = Steps(out, total=7 + (config.model is not None), say=say, force=force, tty=progress)
+    # counted from the transform expected (rotation unless another was asked for); corrected,
+    # with the reason printed, once the export shows which transform applies
+    expected = "rotate" if config.transform in ("auto", "rotate") else config.transform
+    steps = Steps(out, total=planned_steps(config, expected), say=say, force=force,
+                  tty=progress)
 
     export_dir = out / "export"
     if config.model is not None:
@@ -123,7 +139,7 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
         export_dir = find_onnx(Path(config.onnx)).parent
     transform = choose_transform(find_onnx(export_dir), config.transform)
     say(f"transform: {transform['name']} ({transform['why']})")
-    steps.total += transform["name"] == "rotate"
+    steps.total = planned_steps(config, transform["name"])
     if config.with_cache:
         from quantkit.cache_quantize import export_cache_step
 

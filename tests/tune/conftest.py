@@ -3,6 +3,8 @@ block, calibrated with quantkit's own collector (table.json + stats.npz)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.conftest import loaded, make_tiny_llama
@@ -101,3 +103,8 @@ def fragile_sq_calibration(fragile_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("calib-sq") / "calib-sq"
     run_calibration(request, out)
     return out
+
+
+def step_totals(lines: list[str]) -> set[int]:
+    """The N of every "[k/N] step" line."""
+    return {int(m.group(1)) for line in lines if (m := re.match(r"\[\d+/(\d+)\] ", line))}

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.errors import QuantkitError
+from tests.tune.conftest import step_totals
 
 SETTINGS = dict(max_length=64, num_samples=16, seq_len=64, search_windows=3, holdout_windows=3,
                 max_evals=40, eval_tokens=1280, threads=1, latency_iterations=2)
@@ -48,6 +49,18 @@ def test_every_step_and_the_verified_engine(quantized) -> None:
     saved = json.loads((out / "quantize.json").read_text())
     assert saved["schema"] == "quantkit.quantize/1" and saved["met_budget"] is True
     assert any(line.startswith("[1/8] rotate") for line in lines)
+    assert step_totals(lines) == {8}  # every step line counts the same steps
+
+
+def test_step_count_follows_the_transform() -> None:
+    from quantkit.oneshot import planned_steps
+    from quantkit.quantize_config import QuantizeConfig
+
+    from_model = QuantizeConfig(model="smollm2-135m", dataset="sample")
+    assert planned_steps(from_model, "rotate") == 9  # export, rotate, calibrate, ... report
+    assert planned_steps(from_model, "smoothquant") == 8  # SmoothQuant is inside calibrate
+    from_export = QuantizeConfig(onnx="some/export", dataset="sample", with_cache=True)
+    assert planned_steps(from_export, "none") == 7 + 4  # cache: export, 2 builds, check
 
 
 def test_roles_read_disjoint_text(quantized) -> None:

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.errors import QuantkitError
+from tests.tune.conftest import step_totals
 
 SETTINGS = dict(max_length=64, num_samples=16, seq_len=64, search_windows=3, holdout_windows=3,
                 max_evals=40, eval_tokens=640, threads=1, latency_iterations=2,
@@ -43,6 +44,7 @@ def test_cache_steps_and_the_generation_check(quantized) -> None:
     assert names[-4:] == ["rotate cache", "build cache-fp32", "build cache-quantized",
                           "generation check"]
     assert any(line.startswith("[12/12] generation check") for line in lines)
+    assert step_totals(lines) == {12}
     generation = result.generation
     assert result.cache_engine == str(out / "engines" / "cache-quantized")
     assert generation["prompts"] == 2 and generation["max_new_tokens"] == 8
