@@ -4,6 +4,7 @@ verified engine within the budget on the evaluation part, resumable, and its bad
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -56,10 +57,10 @@ def test_step_count_follows_the_transform() -> None:
     from quantkit.oneshot import planned_steps
     from quantkit.quantize_config import QuantizeConfig
 
-    from_model = QuantizeConfig(model="smollm2-135m", dataset="sample")
+    from_model = QuantizeConfig(model="smollm2-135m")
     assert planned_steps(from_model, "rotate") == 9  # export, rotate, calibrate, ... report
     assert planned_steps(from_model, "smoothquant") == 8  # SmoothQuant is inside calibrate
-    from_export = QuantizeConfig(onnx="some/export", dataset="sample", with_cache=True)
+    from_export = QuantizeConfig(onnx=Path("some/export"), with_cache=True)
     assert planned_steps(from_export, "none") == 7 + 4  # cache: export, 2 builds, check
 
 
