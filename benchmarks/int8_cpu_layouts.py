@@ -144,7 +144,7 @@ def isolated_matmul(k: int = 576, n: int = 256, m: int = 64) -> dict[str, float]
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from quantkit.qdq import stored_weight, weight_qmax
+    from quantkit.weight_quant import stored_weight, weight_qmax
 
     rng = np.random.default_rng(0)
     x = (rng.choice([-127.0, 127.0], size=(m, k)) * 0.05).astype(np.float32)

@@ -35,8 +35,8 @@ def carry_table(table: CalibrationTable, plain_onnx: Path,
 
     from quantkit.calib.gptq import weight_key
     from quantkit.export import onnx_model_hash
+    from quantkit.graph_edit import constant_weight, range_source
     from quantkit.plan import QUANTIZABLE_OP_TYPES
-    from quantkit.qdq import constant_weight, range_source
 
     plain = onnx.load(str(plain_onnx))
     cache = onnx.load(str(cache_onnx))

@@ -126,8 +126,8 @@ def _constant(name: str, inits: dict[str, Any], producers: dict[str, Any],
               base_dir: Path) -> np.ndarray | None:
     """A node input's value as the node reads it, if it is a constant (an initializer or a
     Transpose of one, like a tied LM head)."""
+    from quantkit.graph_edit import constant_weight
     from quantkit.onnx_io import read_initializer
-    from quantkit.qdq import constant_weight
 
     found = constant_weight(name, inits, producers)
     if found is None:

@@ -1,15 +1,18 @@
-"""Small helpers for the ONNX rewrites (SmoothQuant, rotation, GPTQ): who produces and reads
-each tensor, removing what a rewrite left unused, and running a graph with inner tensors as
+"""Small helpers for the ONNX rewrites (Q/DQ, SmoothQuant, rotation, GPTQ): who produces and reads
+each tensor, which tensor is a quantizable constant weight or a view of a calibrated one, a node's
+attributes, removing what a rewrite left unused, and running a graph with inner tensors as
 outputs."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops that only move values
+# ops whose output holds exactly the values of their first input (same range)
+_ALIAS_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 _TOKEN_AXES = (0, 1, -2, -3)  # batch and sequence axes of a [batch, seq, channels] activation
 
 
@@ -178,3 +181,38 @@ def zeros_for_float_weights(graph: Any, min_bytes: int = 1024) -> int:
     del graph.node[:]
     graph.node.extend([*nodes.values(), *ordered])
     return count
+
+
+def node_attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def constant_weight(tensor: str, inits: Mapping[str, Any], producers: Mapping[str, Any]
+                    ) -> tuple[str, tuple[int, ...] | None] | None:
+    """(initializer, transpose perm or None) if ``tensor`` is a weight that can be quantized: an
+    initializer, or a Transpose of one (a tied LM head)."""
+    if tensor in inits:
+        return tensor, None
+    node = producers.get(tensor)
+    if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
+        rank = len(inits[node.input[0]].dims)
+        perm = node_attrs(node).get("perm") or list(reversed(range(rank)))
+        return node.input[0], tuple(int(p) for p in perm)
+    return None
+
+
+def range_source(tensor: str, amax: Mapping[str, float],
+                 producers: Mapping[str, Any]) -> str | None:
+    """The table entry that holds the range of ``tensor``: itself, or the tensor it is a
+    Reshape/Transpose/... view of (such ops move values without changing them); None if neither
+    is calibrated."""
+    seen = 0
+    while tensor not in amax:
+        node = producers.get(tensor)
+        if node is None or node.op_type not in _ALIAS_OPS or seen > 64:
+            return None
+        tensor = node.input[0]
+        seen += 1
+    return tensor

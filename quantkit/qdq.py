@@ -43,6 +43,10 @@ What the rewrite produces (explicit quantization, the form TensorRT 10/11 and ON
 
 ``rewrite_model`` also reports what was built (``as_built``: node -> precision actually used),
 how many Q/DQ pairs each INT8 op got, and which nodes were merged.
+
+The weight arithmetic it stores (scales, integers, layouts) is :mod:`quantkit.weight_quant`;
+measuring a graph, rewritten or not (MACs, INT8 coverage, Q/DQ counts), is
+:mod:`quantkit.graph_stats`.
 """
 
 from __future__ import annotations
@@ -57,18 +61,23 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
+from quantkit.graph_edit import constant_weight, node_attrs, range_source
+from quantkit.graph_stats import _elem_types
 from quantkit.onnx_io import INLINE_BYTES, SpillFile, read_initializer
 from quantkit.plan import QUANTIZABLE_OP_TYPES, Precision, PrecisionPlan, int8_capable
+from quantkit.weight_quant import (
+    check_given_weights_layout,
+    check_weight_layout,
+    quantize_weight,
+    stored_weight,
+    symmetric_scale,
+    weight_axis,
+    weight_qmax,
+)
 
-INT8_MAX = 127
-INT7_MAX = 63
-WEIGHT_LAYOUTS = ("s8", "u8", "s7")  # see the module docstring; quantkit.environment chooses
-U8_ZERO_POINT = 128
 FP16_MAX = float(np.finfo(np.float16).max)
 SHARED_INPUT_MODES = ("fuse", "dedicated")
 FP16_MODES = ("native", "emulate")
-# ops whose output holds exactly the values of their first input (same range)
-_ALIAS_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 # Ops whose output element type is set by an attribute or which compute nothing in float: an FP16
 # decision leaves them as they are.
@@ -107,27 +116,6 @@ class QdqOptions:
                 "weight_layout": self.weight_layout, "fp16": self.fp16}
 
 
-def check_weight_layout(layout: str) -> str:
-    if layout not in WEIGHT_LAYOUTS:
-        raise QuantkitError(f"unknown weight layout '{layout}'",
-                            f"use one of: {', '.join(WEIGHT_LAYOUTS)}")
-    return layout
-
-
-def weight_qmax(layout: str) -> int:
-    """The largest |integer| of a weight in ``layout`` (127, or 63 for ``s7``)."""
-    return INT7_MAX if check_weight_layout(layout) == "s7" else INT8_MAX
-
-
-def stored_weight(q: np.ndarray, layout: str) -> tuple[np.ndarray, np.generic]:
-    """The initializer and the zero point that store the symmetric integers ``q`` in ``layout``:
-    int8 with zero point 0, or for ``u8`` ``q + 128`` as uint8 with zero point 128
-    (DequantizeLinear gives the same values)."""
-    if layout == "u8":
-        return (q.astype(np.int16) + U8_ZERO_POINT).astype(np.uint8), np.uint8(U8_ZERO_POINT)
-    return q.astype(np.int8), np.int8(0)
-
-
 @dataclass
 class RewriteResult:
     """The rewritten model and what it holds, keyed by the original node names."""
@@ -147,97 +135,6 @@ class RewriteResult:
             "fused": self.fused,
             "notes": self.notes,
         }
-
-
-# -- numerics ----------------------------------------------------------------------------------
-def symmetric_scale(amax: np.ndarray | float, qmax: int = INT8_MAX) -> np.ndarray:
-    """``amax / qmax`` (127 by default); an all-zero channel or tensor gets scale 1 (its values
-    quantize to 0)."""
-    amax = np.asarray(amax, dtype=np.float64)
-    if not np.all(np.isfinite(amax)):
-        raise QuantkitError("cannot quantize a tensor whose range is not finite")
-    return np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-
-
-def quantize_weight(weight: np.ndarray, axis: int | None,
-                    qmax: int = INT8_MAX) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric integer quantization of a weight, per channel along ``axis`` (None: per tensor).
-
-    Returns ``(q, scale)`` with ``q`` int8 in [-qmax, qmax] (127, or 63 for 7-bit weights) and
-    ``scale`` float32 of shape ``[weight.shape[axis]]`` (or a scalar)."""
-    weight = np.asarray(weight, dtype=np.float32)
-    if axis is None:
-        scale = symmetric_scale(_abs_max(weight, None), qmax)
-        return _round_clip(weight, scale, qmax), scale.reshape(())
-    axis = axis % weight.ndim
-    reduce = tuple(i for i in range(weight.ndim) if i != axis)
-    scale = symmetric_scale(_abs_max(weight, reduce), qmax)
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    return _round_clip(weight, scale.reshape(shape), qmax), scale
-
-
-def _abs_max(weight: np.ndarray, axis: tuple[int, ...] | None) -> np.ndarray:
-    """max|w| (along ``axis``) as max(max w, -min w): the same numbers, without a copy of the
-    weight (a 1.1B model's LM head is 262 MB in FP32)."""
-    return np.maximum(np.max(weight, axis=axis), -np.min(weight, axis=axis))
-
-
-def _round_clip(weight: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
-    """``clip(rint(weight / scale), -qmax, qmax)`` as int8, in one float32 temporary."""
-    scaled = np.divide(weight, scale, dtype=np.float32)
-    np.rint(scaled, out=scaled)
-    np.clip(scaled, -qmax, qmax, out=scaled)
-    return scaled.astype(np.int8)
-
-
-def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
-    """Inverse of ``quantize_weight`` (what DequantizeLinear computes)."""
-    scale = np.asarray(scale, dtype=np.float32)
-    if axis is None or scale.ndim == 0:
-        return q.astype(np.float32) * scale
-    shape = [1] * q.ndim
-    shape[axis % q.ndim] = -1
-    return q.astype(np.float32) * scale.reshape(shape)
-
-
-def weight_axis(op_type: str, input_index: int, rank: int, attrs: Mapping[str, Any]) -> int:
-    """The axis of a constant MatMul/Gemm operand that holds the op's output channels."""
-    if op_type == "Gemm":
-        if input_index == 1:
-            return 0 if attrs.get("transB", 0) else 1
-        return 1 if attrs.get("transA", 0) else 0
-    # MatMul: B [..., K, N] -> N; A [..., M, K] -> M
-    return rank - 1 if input_index == 1 else max(rank - 2, 0)
-
-
-def range_source(tensor: str, amax: Mapping[str, float],
-                 producers: Mapping[str, Any]) -> str | None:
-    """The table entry that holds the range of ``tensor``: itself, or the tensor it is a
-    Reshape/Transpose/... view of (such ops move values without changing them); None if neither
-    is calibrated."""
-    seen = 0
-    while tensor not in amax:
-        node = producers.get(tensor)
-        if node is None or node.op_type not in _ALIAS_OPS or seen > 64:
-            return None
-        tensor = node.input[0]
-        seen += 1
-    return tensor
-
-
-def constant_weight(tensor: str, inits: Mapping[str, Any], producers: Mapping[str, Any]
-                    ) -> tuple[str, tuple[int, ...] | None] | None:
-    """(initializer, transpose perm or None) if ``tensor`` is a weight that can be quantized: an
-    initializer, or a Transpose of one (a tied LM head)."""
-    if tensor in inits:
-        return tensor, None
-    node = producers.get(tensor)
-    if node is not None and node.op_type == "Transpose" and node.input[0] in inits:
-        rank = len(inits[node.input[0]].dims)
-        perm = node_attrs(node).get("perm") or list(reversed(range(rank)))
-        return node.input[0], tuple(int(p) for p in perm)
-    return None
 
 
 # -- the rewrite -------------------------------------------------------------------------------
@@ -781,26 +678,6 @@ class _Rewriter:
         del self.graph.value_info[:]
 
 
-def check_given_weights_layout(layout: str) -> None:
-    """GPTQ weights are 8-bit integers: ``s8`` and ``u8`` store them as they are; ``s7`` would
-    round them a second time, undoing what GPTQ chose."""
-    if layout == "s7":
-        raise QuantkitError("the calibration table's GPTQ weights are 8-bit; the s7 weight "
-                            "layout would round them again to 7 bits",
-                            "build with weight_layout=u8 (exact on every x86 CPU) or s8")
-
-
-def float_node_precisions(model: Any) -> dict[str, str]:
-    """``fp32`` for every node that reads or writes a float32 tensor, ``none`` for the rest
-    (shape arithmetic): the as-built record of an unmodified FP32 graph."""
-    types = _elem_types(model)
-    return {
-        node.name: "fp32" if any(types.get(t) == 1 for t in [*node.input, *node.output] if t)
-        else "none"
-        for node in model.graph.node
-    }
-
-
 def _remove_dead_nodes(graph: Any) -> None:
     """Drop nodes whose outputs nobody reads (a Transpose folded into an int8 weight)."""
     outputs = {o.name for o in graph.output}
@@ -826,150 +703,3 @@ def _fused_name(members: list[str]) -> str:
     stems = [t[: -len("/MatMul")] if t.endswith("/MatMul") else t for t in tails]
     prefix = "/".join(common)
     return f"{prefix}/{'+'.join(stems)}/{op}"
-
-
-def node_attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _elem_types(model: Any) -> dict[str, int]:
-    """Element type of every tensor, from the graph and ONNX shape inference."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # inference is best effort: fall back to the graph's own value_info
-        inferred = model
-    types: dict[str, int] = {}
-    graph = inferred.graph
-    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
-        if info.type.HasField("tensor_type"):
-            types[info.name] = info.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
-# -- MACs and coverage -------------------------------------------------------------------------
-def linear_layer_macs(model_path: Path, seq_len: int, batch: int = 1) -> dict[str, int]:
-    """Multiply-accumulates of every MatMul/Gemm node for one ``batch x seq_len`` forward pass.
-
-    Shapes come from running the FP32 graph once in ONNX Runtime on dummy ids with a ``Shape``
-    node added after each operand (so every shape is concrete, whatever the exporter did with
-    reshapes); MACs = broadcast batch dims x M x K x N. The weights are zeros made when they
-    are read (``zeros_for_float_weights``): shapes do not depend on them, and the run holds a
-    node's weights at a time instead of the model's (a 1.1B model's 4.4 GB and their prepacked
-    copies); constant operands' shapes are read from the graph.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    from quantkit.graph_edit import unoptimized_session, zeros_for_float_weights
-
-    model = onnx.load(str(model_path), load_external_data=False)  # weights stay on disk
-    targets = [n for n in model.graph.node if n.op_type in QUANTIZABLE_OP_TYPES]
-    inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output if o}
-    # a constant operand's shape is in the graph; a Shape node on it would be a leaf that ONNX
-    # Runtime may run first, holding every weight from the start of the run
-    shapes: dict[str, list[int]] = {}
-    for node in targets:
-        for tensor in node.input[:2]:
-            weight = constant_weight(tensor, inits, producers)
-            if weight is not None:
-                dims = [int(d) for d in inits[weight[0]].dims]
-                shapes[tensor] = dims if weight[1] is None else [dims[p] for p in weight[1]]
-    zeros_for_float_weights(model.graph)
-    shape_outputs: dict[str, str] = {}
-    for node in targets:
-        for tensor in node.input[:2]:
-            if tensor in shapes or tensor in shape_outputs:
-                continue
-            name = f"{tensor}/__qk_shape"
-            model.graph.node.append(helper.make_node("Shape", [tensor], [name]))
-            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.INT64, None))
-            shape_outputs[tensor] = name
-    feeds = _dummy_feeds(model, batch, seq_len)
-    # in the graph's order: each zero-filled weight is made just before its reader and freed
-    # after it (ONNX Runtime's default order made them all first: 2.9 GB at 1.1B, not 0.65)
-    session = unoptimized_session(model, Path(model_path).parent, in_node_order=True)
-    names = list(shape_outputs.values())
-    values = dict(zip(shape_outputs, session.run(names, feeds), strict=True))
-    shapes.update({t: [int(d) for d in v] for t, v in values.items()})
-    return {node.name: _matmul_macs(node, shapes[node.input[0]], shapes[node.input[1]])
-            for node in targets}
-
-
-def _matmul_macs(node: Any, a: list[int], b: list[int]) -> int:
-    if node.op_type == "Gemm":
-        attrs = node_attrs(node)
-        m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
-        n = b[0] if attrs.get("transB", 0) else b[1]
-        return m * k * n
-    if len(a) == 1:
-        a = [1, a[0]]
-    if len(b) == 1:
-        b = [b[0], 1]
-    m, k, n = a[-2], a[-1], b[-1]
-    batch_a, batch_b = a[:-2], b[:-2]
-    width = max(len(batch_a), len(batch_b))
-    batch_a = [1] * (width - len(batch_a)) + batch_a
-    batch_b = [1] * (width - len(batch_b)) + batch_b
-    batch = math.prod(max(x, y) for x, y in zip(batch_a, batch_b, strict=True))
-    return batch * m * k * n
-
-
-PAST_PREFIX = "past_key_values."  # quantkit.export_cache's past inputs
-
-
-def _dummy_feeds(model: Any, batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    from onnx import helper
-
-    initializers = {t.name for t in model.graph.initializer}
-    feeds: dict[str, np.ndarray] = {}
-    for info in model.graph.input:
-        if info.name in initializers:
-            continue
-        dims = info.type.tensor_type.shape.dim
-        shape = []
-        for i, dim in enumerate(dims):
-            if dim.HasField("dim_value"):
-                shape.append(int(dim.dim_value))
-            elif i == 0:
-                shape.append(batch)
-            else:  # a KV-cache graph's past is empty: the forward pass of a plain graph
-                shape.append(0 if info.name.startswith(PAST_PREFIX) else seq_len)
-        dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
-        feeds[info.name] = np.ones(shape, dtype=dtype)
-    return feeds
-
-
-def int8_coverage(macs: Mapping[str, int], as_built: Mapping[str, str]) -> float:
-    """Share of linear-layer MACs (all MatMul/Gemm nodes) that run in INT8."""
-    total = sum(macs.values())
-    if total == 0:
-        return 0.0
-    return sum(v for k, v in macs.items() if as_built.get(k) == Precision.INT8.value) / total
-
-
-def count_qdq(model: Any) -> dict[str, Counter[str]]:
-    """For each node that reads a DequantizeLinear output: how many activation pairs
-    (Q -> DQ) and weight DQs (DQ of an initializer) feed it. For tests and ``plan show``."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name for t in model.graph.initializer}
-    result: dict[str, Counter[str]] = defaultdict(Counter)
-    for node in model.graph.node:
-        for tensor in node.input:
-            dq = producers.get(tensor)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            source = dq.input[0]
-            q = producers.get(source)
-            if source in inits:
-                result[node.name]["weight"] += 1
-            elif q is not None and q.op_type == "QuantizeLinear":
-                result[node.name]["activation"] += 1
-    return dict(result)
-

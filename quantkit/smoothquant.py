@@ -30,7 +30,7 @@ import numpy as np
 from quantkit.errors import QuantkitError
 from quantkit.export import write_derived_export
 from quantkit.graph_edit import PASS_THROUGH, drop_unused, graph_index
-from quantkit.qdq import INT8_MAX, dequantize, quantize_weight, symmetric_scale
+from quantkit.weight_quant import INT8_MAX, dequantize, quantize_weight, symmetric_scale
 
 MIN_SCALE = 1e-5
 AUTO = "auto"

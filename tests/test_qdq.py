@@ -12,17 +12,10 @@ from onnx import numpy_helper
 from quantkit.backends.onnxruntime import fp16_unsupported, fusion_report
 from quantkit.environment import cpu_isa
 from quantkit.errors import QuantkitError
+from quantkit.graph_stats import count_qdq, linear_layer_macs
 from quantkit.plan import PlanRecipe, PlanRule, Precision, PrecisionPlan, resolve_plan
-from quantkit.qdq import (
-    QdqOptions,
-    count_qdq,
-    dequantize,
-    linear_layer_macs,
-    quantize_weight,
-    rewrite_model,
-    symmetric_scale,
-    weight_axis,
-)
+from quantkit.qdq import QdqOptions, rewrite_model
+from quantkit.weight_quant import dequantize, quantize_weight, symmetric_scale, weight_axis
 from tests.build_helpers import (
     FP16_LOGIT_TOLERANCE,
     INT8_LOGIT_TOLERANCE,

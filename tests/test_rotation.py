@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from quantkit.cli.main import cli
 from quantkit.errors import QuantkitError
+from quantkit.graph_stats import linear_layer_macs
 from quantkit.plan import ROTATION_SEGMENT, PlanRecipe, PlanRule, Precision, resolve_plan
-from quantkit.qdq import QdqOptions, linear_layer_macs, rewrite_model
+from quantkit.qdq import QdqOptions, rewrite_model
 from quantkit.rotation import (
     online_factors,
     random_orthogonal,

@@ -18,15 +18,10 @@ from quantkit.backends.base import Backend, BuildRequest, Engine, Runner
 from quantkit.environment import CpuIsa, cpu_isa, weight_layout_for
 from quantkit.errors import MissingDependencyError, QuantkitError, QuantkitWarning
 from quantkit.export import ONNX_NAME, TOKENIZER_DIR, export_manifest, onnx_model_hash
+from quantkit.graph_stats import float_node_precisions, int8_coverage, linear_layer_macs
 from quantkit.plan import NodeDecision, PlanRecipe, Precision, PrecisionPlan, resolve_plan
-from quantkit.qdq import (
-    WEIGHT_LAYOUTS,
-    QdqOptions,
-    RewriteResult,
-    float_node_precisions,
-    int8_coverage,
-    linear_layer_macs,
-)
+from quantkit.qdq import QdqOptions, RewriteResult
+from quantkit.weight_quant import WEIGHT_LAYOUTS
 
 if TYPE_CHECKING:
     from quantkit.calib.table import CalibrationTable
@@ -457,7 +452,7 @@ def _load_graph(onnx_path: Path, with_weights: bool) -> Any:
 
 
 def _types_of(model: Any) -> dict[str, int]:
-    from quantkit.qdq import _elem_types
+    from quantkit.graph_stats import _elem_types
 
     return _elem_types(model)
 

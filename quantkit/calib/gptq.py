@@ -65,8 +65,9 @@ class WeightTarget:
 
 def weight_targets(model: Any) -> list[WeightTarget]:
     """Every MatMul/Gemm with one constant 2-D weight and one activation, in graph order."""
+    from quantkit.graph_edit import constant_weight, node_attrs
     from quantkit.plan import int8_capable
-    from quantkit.qdq import constant_weight, node_attrs, weight_axis
+    from quantkit.weight_quant import weight_axis
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -179,7 +180,7 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, *, damping: float = D
     the RTN per-output-channel ``scale`` with ``q * scale`` close to ``weight`` where the
     activations are. Rows are taken in order of decreasing ``diag(H)`` (the most active input
     channels first, "act order"), so their errors can be absorbed by the others."""
-    from quantkit.qdq import symmetric_scale
+    from quantkit.weight_quant import symmetric_scale
 
     w = np.asarray(weight, dtype=np.float64).copy()
     n = w.shape[0]
@@ -240,7 +241,7 @@ def gptq_weights(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]], *
     import onnx
 
     from quantkit.onnx_io import read_initializer, weight_bytes
-    from quantkit.qdq import quantize_weight
+    from quantkit.weight_quant import quantize_weight
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     targets = weight_targets(model)

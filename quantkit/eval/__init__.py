@@ -3,12 +3,14 @@
 * ``perplexity``: the Hugging Face perplexity-guide method over an engine's ``nll`` or ``logits``.
 * ``latency``: warm-up + timed iterations over a batch x sequence grid; peak memory.
 * ``results``: the versioned ``results.json`` schema (``quantkit.results/1``), writer and reader.
+* ``engines``: loading engine directories and checking they can be compared and run.
 * ``evaluate``: ``evaluate_engines`` runs all of it for ``quantkit eval``.
 
 Importing this package imports numpy only; engines, tokenizers and rich load when used.
 """
 
-from quantkit.eval.evaluate import EvalConfig, evaluate_engines, load_engines
+from quantkit.eval.engines import load_engines
+from quantkit.eval.evaluate import EvalConfig, evaluate_engines
 from quantkit.eval.latency import GridPoint, LatencyPoint, measure_latency, parse_grid
 from quantkit.eval.perplexity import (
     PerplexityResult,

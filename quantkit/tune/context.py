@@ -53,7 +53,7 @@ class TuneSettings:
         if self.search_windows < 0 or self.holdout_windows < 0:
             raise QuantkitError("search-windows and holdout-windows must not be negative")
         if self.weight_layout != "auto":
-            from quantkit.qdq import check_weight_layout
+            from quantkit.weight_quant import check_weight_layout
 
             check_weight_layout(self.weight_layout)
 
@@ -131,8 +131,8 @@ def load_context(settings: TuneSettings, methods: tuple[str, ...] = (),
     from quantkit.eval.perplexity import tokenize_text
     from quantkit.eval.text import load_evaluation_text
     from quantkit.export import export_manifest, find_onnx, onnx_model_hash, tokenizer_beside
+    from quantkit.graph_stats import linear_layer_macs
     from quantkit.models import cache_dir
-    from quantkit.qdq import linear_layer_macs
     from quantkit.text_roles import check_roles_disjoint, role_text
     from quantkit.tune.groups import groups_of_model
     from quantkit.tune.measure import Measurer, choose_windows

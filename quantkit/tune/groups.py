@@ -123,7 +123,7 @@ def quantizable_nodes(model: Any) -> list[MatMulNode]:
     """Every MatMul/Gemm of ``model`` that has an INT8 form (not the online rotations), in graph
     order. A weight is constant when it is an initializer or a Transpose of one (a tied LM
     head)."""
-    from quantkit.qdq import constant_weight
+    from quantkit.graph_edit import constant_weight
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}

@@ -34,20 +34,17 @@ import numpy as np
 
 from quantkit.calib.gptq import weight_key
 from quantkit.errors import QuantkitError
-from quantkit.graph_edit import drop_unused
-from quantkit.qdq import (
+from quantkit.graph_edit import constant_weight, drop_unused, node_attrs, range_source
+from quantkit.tune.groups import QuantGroup
+from quantkit.weight_quant import (
     check_given_weights_layout,
     check_weight_layout,
-    constant_weight,
     dequantize,
-    node_attrs,
     quantize_weight,
-    range_source,
     symmetric_scale,
     weight_axis,
     weight_qmax,
 )
-from quantkit.tune.groups import QuantGroup
 
 FLAG_PREFIX = "quantkit_probe/flag/"
 SCALE_PREFIX = "quantkit_probe/scale/"

@@ -17,8 +17,8 @@ from quantkit.build import plan_for
 from quantkit.environment import CpuIsa, cpu_isa
 from quantkit.errors import QuantkitError, QuantkitWarning
 from quantkit.export import onnx_model_hash
+from quantkit.graph_stats import linear_layer_macs
 from quantkit.plan import PlanRecipe, PlanRule, Precision, resolve_plan
-from quantkit.qdq import linear_layer_macs
 from tests.build_helpers import (
     INT8_LOGIT_TOLERANCE,
     MACHINE_WEIGHT_LAYOUT,

@@ -17,8 +17,9 @@ from quantkit.build import plan_for
 from quantkit.calib.gptq import QuantizedWeight
 from quantkit.onnx_io import INLINE_BYTES, is_external, read_initializer
 from quantkit.plan import PlanRecipe, PlanRule, Precision, resolve_plan
-from quantkit.qdq import QdqOptions, quantize_weight
+from quantkit.qdq import QdqOptions
 from quantkit.rewrite_io import SPILL_NAME, open_for_rewrite
+from quantkit.weight_quant import quantize_weight
 from tests.build_helpers import MACHINE_WEIGHT_LAYOUT
 
 pytest_plugins = ("tests.fixtures_build",)

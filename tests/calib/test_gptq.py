@@ -22,7 +22,7 @@ from quantkit.calib.gptq import (
 from quantkit.calib.table import CalibrationTable
 from quantkit.cli.main import cli
 from quantkit.errors import QuantkitError
-from quantkit.qdq import quantize_weight
+from quantkit.weight_quant import quantize_weight
 
 
 def _correlated(rng: np.random.Generator, tokens: int, channels: int) -> np.ndarray:

@@ -9,7 +9,8 @@ import pytest
 
 from quantkit.backends.base import Engine
 from quantkit.errors import QuantkitError
-from quantkit.eval.evaluate import EvalConfig, evaluate_engines, load_engines
+from quantkit.eval.engines import load_engines
+from quantkit.eval.evaluate import EvalConfig, evaluate_engines
 from quantkit.eval.latency import GridPoint
 from quantkit.eval.perplexity import evaluate_perplexity
 from quantkit.eval.results import load_results, write_results
@@ -165,7 +166,7 @@ def test_config_from_recipe() -> None:
 
 
 def test_shape_ranges_of_fixed_profile_engines() -> None:
-    from quantkit.eval.evaluate import check_shapes, shape_limits
+    from quantkit.eval.engines import check_shapes, shape_limits
 
     manifest = {"tensorrt": {"profiles": [{"min": [1, 1], "opt": [1, 256], "max": [4, 512]},
                                           {"min": [1, 1], "opt": [8, 64], "max": [8, 128]}]}}

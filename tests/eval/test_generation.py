@@ -222,7 +222,7 @@ def test_agreement_tokens_are_generate_s(cache_engines, cache_results):
     """The agreement's tokens are what ``quantkit generate`` (greedy) gives for the same prompt."""
     from quantkit.backends.base import Engine
     from quantkit.data import resolve_text_source
-    from quantkit.eval.evaluate import load_engines
+    from quantkit.eval.engines import load_engines
     from quantkit.eval.perplexity import tokenize_text
     from quantkit.eval.text import load_evaluation_text
     from quantkit.generate import greedy_decode
