@@ -3,8 +3,12 @@
 Everything that can be wrong with the input is checked before the first engine runs: every path is
 an engine, all engines come from the same model (``source_model_hash``) and tokenize the same way
 (vocabulary fingerprint), the window settings fit the model, the text is not empty. Each engine
-then runs alone (one runner at a time): perplexity over the windows, then the latency grid, with its
-peak memory measured around both.
+then runs alone (one runner at a time) for its perplexity over the windows, with its peak memory
+measured around it. The latency grid follows: one engine is timed alone; several are loaded
+together and timed interleaved, one run of each in turn (``quantkit.eval.latency``), so that a
+change of load on the machine during the run falls on every engine alike and the ratios between
+them hold (timed one after another, a 2-core machine's background load made an INT8 engine look
+2.7x slower than FP32 in one run and faster in the next).
 
 KV-cache engines (``export --with-cache``) are scored through their cache, token by token (the
 same perplexity as the full-sequence engine, ``quantkit.eval.decode``); the full-pass latency grid
@@ -42,6 +46,7 @@ from quantkit.eval.latency import (
     PeakMemory,
     check_grid,
     measure_latency,
+    measure_latency_interleaved,
 )
 from quantkit.eval.perplexity import (
     TokenizedText,
@@ -176,8 +181,10 @@ def evaluate_engine(
     stride: int,
     config: EvalConfig,
     on_batch: Callable[[int], None] | None = None,
+    time_it: bool = True,
 ) -> EngineResult:
-    """Perplexity and latency of one engine, with its peak memory (deltas left empty)."""
+    """Perplexity and latency of one engine, with its peak memory (deltas left empty);
+    ``time_it=False``: perplexity only (``timed_together`` times several engines)."""
     options = runner_options(info, config)
     vocab = info.vocab_size or len(info.tokenizer)
     layout = info.cache_layout
@@ -188,7 +195,7 @@ def evaluate_engine(
             on_batch=on_batch, cache_layout=layout,
         )
         accuracy_only = info.manifest.get("accuracy_only")
-        latency = [] if accuracy_only or layout is not None else measure_latency(
+        latency = [] if accuracy_only or layout is not None or not time_it else measure_latency(
             runner, config.latency_grid, vocab, config.warmup, config.iterations
         )
         described = runner.describe()
@@ -221,6 +228,23 @@ def evaluate_engine(
         runner=dict(described),
         accuracy_only=str(accuracy_only) if accuracy_only else None,
     )
+
+
+def is_timed(info: EngineInfo) -> bool:
+    """Full-pass latency applies: not accuracy-only, not a KV-cache engine."""
+    return not info.manifest.get("accuracy_only") and info.cache_layout is None
+
+
+def timed_together(infos: Sequence[EngineInfo], config: EvalConfig) -> list[list[Any]]:
+    """The latency grid of every engine of ``infos``, loaded at once and timed interleaved."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        runners = [stack.enter_context(info.engine.runner(**runner_options(info, config)))
+                   for info in infos]
+        vocab = infos[0].vocab_size or len(infos[0].tokenizer)
+        return measure_latency_interleaved(runners, config.latency_grid, vocab, config.warmup,
+                                           config.iterations)
 
 
 def runner_options(info: EngineInfo, config: EvalConfig) -> dict[str, Any]:
@@ -274,10 +298,16 @@ def evaluate_engines(
         check_shapes(info.name, info.manifest, shapes)
 
     engines = []
+    timed = [i for i, info in enumerate(infos) if is_timed(info)]
     with _Progress(progress) as bar:
         for info in infos:
             advance = bar.task(f"{info.name} ({info.engine.precision})", len(windows))
-            engines.append(evaluate_engine(info, tokens, max_length, stride, config, advance))
+            engines.append(evaluate_engine(info, tokens, max_length, stride, config, advance,
+                                           time_it=len(timed) < 2))
+    if len(timed) > 1 and config.latency_grid:
+        points = timed_together([infos[i] for i in timed], config)
+        for i, latency in zip(timed, points, strict=True):
+            engines[i] = replace(engines[i], latency=tuple(latency))
     generation: dict[str, Any] | None = None
     if layout is not None and gen_grid is not None and prompts is not None:
         vocab = infos[0].vocab_size or len(infos[0].tokenizer)

@@ -2,7 +2,8 @@
 
 For each grid point the runner gets a batch of random token ids (seeded, so every engine sees the
 same inputs) with an all-ones attention mask, runs ``warmup`` untimed iterations and ``iterations``
-timed ones through ``Runner.benchmark``: host-to-host wall time (``time.perf_counter``) for CPU
+timed ones through ``Runner.benchmark`` (several engines: interleaved, one run of each in turn,
+``measure_latency_interleaved``): host-to-host wall time (``time.perf_counter``) for CPU
 runners, device events for GPU runners that override it. One iteration is one full forward pass
 fetching every engine output. Percentiles are numpy's linear interpolation over the iteration
 times; tokens/s is ``batch * seq / mean``.
@@ -116,6 +117,44 @@ def latency_feeds(batch: int, seq: int, vocab_size: int, seed: int = LATENCY_SEE
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+def interleaved_times(runners: Sequence[Any], feeds: dict[str, np.ndarray], warmup: int,
+                      iterations: int) -> list[list[float]]:
+    """Seconds per timed run of each runner on ``feeds``: ``warmup`` untimed runs each, then
+    round by round one run of every runner, the order rotated each round, so load from other
+    processes falls on every engine alike."""
+    for runner in runners:
+        if warmup:
+            runner.benchmark(feeds, warmup - 1, 1)  # ``warmup`` runs in all, every one dropped
+    times: list[list[float]] = [[] for _ in runners]
+    n = len(runners)
+    for i in range(iterations):
+        for k in range(n):
+            j = (i + k) % n
+            times[j] += runners[j].benchmark(feeds, 0, 1)
+    return times
+
+
+def measure_latency_interleaved(runners: Sequence[Any], grid: Sequence[GridPoint],
+                                vocab_size: int, warmup: int = 2, iterations: int = 10
+                                ) -> list[list[LatencyPoint]]:
+    """``measure_latency`` of several active runners at once, interleaved at every grid point
+    (``interleaved_times``): the ratios between engines hold on a loaded machine."""
+    check_iterations(warmup, iterations)
+    points: list[list[LatencyPoint]] = [[] for _ in runners]
+    for point in grid:
+        feeds = latency_feeds(point.batch, point.seq, vocab_size)
+        for j, seconds in enumerate(interleaved_times(runners, feeds, warmup, iterations)):
+            points[j].append(summarize(seconds, point.batch, point.seq, warmup))
+    return points
+
+
+def check_iterations(warmup: int, iterations: int) -> None:
+    if warmup < 0:
+        raise QuantkitError(f"warmup must be 0 or more, got {warmup}")
+    if iterations < 1:
+        raise QuantkitError(f"iterations must be at least 1, got {iterations}")
+
+
 def measure_latency(
     runner: Any,
     grid: Sequence[GridPoint],
@@ -124,10 +163,7 @@ def measure_latency(
     iterations: int = 10,
 ) -> list[LatencyPoint]:
     """Time an active runner at every grid point (see the module docstring)."""
-    if warmup < 0:
-        raise QuantkitError(f"warmup must be 0 or more, got {warmup}")
-    if iterations < 1:
-        raise QuantkitError(f"iterations must be at least 1, got {iterations}")
+    check_iterations(warmup, iterations)
     points = []
     for point in grid:
         feeds = latency_feeds(point.batch, point.seq, vocab_size)

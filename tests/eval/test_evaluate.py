@@ -23,7 +23,11 @@ CONFIG = EvalConfig(
 
 
 def test_two_engines_of_one_export(llama_engine: Path, llama_twin_engine: Path,
-                                   tmp_path: Path) -> None:
+                                   tmp_path: Path, monkeypatch) -> None:
+    def alone(*args, **kwargs):
+        raise AssertionError("two engines are timed together, not one after the other")
+
+    monkeypatch.setattr("quantkit.eval.evaluate.measure_latency", alone)
     results = evaluate_engines([llama_engine, llama_twin_engine], CONFIG,
                                command="quantkit eval ...")
     assert results.names == ["llama", "llama-twin"]
@@ -55,7 +59,9 @@ def test_two_engines_of_one_export(llama_engine: Path, llama_twin_engine: Path,
     assert first.size_bytes == manifest["size_bytes"] > 0
     assert first.source_model_hash == manifest["source_model_hash"]
     assert first.precision == "fp32" and first.int8_coverage == 0.0
-    assert [(p.batch, p.seq, p.iterations) for p in first.latency] == [(1, 16, 3), (2, 32, 3)]
+    for engine in results.engines:  # both timed, interleaved
+        assert [(p.batch, p.seq, p.iterations) for p in engine.latency] == [
+            (1, 16, 3), (2, 32, 3)]
     assert first.runner["intra_op_threads"] == 1
     assert first.peak_rss_bytes is not None and first.peak_rss_bytes > 0
     assert results.environment["cpu_count"] and "libraries" in results.environment

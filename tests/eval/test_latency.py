@@ -80,3 +80,31 @@ def test_peak_memory_sees_an_allocation() -> None:
         np.ones(1 << 20, dtype=np.uint8)
     if small.method.startswith("VmHWM"):  # the mark was reset: the earlier 200 MB is not seen
         assert small.delta_bytes is not None and small.delta_bytes < 0.5 * size
+
+
+class _Recorder:
+    """A runner that records the order of its timed runs."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def benchmark(self, feeds, warmup: int, iterations: int) -> list[float]:
+        self.log.append(f"{self.name}{'w' * warmup}")
+        return [0.001 * (1 + len(self.log))] * iterations
+
+
+def test_engines_are_timed_interleaved_with_the_order_rotated() -> None:
+    from quantkit.eval.latency import interleaved_times, measure_latency_interleaved
+
+    log: list[str] = []
+    runners = [_Recorder("a", log), _Recorder("b", log), _Recorder("c", log)]
+    times = interleaved_times(runners, {}, warmup=2, iterations=3)
+    # warm-up (2 runs each, dropped), then rounds a b c / b c a / c a b
+    assert log == ["aw", "bw", "cw", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [len(t) for t in times] == [3, 3, 3]
+    points = measure_latency_interleaved(runners[:2], [GridPoint(1, 8), GridPoint(2, 4)],
+                                         vocab_size=10, warmup=0, iterations=2)
+    assert [[(p.batch, p.seq, p.iterations) for p in row] for row in points] == [
+        [(1, 8, 2), (2, 4, 2)], [(1, 8, 2), (2, 4, 2)]]
+    with pytest.raises(QuantkitError, match="iterations must be at least 1"):
+        measure_latency_interleaved(runners, [GridPoint(1, 8)], 10, 0, 0)
