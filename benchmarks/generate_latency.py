@@ -6,8 +6,8 @@ same threads, engines interleaved round by round so load from other processes hi
 Every engine greedy-decodes ``--new-tokens`` after the same ``--prompt-tokens`` of real text
 (the bundled sample's evaluation file) at batch 1: TTFT is the prefill of the prompt, the
 per-token time a decode step against a cache of ``prompt-tokens`` to ``prompt-tokens +
-new-tokens`` positions. Also printed: the share of each INT8 engine's greedy tokens equal to
-FP32's (over the whole run), beside its perplexity-free speed.
+new-tokens`` positions. Also printed: the share of each engine's greedy tokens equal to quantkit
+FP32's (free-running, ``quantkit.agreement``), beside its perplexity-free speed.
 
     python benchmarks/generate_latency.py --cache-export out/smollm2-cache \\
         --plain-export out/smollm2 --out out/bench-generate
@@ -155,6 +155,7 @@ def build_engines(args: argparse.Namespace) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from quantkit.agreement import compare_tokens
     from quantkit.backends.base import Engine
     from quantkit.environment import cpu_isa
     from quantkit.generate import engine_cache_layout, greedy_decode
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         p90 = float(np.percentile(steps[name], 90))
         first = statistics.median(ttft[name])
         rate = args.new_tokens / (first + p50 * (args.new_tokens - 1))
-        same = sum(a == b for a, b in zip(tokens[name], fp32, strict=False)) / len(fp32)
+        same = compare_tokens([fp32], [tokens[name]]).token_match
         print(f"| {name} | {1e3 * first:.1f} | {1e3 * p50:.1f} | {1e3 * p90:.1f} | "
               f"{rate:.2f} | {p50 / base:.2f}× | {hf / p50:.2f}× | {100 * same:.0f} % |")
     return 0

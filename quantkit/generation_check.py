@@ -1,17 +1,10 @@
 """How closely an engine's greedy generation follows a reference engine's (FP32), prompt by
-prompt at batch 1, on KV-cache engines.
+prompt at batch 1, on KV-cache engines: ``quantkit quantize --with-cache``'s generation check.
 
-Two numbers, because greedy decoding compounds: once one token differs, everything after it is
-a continuation of other text.
-
-* **free-running**: both engines generate on their own; the share of the reference's new-token
-  positions where the engine's token is the same (a position beyond the shorter continuation
-  counts as different), the number of identical continuations, and where each first differs.
-  This is what a user sees.
-* **teacher-forced**: the engine reads the reference's continuation and predicts each of its
-  tokens (its top-1 after the prompt and the reference's tokens so far); the share it gets
-  right. Every position is scored on the same context, so one early difference does not make
-  the rest count as wrong.
+Free-running and teacher-forced agreement as ``quantkit.agreement`` defines them (two numbers,
+because greedy decoding compounds), in the dict that ``quantize.json`` / ``generation.json``
+publish: {"free_running": {"equal", "share", "identical"}, "teacher_forced": {"equal", "share"},
+"positions", "samples": [{"prompt", "first_difference", "reference", "engine"}], ...}.
 """
 
 from __future__ import annotations
@@ -20,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from quantkit.agreement import compare_tokens, forced_top1
 
 # short prompts of several kinds of text (prose, facts, code, lists); fixed, so that runs compare
 DEFAULT_PROMPTS = (
@@ -32,34 +25,6 @@ DEFAULT_PROMPTS = (
     "To make a cup of tea, first",
 )
 DEFAULT_NEW_TOKENS = 32
-
-
-def _forced_top1(runner: Any, layout: Any, prompt: Sequence[int],
-                 continuation: Sequence[int]) -> list[int]:
-    """The engine's top-1 token at each position of ``continuation`` after ``prompt``, reading
-    the continuation itself (batch 1, its own KV cache)."""
-    names = ["logits", *layout.present_names]
-    ids = np.asarray([list(prompt)], dtype=np.int64)
-    mask = np.ones_like(ids)
-    positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
-    out = runner.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                      **layout.empty_past(1)}, names)
-    predicted = [int(np.argmax(out["logits"][0, -1]))]
-    for token in continuation[:-1]:
-        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        past = {p: out[q] for p, q in zip(layout.past_names, layout.present_names, strict=True)}
-        out = runner.run({"input_ids": np.asarray([[token]], dtype=np.int64),
-                          "attention_mask": mask, "position_ids": positions, **past}, names)
-        predicted.append(int(np.argmax(out["logits"][0, -1])))
-    return predicted
-
-
-def _first_difference(reference: Sequence[int], tokens: Sequence[int]) -> int | None:
-    for i, (a, b) in enumerate(zip(reference, tokens, strict=False)):
-        if a != b:
-            return i
-    return None if len(reference) == len(tokens) else min(len(reference), len(tokens))
 
 
 def greedy_agreement(reference: Any, engine: Any, prompts: Sequence[str] = DEFAULT_PROMPTS,
@@ -101,24 +66,22 @@ def greedy_agreement(reference: Any, engine: Any, prompts: Sequence[str] = DEFAU
             rows[name] = [greedy_decode(runner, layout, [row], max_new_tokens, pad_id=pad,
                                         eos_ids=eos_ids)[0][0] for row in ids]
             if name == "engine":
-                forced = [_forced_top1(runner, layout, row, ref)
+                forced = [forced_top1(runner, layout, row, ref)
                           for row, ref in zip(ids, rows["reference"], strict=True)]
-    free_equal = forced_equal = positions = 0
-    samples = []
-    for prompt, ref, got, pred in zip(prompts, rows["reference"], rows["engine"], forced,
-                                      strict=True):
-        positions += len(ref)
-        free_equal += sum(a == b for a, b in zip(ref, got, strict=False))
-        forced_equal += sum(a == b for a, b in zip(ref, pred, strict=True))
-        samples.append({"prompt": prompt, "first_difference": _first_difference(ref, got),
-                        "reference": tokenizer.decode(ref, skip_special_tokens=True),
-                        "engine": tokenizer.decode(got, skip_special_tokens=True)})
+    agreed = compare_tokens(rows["reference"], rows["engine"], reference=str(reference.path),
+                            new_tokens=max_new_tokens, forced_rows=forced)
+    samples = [{"prompt": prompt, "first_difference": first,
+                "reference": tokenizer.decode(ref, skip_special_tokens=True),
+                "engine": tokenizer.decode(got, skip_special_tokens=True)}
+               for prompt, ref, got, first in zip(prompts, rows["reference"], rows["engine"],
+                                                  agreed.first_differences or (), strict=True)]
     return {
         "reference": str(reference.path), "engine": str(engine.path), "prompts": len(prompts),
-        "max_new_tokens": max_new_tokens, "positions": positions,
-        "free_running": {"equal": free_equal, "share": free_equal / positions,
-                         "identical": sum(s["first_difference"] is None for s in samples)},
-        "teacher_forced": {"equal": forced_equal, "share": forced_equal / positions},
+        "max_new_tokens": max_new_tokens, "positions": agreed.positions,
+        "free_running": {"equal": agreed.equal, "share": agreed.token_match,
+                         "identical": agreed.identical},
+        "teacher_forced": {"equal": agreed.teacher_forced_equal,
+                           "share": agreed.teacher_forced},
         "samples": samples,
     }
 

@@ -198,6 +198,7 @@ def _print_generation(results: Any) -> None:
     for p in first.decode:
         table.add_column(f"tok/s {p.batch}x{p.past}", justify="right")
     table.add_column("tokens = fp32", justify="right")
+    table.add_column("teacher-forced", justify="right")
     table.add_column("common prefix", justify="right")
     for eng in engines:
         gen = eng.generation
@@ -207,6 +208,8 @@ def _print_generation(results: Any) -> None:
             *[f"{p.p50_ms:.2f}" for p in gen.decode],
             *[f"{p.tokens_per_s:.1f}" for p in gen.decode],
             "-" if agreed is None else f"{100 * agreed.token_match:.1f}%",
+            "-" if agreed is None or agreed.teacher_forced is None
+            else f"{100 * agreed.teacher_forced:.1f}%",
             "-" if agreed is None else f"{agreed.mean_common_prefix:.1f}/{agreed.new_tokens}")
     _console().print(table)
     if settings.get("dropped"):

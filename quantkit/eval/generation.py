@@ -17,15 +17,15 @@ untimed runs each (dropped), the timed runs go round the engines one run at a ti
 rotated each round, so load from other processes falls on every engine alike. p50/p90/p99 are
 numpy's linear percentiles over the runs.
 
-**Token agreement.** ``prompts`` prompts of ``prompt_tokens`` tokens, cut from the evaluation
-text at evenly spaced offsets, are greedy-decoded for ``new_tokens`` tokens by each engine on its
-own (one unpadded batch; end-of-text does not stop a row, so every row has exactly
-``new_tokens``). Against the reference engine (the first FP32 cache engine): ``token_match`` is
-the share of the ``prompts x new_tokens`` positions where the engine's token equals the
-reference's at that position (after a divergence the two continue from different texts, so a
-later equal token is a coincidence or a re-convergence; it still counts), ``mean_common_prefix``
-the mean number of leading tokens equal to the reference's, ``identical_share`` the share of
-prompts whose whole continuation is the reference's.
+**Token agreement** (``quantkit.agreement`` defines the numbers). ``prompts`` prompts of
+``prompt_tokens`` tokens, cut from the evaluation text at evenly spaced offsets, are
+greedy-decoded for ``new_tokens`` tokens by each engine on its own (one unpadded batch;
+end-of-text does not stop a row, so every row has exactly ``new_tokens``). Against the reference
+engine (the first FP32 cache engine): ``token_match`` (free-running), ``mean_common_prefix`` and
+``identical_share``; and ``teacher_forced``: each other engine reads the reference's tokens after
+each prompt alone (batch 1, ``quantkit.agreement.forced_top1``) and the share of them that are
+its top-1 is counted. The reference's own greedy tokens are its top-1 on its own continuation,
+so its shares are 1 without another pass.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.agreement import Agreement, compare_tokens, forced_top1
 from quantkit.errors import QuantkitError
 
 DEFAULT_PROMPT_LENGTHS = (128, 512, 2048)
@@ -194,33 +195,6 @@ def step_latency(kind: str, batch: int, tokens: int, past: int, warmup: int,
 
 
 @dataclass(frozen=True)
-class Agreement:
-    """Greedy tokens of an engine against the reference's (definitions in the module
-    docstring); ``reference`` is the reference engine's name."""
-
-    reference: str
-    prompts: int
-    new_tokens: int
-    token_match: float
-    mean_common_prefix: float
-    identical_share: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def agreement(tokens: np.ndarray, reference: np.ndarray, reference_name: str) -> Agreement:
-    """Compare ``tokens`` [prompts, new_tokens] with ``reference`` of the same shape."""
-    if tokens.shape != reference.shape or tokens.ndim != 2:
-        raise QuantkitError(f"token arrays of shapes {tokens.shape} and {reference.shape} "
-                            "cannot be compared")
-    equal = tokens == reference
-    prefix = np.where(equal.all(axis=1), equal.shape[1], np.argmin(equal, axis=1))
-    return Agreement(reference_name, int(equal.shape[0]), int(equal.shape[1]),
-                     float(equal.mean()), float(prefix.mean()), float(equal.all(axis=1).mean()))
-
-
-@dataclass(frozen=True)
 class GenerationMetrics:
     """One cache engine's generation numbers: ``ttft`` (prefill) and ``decode`` timings, its
     greedy ``tokens`` [prompt][new token] on the agreement prompts, and their ``agreement`` with
@@ -322,22 +296,38 @@ def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
     return [(ttft[j], decode[j], tokens[j]) for j in range(len(runners))]
 
 
+def teacher_forced_rows(runner: Any, layout: Any, prompts: np.ndarray,
+                        reference_rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """``runner``'s top-1 at each of the reference's tokens after each prompt, one prompt at a
+    time (batch 1, as ``quantkit quantize``'s generation check does)."""
+    return [forced_top1(runner, layout, prompt, row)
+            for prompt, row in zip(prompts.tolist(), reference_rows, strict=True)]
+
+
 def evaluate_generation(infos: Sequence[Any], layout: Any, grid: ResolvedGrid,
                         config: GenerationConfig, vocab_size: int, prompts: np.ndarray,
                         runner_options: Sequence[dict[str, Any]]) -> list[GenerationMetrics]:
     """Open every engine of ``infos`` (``EngineInfo``, cache engines of one model; each with its
     ``runner_options``) at once, measure them together, and compare each one's tokens with the
-    first FP32 engine's."""
+    first FP32 engine's, free-running and teacher-forced."""
+    ref = next((i for i, info in enumerate(infos) if info.engine.precision == "fp32"), None)
     with ExitStack() as stack:
         runners = [stack.enter_context(info.engine.runner(**options))
                    for info, options in zip(infos, runner_options, strict=True)]
         measured = measure_generation(runners, layout, grid, config, vocab_size, prompts)
-    ref = next((i for i, info in enumerate(infos) if info.engine.precision == "fp32"), None)
+        forced: dict[int, list[list[int]]] = {}
+        if ref is not None and prompts.shape[0]:
+            reference_rows = measured[ref][2].tolist()
+            forced = {j: teacher_forced_rows(runner, layout, prompts, reference_rows)
+                      for j, runner in enumerate(runners) if j != ref}
+            forced[ref] = reference_rows
     metrics = []
-    for ttft, decode, tokens in measured:
+    for j, (ttft, decode, tokens) in enumerate(measured):
         agreed = None
         if ref is not None and tokens.shape[0]:
-            agreed = agreement(tokens, measured[ref][2], infos[ref].name)
+            agreed = compare_tokens(measured[ref][2], tokens, reference=infos[ref].name,
+                                    new_tokens=config.agreement_new_tokens,
+                                    forced_rows=forced[j])
         metrics.append(GenerationMetrics(tuple(ttft), tuple(decode),
                                          tuple(tuple(int(t) for t in row) for row in tokens),
                                          agreed))
@@ -363,17 +353,16 @@ def generation_settings(grid: ResolvedGrid, config: GenerationConfig,
 
 
 __all__ = [
-    "Agreement",
     "DecodePoint",
     "GenerationConfig",
     "GenerationMetrics",
     "ResolvedGrid",
     "StepLatency",
-    "agreement",
     "agreement_prompts",
     "evaluate_generation",
     "generation_settings",
     "parse_decode_grid",
     "parse_prompt_lengths",
     "resolve_grid",
+    "teacher_forced_rows",
 ]

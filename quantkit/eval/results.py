@@ -57,8 +57,12 @@ Schema ``quantkit.results/1`` (every key below is present; ``null`` only where m
             "decode": [{"kind": "decode", "batch", "tokens": 1, "past" (cache length), ...,
                         "tokens_per_s" (output tokens/s of the batch)}],
             "tokens": [[greedy token ids of each agreement prompt]],
-            "agreement": {"reference" (engine name), "prompts", "new_tokens", "token_match",
-                          "mean_common_prefix", "identical_share"} or null
+            "agreement": {"reference" (engine name), "prompts", "new_tokens", "positions",
+                          "equal", "identical", "token_match", "mean_common_prefix",
+                          "identical_share", "first_differences": [int or null per prompt],
+                          "teacher_forced_equal", "teacher_forced" (share; both or null)} or null
+                          # quantkit.agreement defines them; files of older quantkit lack
+                          # positions, equal, identical, first_differences and teacher_forced*
           }
         }
       ]
@@ -84,8 +88,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit.agreement import Agreement
 from quantkit.errors import QuantkitError
-from quantkit.eval.generation import Agreement, GenerationMetrics, StepLatency
+from quantkit.eval.generation import GenerationMetrics, StepLatency
 from quantkit.eval.latency import LatencyPoint
 
 SCHEMA = "quantkit.results/1"
@@ -308,16 +313,51 @@ def _parse_generation(data: Any, where: str) -> GenerationMetrics:
                                            for t in r) for r in rows):
         raise QuantkitError(f"{where}.tokens: expected arrays of token ids")
     a = c.obj("agreement", nullable=True)
-    agreed = None
-    if a is not None:
-        agreed = Agreement(reference=a.string("reference"), prompts=a.integer("prompts"),
-                           new_tokens=a.integer("new_tokens"),
-                           token_match=a.number("token_match"),
-                           mean_common_prefix=a.number("mean_common_prefix"),
-                           identical_share=a.number("identical_share"))
-        if not 0.0 <= agreed.token_match <= 1.0 or not 0.0 <= agreed.identical_share <= 1.0:
-            raise QuantkitError(f"{where}.agreement: shares must be between 0 and 1")
+    agreed = None if a is None else _parse_agreement(a)
     return GenerationMetrics(ttft, decode, tuple(tuple(r) for r in rows), agreed)
+
+
+def _parse_agreement(a: _Checker) -> Agreement:
+    """An engine's agreement (``quantkit.agreement``). Files of older quantkit hold the shares
+    without the counts (then derived from the shares: eval's rows are all ``new_tokens`` long),
+    the first differences (then None) and the teacher-forced share (then None)."""
+    prompts, new_tokens = a.integer("prompts", minimum=1), a.integer("new_tokens", minimum=1)
+    shares = {"token_match": a.number("token_match"),
+              "identical_share": a.number("identical_share"),
+              "teacher_forced": (a.number("teacher_forced", nullable=True)
+                                 if "teacher_forced" in a.data else None)}
+    for key, share in shares.items():
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise QuantkitError(f"{a.where}.{key}: a share must be between 0 and 1, got {share}")
+    positions = (a.integer("positions", minimum=1) if "positions" in a.data
+                 else prompts * new_tokens)
+
+    def count(key: str, share: float | None, total: int) -> int | None:
+        if key in a.data:
+            return a.integer(key, nullable=True)
+        return None if share is None else round(share * total)
+
+    firsts = None
+    if a.data.get("first_differences") is not None:
+        firsts = tuple(a.array("first_differences"))
+        if len(firsts) != prompts or not all(
+                f is None or (isinstance(f, int) and not isinstance(f, bool) and f >= 0)
+                for f in firsts):
+            raise QuantkitError(f"{a.where}.first_differences: expected {prompts} positions "
+                                "(integers or null)")
+    equal, identical = (count("equal", shares["token_match"], positions),
+                        count("identical", shares["identical_share"], prompts))
+    if equal is None or identical is None:
+        raise QuantkitError(f"{a.where}: equal and identical must be integers")
+    agreed = Agreement(a.string("reference"), prompts, new_tokens, positions, equal, identical,
+                       a.number("mean_common_prefix"), firsts,
+                       count("teacher_forced_equal", shares["teacher_forced"], positions))
+    for key, share in shares.items():
+        value = getattr(agreed, key)
+        if (share is None) != (value is None) or (
+                share is not None and value is not None and abs(share - value) > 1e-9):
+            raise QuantkitError(f"{a.where}.{key}: {share} does not match the counts ({value})")
+    return agreed
 
 
 def _parse_delta(c: _Checker, key: str) -> Delta | None:

@@ -1,6 +1,7 @@
 """The report's generation section: KV-cache engines' time per output token against the cache
 length (a plot, one line per engine and batch), and a table of time to first token, time per
-output token, tokens/s and greedy-token agreement with the FP32 engine.
+output token, tokens/s and greedy-token agreement with the FP32 engine (free-running and
+teacher-forced, as ``quantkit.agreement`` defines them).
 
 Numbers come from the ``generation`` entry of each engine in ``results.json``
 (``quantkit.eval.generation`` defines them); engines without it (full-sequence engines) are left
@@ -26,6 +27,10 @@ DEFINITIONS = {
     "agreement": "greedy tokens equal to the FP32 cache engine's, position by position, over "
                  "prompts cut from the evaluation text (each engine generates on its own); "
                  "common prefix: mean number of leading tokens equal to FP32's",
+    "teacher_forced": "FP32's greedy tokens that the engine predicts (its top-1) when it reads "
+                      "FP32's continuation of each prompt, one prompt at a time: every position "
+                      "on the same context, so one early difference does not make the rest "
+                      "count as wrong (greedy decoding compounds)",
 }
 
 
@@ -66,8 +71,9 @@ def generation_png(engines: Sequence[Mapping[str, Any]]) -> bytes:
 
 def _agreement_cells(agreement: Mapping[str, Any] | None) -> list[str]:
     if agreement is None:
-        return [fmt.DASH, fmt.DASH, fmt.DASH]
+        return [fmt.DASH] * 4
     return [fmt.percent(agreement["token_match"]),
+            fmt.percent(agreement.get("teacher_forced")),  # None in results of older quantkit
             f"{agreement['mean_common_prefix']:.1f} / {agreement['new_tokens']}",
             fmt.percent(agreement["identical_share"])]
 
@@ -84,7 +90,7 @@ def generation_section(engines: Sequence[Mapping[str, Any]],
                *(f"TTFT ms ({n} tokens)" for n in lengths),
                *(f"ms/token {b}×{n}" for b, n in points),
                *(f"tokens/s {b}×{n}" for b, n in points),
-               "tokens = FP32", "common prefix", "identical continuations"]
+               "tokens = FP32", "teacher-forced", "common prefix", "identical continuations"]
     rows = []
     for e in gens:
         gen = e["generation"]
@@ -110,7 +116,8 @@ def generation_section(engines: Sequence[Mapping[str, Any]],
         Bullets([f"TTFT: {DEFINITIONS['ttft']}.",
                  f"Time per output token: {DEFINITIONS['per_token']}.",
                  f"Tokens/s: {DEFINITIONS['tokens_per_s']}.",
-                 f"Tokens = FP32: {DEFINITIONS['agreement']}."]),
+                 f"Tokens = FP32: {DEFINITIONS['agreement']}.",
+                 f"Teacher-forced: {DEFINITIONS['teacher_forced']}."]),
     ]
     if not any(e["generation"].get("agreement") for e in gens):
         blocks.append(Para("No FP32 cache engine was in the run (or the agreement was "

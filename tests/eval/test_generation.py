@@ -17,7 +17,6 @@ from quantkit.eval.generation import (
     DecodePoint,
     GenerationConfig,
     _interleaved,
-    agreement,
     agreement_prompts,
     parse_decode_grid,
     parse_prompt_lengths,
@@ -133,21 +132,6 @@ def test_cli_refuses_a_past_beyond_the_positions(cache_engines, tmp_path):
 
 
 # -- agreement ---------------------------------------------------------------------------------
-def test_agreement_definitions():
-    ref = np.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]])
-    same = agreement(ref.copy(), ref, "fp32")
-    assert (same.token_match, same.mean_common_prefix, same.identical_share) == (1.0, 4.0, 1.0)
-    other = np.array([[1, 2, 0, 4],    # diverges at 2, re-converges: 3 of 4 match
-                      [0, 6, 7, 8],    # diverges at 0
-                      [9, 9, 9, 9]])   # identical
-    got = agreement(other, ref, "fp32")
-    assert got.token_match == pytest.approx(10 / 12)
-    assert got.mean_common_prefix == pytest.approx((2 + 0 + 4) / 3)
-    assert got.identical_share == pytest.approx(1 / 3)
-    with pytest.raises(QuantkitError, match="cannot be compared"):
-        agreement(ref[:, :3], ref, "fp32")
-
-
 def test_agreement_prompts_are_evenly_spaced():
     ids = np.arange(100)
     prompts, offsets = agreement_prompts(ids, 3, 10)
@@ -213,6 +197,12 @@ def test_generation_structure_and_agreement(cache_results):
     assert 0.0 <= int8.generation.agreement.token_match <= 1.0
     assert noisy.generation.agreement.token_match < 1.0
     assert noisy.generation.agreement.mean_common_prefix < 10.0
+    assert fp32.generation.agreement.teacher_forced == 1.0
+    assert 0.0 <= int8.generation.agreement.teacher_forced <= 1.0
+    assert noisy.generation.agreement.teacher_forced < 1.0
+    for eng in (fp32, int8, noisy):
+        agreed = eng.generation.agreement
+        assert (agreed.prompts, agreed.new_tokens, agreed.positions) == (3, 10, 30)
     settings = cache_results.settings["generation"]
     assert settings["prompt_lengths"] == [16, 40] and settings["decode_grid"] == ["1x20", "3x50"]
     assert settings["agreement_offsets"] == [0, 94, 188] and settings["interleaved"] is True
@@ -236,17 +226,80 @@ def test_agreement_tokens_are_generate_s(cache_engines, cache_results):
     assert tuple(rows[0]) == cache_results.engines[0].generation.tokens[1]
 
 
+def test_teacher_forced_is_each_prompt_read_alone(cache_engines, cache_results):
+    """The teacher-forced count: the engine's top-1 on the reference's tokens after each
+    agreement prompt, at batch 1 (``forced_top1``), compared with those tokens."""
+    from quantkit.agreement import forced_top1
+    from quantkit.backends.base import Engine
+    from quantkit.data import resolve_text_source
+    from quantkit.eval.evaluate import load_engines
+    from quantkit.eval.perplexity import tokenize_text
+    from quantkit.eval.text import load_evaluation_text
+
+    info = load_engines([cache_engines[3]])[0]
+    text = load_evaluation_text(resolve_text_source("sample", split="test"))
+    tokens = tokenize_text(info.tokenizer, text.text, 200).ids
+    reference = cache_results.engines[0].generation.tokens
+    with Engine.load(cache_engines[3]).runner(threads=1) as runner:
+        forced = [forced_top1(runner, info.cache_layout, list(tokens[s:s + 12]), row)
+                  for s, row in zip([0, 94, 188], reference, strict=True)]
+    equal = sum(a == b for f, r in zip(forced, reference, strict=True)
+                for a, b in zip(f, r, strict=True))
+    assert cache_results.engines[2].generation.agreement.teacher_forced_equal == equal
+
+
 def test_results_round_trip(cache_results, tmp_path):
     path = write_results(cache_results, tmp_path / "results.json")
     again = load_results(path)
     assert again == cache_results
     data = json.loads(path.read_text())
     assert data["engines"][2]["generation"]["agreement"]["token_match"] < 1.0
+    assert data["engines"][2]["generation"]["agreement"]["teacher_forced"] < 1.0
+    assert data["engines"][0]["generation"]["agreement"]["teacher_forced"] == 1.0
     data["engines"][1]["generation"]["decode"][0]["kind"] = "prefill"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(QuantkitError, match=r"engines\[1\].generation.decode\[0\].kind"):
         load_results(bad)
+
+
+def _older_results(cache_results, path: Path) -> Path:
+    """``cache_results`` as quantkit wrote them before the agreement's counts and
+    teacher-forced share."""
+    data = json.loads(write_results(cache_results, path).read_text())
+    for engine in data["engines"]:
+        for key in ("positions", "equal", "identical", "first_differences",
+                    "teacher_forced_equal", "teacher_forced"):
+            del engine["generation"]["agreement"][key]
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_results_without_teacher_forced_still_load(cache_results, tmp_path):
+    old = load_results(_older_results(cache_results, tmp_path / "old.json"))
+    for before, after in zip(cache_results.engines, old.engines, strict=True):
+        a, b = before.generation.agreement, after.generation.agreement
+        assert b.teacher_forced is None and b.teacher_forced_equal is None
+        assert b.first_differences is None
+        assert (b.positions, b.equal, b.identical) == (a.positions, a.equal, a.identical)
+        assert (b.token_match, b.mean_common_prefix, b.identical_share) == (
+            a.token_match, a.mean_common_prefix, a.identical_share)
+
+
+def test_agreement_shares_are_checked(cache_results, tmp_path):
+    path = write_results(cache_results, tmp_path / "results.json")
+    data = json.loads(path.read_text())
+    agreed = data["engines"][1]["generation"]["agreement"]
+    off = abs(agreed["teacher_forced_equal"] - 0.5) / agreed["positions"]  # no count gives it
+    for key, value, message in (("teacher_forced", 1.5, "a share must be between 0 and 1"),
+                                ("teacher_forced", off, "[0-9.e-]+ does not match the counts"),
+                                ("token_match", -0.1, "a share must be between 0 and 1")):
+        bad = json.loads(json.dumps(data))
+        bad["engines"][1]["generation"]["agreement"][key] = value
+        path.write_text(json.dumps(bad))
+        with pytest.raises(QuantkitError, match=rf"engines\[1\].generation.agreement.{key}: "
+                                                f"{message}"):
+            load_results(path)
 
 
 def test_cache_and_plain_engines_do_not_mix(cache_engines):
@@ -267,7 +320,10 @@ def test_cli_prints_the_generation_table(cache_engines, tmp_path):
     assert result.exit_code == 0, result.output
     assert "TTFT ms 16" in result.output and "ms/token 1x20" in result.output
     assert "100.0%" in result.output  # the FP32 engine against itself
-    assert load_results(out).engines[1].generation.agreement.prompts == 2
+    assert "teacher-forced" in result.output
+    agreed = load_results(out).engines[1].generation.agreement
+    assert agreed.prompts == 2 and 0.0 <= agreed.teacher_forced <= 1.0
+    assert f"{100 * agreed.teacher_forced:.1f}%" in result.output
 
 
 def test_report_shows_the_generation_plot_and_table(cache_results, tmp_path):
@@ -282,11 +338,23 @@ def test_report_shows_the_generation_plot_and_table(cache_results, tmp_path):
     assert "TTFT ms (16 tokens)" in md and "ms/token 3×50" in md and "tokens/s 1×20" in md
     section = md[md.index("## Generation"):].splitlines()
     fp32_row = next(line for line in section if line.startswith("| cache-fp32 "))
-    assert fp32_row.count("100.0%") == 2 and "10.0 / 10" in fp32_row
+    assert "| tokens = FP32 | teacher-forced | common prefix |" in md
+    assert fp32_row.count("100.0%") == 3 and "10.0 / 10" in fp32_row
     noisy = cache_results.engines[2].generation.agreement
     noisy_row = next(line for line in section if line.startswith("| cache-noisy "))
-    assert f"{100 * noisy.token_match:.1f}%" in noisy_row
+    assert f"{100 * noisy.token_match:.1f}% | {100 * noisy.teacher_forced:.1f}%" in noisy_row
     html = report.html.read_text()
     assert "Generation (KV-cache engines)" in html and "data:image/png;base64" in html
     data = json.loads(report.json.read_text())
     assert data["engines"][0]["generation"]["decode"][1]["past"] == 50
+
+
+def test_report_of_older_results_has_no_teacher_forced(cache_results, tmp_path):
+    from quantkit.report.build import build_report
+
+    report = build_report([_older_results(cache_results, tmp_path / "results.json")],
+                          tmp_path / "report")
+    md = report.markdown.read_text()
+    section = md[md.index("## Generation"):].splitlines()
+    fp32_row = next(line for line in section if line.startswith("| cache-fp32 "))
+    assert "| 100.0% | — | 10.0 / 10 | 100.0% |" in fp32_row
