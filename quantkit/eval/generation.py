@@ -242,21 +242,6 @@ def check_agreement_fits(config: GenerationConfig, max_positions: int | None) ->
             "positions", "lower --agreement-prompt-tokens or --agreement-new-tokens")
 
 
-def _interleaved(runners: Sequence[Any], feeds: dict[str, np.ndarray], warmup: int,
-                 iterations: int) -> list[list[float]]:
-    """Seconds per timed run of each runner on ``feeds``, round by round (module docstring)."""
-    for runner in runners:
-        if warmup:
-            runner.benchmark(feeds, warmup - 1, 1)  # ``warmup`` runs in all, every one dropped
-    times: list[list[float]] = [[] for _ in runners]
-    n = len(runners)
-    for i in range(iterations):
-        for k in range(n):
-            j = (i + k) % n
-            times[j] += runners[j].benchmark(feeds, 0, 1)
-    return times
-
-
 def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
                        config: GenerationConfig, vocab_size: int,
                        prompts: np.ndarray) -> list[tuple[list[StepLatency], list[StepLatency],
@@ -264,6 +249,7 @@ def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
     """TTFT and decode timings and greedy tokens of each active cache-graph runner (same
     layout), interleaved; per runner ``(ttft, decode, tokens [prompts, new_tokens])``."""
     from quantkit.eval.decode import decode_feeds, prefill_feeds, synthetic_past
+    from quantkit.eval.latency import interleaved_times
     from quantkit.generate import greedy_decode
 
     ttft: list[list[StepLatency]] = [[] for _ in runners]
@@ -272,7 +258,7 @@ def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
         rng = np.random.default_rng([GENERATION_SEED, 1, length])
         ids = rng.integers(0, vocab_size, size=(1, length), dtype=np.int64)
         feeds = prefill_feeds(layout, ids)
-        for j, seconds in enumerate(_interleaved(runners, feeds, config.warmup,
+        for j, seconds in enumerate(interleaved_times(runners, feeds, config.warmup,
                                                  config.iterations)):
             ttft[j].append(step_latency("prefill", 1, length, 0, config.warmup, seconds))
     for point in grid.decode:
@@ -280,7 +266,7 @@ def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
         next_ids = rng.integers(0, vocab_size, size=point.batch, dtype=np.int64)
         feeds = decode_feeds(layout, next_ids, synthetic_past(layout, point.batch, point.past),
                              point.past)
-        for j, seconds in enumerate(_interleaved(runners, feeds, config.warmup,
+        for j, seconds in enumerate(interleaved_times(runners, feeds, config.warmup,
                                                  config.iterations)):
             decode[j].append(step_latency("decode", point.batch, 1, point.past, config.warmup,
                                           seconds))
