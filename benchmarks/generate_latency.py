@@ -16,7 +16,8 @@ FP32's (free-running, ``quantkit.agreement``), beside its perplexity-free speed.
 the plain export of the same model (``--with-nll``), which quantkit calibrates (percentile
 ranges on the sample's calibration file) and whose table carries over to the cache graph. The
 quantkit INT8 engine uses ``--plan`` (default ``configs/smollm2-135m.yaml``: every MatMul INT8
-but the MLP down projections).
+but the MLP down projections); ``--quantize-engine`` adds the cache engine that ``quantkit
+quantize --with-cache`` built (the searched plan on the rotated cache graph).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plain-export", type=Path, required=True)
     p.add_argument("--model", default="smollm2-135m", help="for transformers (PyTorch FP32)")
     p.add_argument("--plan", type=Path, default=REPO / "configs" / "smollm2-135m.yaml")
+    p.add_argument("--quantize-engine", type=Path, default=None,
+                   help="also time this cache engine: `quantkit quantize --with-cache`'s "
+                        "OUT/engines/cache-quantized (the searched plan, rotated, GPTQ weights)")
     p.add_argument("--out", type=Path, required=True, help="work folder (engines, table)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -150,6 +154,10 @@ def build_engines(args: argparse.Namespace) -> dict[str, Path]:
         feeds = [{**b, "position_ids": hf_positions(b["attention_mask"]),
                   **layout.empty_past(1)} for b in blocks]
         ort_quantize_static(find_onnx(args.cache_export), ort_model, feeds)
+    if args.quantize_engine is not None:
+        coverage = Engine.load(args.quantize_engine).manifest.get("int8_coverage")
+        share = f", {100 * coverage:.1f} % INT8" if isinstance(coverage, float) else ""
+        engines[f"quantkit quantize plan{share}"] = args.quantize_engine
     return {**engines, "ONNX Runtime quantize_static": ort_model}
 
 
