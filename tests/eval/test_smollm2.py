@@ -39,18 +39,17 @@ def test_smollm2_fp32_engine_matches_pytorch(wikitext_test_file, smollm2, smollm
     assert 10 < result.perplexity < 60  # a real model on English text, not a broken pipeline
 
 
-def test_smollm2_cache_engine_perplexity_and_generation(wikitext_test_file, smollm2,
-                                                        smollm2_export, tmp_path) -> None:
+def test_smollm2_cache_engine_perplexity_and_generation(wikitext_test_file, smollm2_export,
+                                                        smollm2_cache_export, tmp_path) -> None:
     """The KV-cache engine of SmolLM2-135M, scored token by token through its cache, gives the
     plain FP32 engine's perplexity (1e-5 relative); its generation numbers come out whole, and its
     greedy tokens agree with themselves."""
     from quantkit.build import build_engine
     from quantkit.eval.evaluate import EvalConfig, evaluate_engines
     from quantkit.eval.generation import DecodePoint, GenerationConfig
-    from quantkit.export import export_model
 
-    cache = export_model(smollm2, tmp_path / "cache-export", with_cache=True)
-    cache_engine = build_engine(tmp_path / "cache-fp32", precision="fp32", onnx=cache.directory)
+    cache_engine = build_engine(tmp_path / "cache-fp32", precision="fp32",
+                                onnx=smollm2_cache_export.directory)
     plain_engine = build_engine(tmp_path / "plain-fp32", precision="fp32",
                                 onnx=smollm2_export.directory)
     config = EvalConfig(dataset=str(wikitext_test_file), split="test", max_length=128,
