@@ -16,7 +16,6 @@ from quantkit.eval.evaluate import EvalConfig, evaluate_engines
 from quantkit.eval.generation import (
     DecodePoint,
     GenerationConfig,
-    _interleaved,
     agreement_prompts,
     parse_decode_grid,
     parse_prompt_lengths,
@@ -139,23 +138,6 @@ def test_agreement_prompts_are_evenly_spaced():
     assert (prompts[2] == np.arange(90, 100)).all()
     with pytest.raises(QuantkitError, match="fewer than one agreement prompt"):
         agreement_prompts(ids[:5], 2, 10)
-
-
-def test_interleaving_rotates_and_drops_warmup():
-    calls: list[str] = []
-
-    class Fake:
-        def __init__(self, name):
-            self.name = name
-
-        def benchmark(self, feeds, warmup, iterations):
-            calls.extend([self.name] * (warmup + iterations))
-            return [0.001 * len(calls)] * iterations
-
-    times = _interleaved([Fake("a"), Fake("b"), Fake("c")], {}, warmup=2, iterations=3)
-    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up, dropped
-    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert [len(t) for t in times] == [3, 3, 3]
 
 
 # -- end to end --------------------------------------------------------------------------------
