@@ -10,11 +10,14 @@ full-sequence passes. This measures, per quantized MatMul input, how the ranges 
   one step per token up to the block's end, all blocks in one batch; only the decode steps'
   activations are collected (the same collector, fed step by step).
 
-Per tensor it reports decode/full ratios of amax and of the 99.99th percentile, and the share of
-decode values above the range a full-sequence table gives (``--method``, quantkit's default
-entropy). Causal attention makes a decode step's activations equal to the full pass's row at that
-position (for K and V: its rows 0..t), so decode ranges are a subset of the full ones; the ratios
-say how much of the full range comes from the first ``--prefill`` positions alone.
+Per tensor it reports decode/full ratios of amax and of the 99.99th percentile, the ratio of the
+ranges that ``--method`` (quantkit's default, entropy) computes from each regime's histograms,
+and the share of decode values above the full-sequence table's range. Causal attention makes a
+decode step's activations equal to the full pass's row at that position (for K and V: its rows
+0..t), so decode amax is at most the full amax; the amax ratios say how much of the full range
+comes from the first ``--prefill`` positions alone. The full pass's attention probabilities also
+hold the causal mask's zeros (half of P), which decode steps lack: that changes P's histogram,
+hence its percentile and entropy ranges, though not its values.
 
     PYTHONPATH=. python benchmarks/decode_ranges.py --plain out/smollm2 --cache out/smollm2-cache \\
         --dataset ../shared/data/wikitext-2-raw/wiki.test.raw --split 'test[:40%]' \\
@@ -134,12 +137,13 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         group = [r for r in rows if r["label"] == key]
         amax = [r["amax_ratio"] for r in group]
         pct = [r["p9999_ratio"] for r in group]
+        tab = [r["table_ratio"] for r in group]
         out[key] = {"tensors": len(group), "amax_min": min(amax),
                     "amax_median": statistics.median(amax), "amax_max": max(amax),
                     "p9999_min": min(pct), "p9999_median": statistics.median(pct),
                     "p9999_max": max(pct),
-                    "table_ratio_median": statistics.median(r["decode_amax_over_table"]
-                                                            for r in group),
+                    "table_min": min(tab), "table_median": statistics.median(tab),
+                    "table_max": max(tab),
                     "clipped_max": max(r["decode_clipped"] for r in group),
                     "full_clipped_max": max(r["full_clipped"] for r in group)}
     return out
@@ -160,7 +164,8 @@ def cpu_name() -> str:
             f"model {fields.get('model', '?')}, {'with' if vnni else 'without'} AVX-512 VNNI")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Measure, print the per-kind table, optionally write JSON; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plain", type=Path, required=True, help="plain export (dir or .onnx)")
     parser.add_argument("--cache", type=Path, required=True, help="--with-cache export")
@@ -172,9 +177,11 @@ def main() -> None:
     parser.add_argument("--method", default="entropy", help="the full-sequence table's method")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--save-stats", type=Path, default=None,
+                        help="folder for both regimes' histograms (full.npz, decode.npz)")
+    args = parser.parse_args(argv)
     if not 0 < args.prefill < args.seq_len:
-        raise SystemExit("--prefill must be between 1 and --seq-len - 1")
+        parser.error("--prefill must be between 1 and --seq-len - 1")
 
     from quantkit.calib.collect import collect_activation_stats
     from quantkit.calib.stats import calibrate
@@ -193,17 +200,24 @@ def main() -> None:
         cache, decode_feeds(cache, blocks.blocks, args.prefill, args.threads),
         tensors="quantizable", num_threads=args.threads)
     t2 = time.perf_counter()
+    if args.save_stats is not None:
+        args.save_stats.mkdir(parents=True, exist_ok=True)
+        full.save(args.save_stats / "full.npz")
+        decode.save(args.save_stats / "decode.npz")
     table = calibrate(full, args.method)
+    decode_table = calibrate(decode, args.method)
 
     rows = []
     for pair in operand_pairs(plain, cache):
         f, d = tensor_numbers(full, pair["plain"]), tensor_numbers(decode, pair["cache"])
-        if f is None or d is None or pair["plain"] not in table.amax:
+        if (f is None or d is None or pair["plain"] not in table.amax
+                or pair["cache"] not in decode_table.amax):
             continue
         limit = table.amax[pair["plain"]]
         rows.append({**pair, "label": label(pair), "full": f, "decode": d,
                      "amax_ratio": d["amax"] / f["amax"], "p9999_ratio": d["p9999"] / f["p9999"],
                      "table_amax": limit, "decode_amax_over_table": d["amax"] / limit,
+                     "table_ratio": decode_table.amax[pair["cache"]] / limit,
                      "decode_clipped": clipped_share(decode.histograms[pair["cache"]], limit),
                      "full_clipped": clipped_share(full.histograms[pair["plain"]], limit)})
     summary = summarise(rows)
@@ -212,19 +226,20 @@ def main() -> None:
           f"{args.seq_len - args.prefill} steps x {args.num_samples} rows (past "
           f"{args.prefill}..{args.seq_len - 1}) in {t2 - t1:.0f} s; {len(rows)} operands; "
           f"table: {args.method}")
-    head = (f"{'operand':18} {'n':>3}  amax ratio min/med/max   p99.99 ratio min/med/max  "
-            f"dec amax/table  clipped dec/full (max)")
+    head = (f"{'operand':14} {'n':>3}  amax ratio min/med/max  p99.99 ratio min/med/max  "
+            f"{args.method} ratio min/med/max  clipped dec/full (max)")
     print(head)
     for key, s in summary.items():
-        print(f"{key:18} {s['tensors']:3d}  {s['amax_min']:.3f} {s['amax_median']:.3f} "
-              f"{s['amax_max']:.3f}      {s['p9999_min']:.3f} {s['p9999_median']:.3f} "
-              f"{s['p9999_max']:.3f}       {s['table_ratio_median']:.3f}        "
-              f"{s['clipped_max']:.1e} / {s['full_clipped_max']:.1e}")
+        print(f"{key:14} {s['tensors']:3d}  {s['amax_min']:.3f} {s['amax_median']:.3f} "
+              f"{s['amax_max']:.3f}     {s['p9999_min']:.3f} {s['p9999_median']:.3f} "
+              f"{s['p9999_max']:.3f}       {s['table_min']:.3f} {s['table_median']:.3f} "
+              f"{s['table_max']:.3f}        {s['clipped_max']:.1e} / {s['full_clipped_max']:.1e}")
     if args.json is not None:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "args": {
             k: str(v) for k, v in vars(args).items()}, "summary": summary, "rows": rows},
             indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
