@@ -19,9 +19,16 @@ comes from the first ``--prefill`` positions alone. The full pass's attention pr
 hold the causal mask's zeros (half of P), which decode steps lack: that changes P's histogram,
 hence its percentile and entropy ranges, though not its values.
 
+``--agreement PLAN`` (repeatable; ``int8`` for every MatMul, else a plan file) also builds INT8
+cache engines of the plan with three tables of ``--agreement-method``: *full* (what ``build
+--table`` gives the cache graph today), *decode* (the decode steps' ranges) and *max* (the larger
+of the two per tensor, what merging decode statistics into the table would give), and scores
+each with ``quantkit.generation_check.greedy_agreement`` against the FP32 cache engine.
+
     PYTHONPATH=. python benchmarks/decode_ranges.py --plain out/smollm2 --cache out/smollm2-cache \\
         --dataset ../shared/data/wikitext-2-raw/wiki.test.raw --split 'test[:40%]' \\
-        --num-samples 16 --seq-len 512 --prefill 64 --json decode_ranges.json
+        --num-samples 16 --seq-len 512 --prefill 64 --json decode_ranges.json \
+        --agreement configs/smollm2-135m.yaml --agreement int8 --engines /tmp/decode-engines
 """
 
 from __future__ import annotations
@@ -149,6 +156,44 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def range_tables(full: Any, decode: Any, method: str, plain: Path,
+                 cache: Path) -> dict[str, Any]:
+    """The cache graph's tables *full* (carried from the plain graph), *decode* and *max*."""
+    from dataclasses import replace
+
+    from quantkit.cache_tables import carry_table
+    from quantkit.calib.stats import calibrate
+
+    carried = carry_table(calibrate(full, method), plain, cache)
+    own = calibrate(decode, method)
+    decoded = replace(own, model_hash=carried.model_hash)
+    larger = {k: max(v, own.amax.get(k, 0.0)) for k, v in carried.amax.items()}
+    return {"full": carried, "decode": decoded, "max": replace(carried, amax=larger)}
+
+
+def agreement(tables: dict[str, Any], plans: list[str], cache: Path, engines: Path,
+              threads: int | None) -> dict[str, Any]:
+    """Greedy agreement with the FP32 cache engine of each plan x table's INT8 cache engine."""
+    from quantkit.build import build_engine
+    from quantkit.generation_check import describe, greedy_agreement
+
+    fp32 = engines / "fp32"
+    if not fp32.exists():
+        build_engine(fp32, precision="fp32", onnx=cache)
+    out: dict[str, Any] = {}
+    for plan in plans:
+        tag = "int8" if plan == "int8" else Path(plan).stem
+        for name, table in tables.items():
+            engine = engines / f"{tag}-{name}"
+            if not engine.exists():
+                build_engine(engine, precision="int8", onnx=cache, table=table,
+                             plan=None if plan == "int8" else Path(plan))
+            result = greedy_agreement(fp32, engine, threads=threads)
+            out[f"{tag}/{name}"] = result
+            print(f"{tag:16} {name:6} {describe(result)}", flush=True)
+    return out
+
+
 def cpu_name() -> str:
     """Model name, family, model and VNNI from /proc/cpuinfo."""
     try:
@@ -179,9 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--save-stats", type=Path, default=None,
                         help="folder for both regimes' histograms (full.npz, decode.npz)")
+    parser.add_argument("--agreement", action="append", default=[], metavar="PLAN",
+                        help="score INT8 cache engines of this plan ('int8': every MatMul)")
+    parser.add_argument("--agreement-method", default="percentile")
+    parser.add_argument("--engines", type=Path, default=None,
+                        help="folder for --agreement's engines (kept; existing ones reused)")
     args = parser.parse_args(argv)
     if not 0 < args.prefill < args.seq_len:
         parser.error("--prefill must be between 1 and --seq-len - 1")
+    if args.agreement and args.engines is None:
+        parser.error("--agreement needs --engines")
 
     from quantkit.calib.collect import collect_activation_stats
     from quantkit.calib.stats import calibrate
@@ -234,10 +286,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['amax_max']:.3f}     {s['p9999_min']:.3f} {s['p9999_median']:.3f} "
               f"{s['p9999_max']:.3f}       {s['table_min']:.3f} {s['table_median']:.3f} "
               f"{s['table_max']:.3f}        {s['clipped_max']:.1e} / {s['full_clipped_max']:.1e}")
+    agreed = None
+    if args.agreement:
+        tables = range_tables(full, decode, args.agreement_method, plain, cache)
+        agreed = agreement(tables, args.agreement, cache, args.engines, args.threads)
     if args.json is not None:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "args": {
-            k: str(v) for k, v in vars(args).items()}, "summary": summary, "rows": rows},
-            indent=1))
+            k: str(v) for k, v in vars(args).items()}, "summary": summary, "rows": rows,
+            "agreement": agreed}, indent=1))
     return 0
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from benchmarks.decode_ranges import main
+from benchmarks.decode_ranges import main, range_tables
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -42,4 +42,41 @@ def test_prefill_must_leave_decode_steps(tiny_llama_export, tiny_llama_cache_exp
         main(["--plain", str(tiny_llama_export.directory), "--cache",
               str(tiny_llama_cache_export.directory), "--dataset", "sample",
               "--seq-len", "16", "--prefill", "16"])
+    assert err.value.code == 2
+
+
+def test_agreement_scores_the_three_tables(tiny_llama_export, tiny_llama_cache_export, tmp_path):
+    out = tmp_path / "ranges.json"
+    assert main(["--plain", str(tiny_llama_export.directory), "--cache",
+                 str(tiny_llama_cache_export.directory), "--dataset", "sample",
+                 "--split", "calibration", "--num-samples", "2", "--seq-len", "32",
+                 "--prefill", "8", "--agreement", "int8", "--engines", str(tmp_path / "e"),
+                 "--save-stats", str(tmp_path / "s"), "--json", str(out)]) == 0
+    agreed = json.loads(out.read_text())["agreement"]
+    assert set(agreed) == {"int8/full", "int8/decode", "int8/max"}
+    for result in agreed.values():
+        assert result["positions"] > 0
+        assert 0 <= result["teacher_forced"]["share"] <= 1
+    engines = {p.name for p in (tmp_path / "e").iterdir()}
+    assert engines == {"fp32", "int8-full", "int8-decode", "int8-max"}
+    # the tables: full carried to the cache graph's names, max the larger range per tensor
+    from quantkit.calib.stats import ActivationStats
+    from quantkit.export import onnx_model_hash
+
+    plain, cache = tiny_llama_export.onnx_path, tiny_llama_cache_export.onnx_path
+    tables = range_tables(ActivationStats.load(tmp_path / "s" / "full.npz"),
+                          ActivationStats.load(tmp_path / "s" / "decode.npz"), "percentile",
+                          plain, cache)
+    assert {t.model_hash for t in tables.values()} == {onnx_model_hash(cache)}
+    full, decode, larger = tables["full"].amax, tables["decode"].amax, tables["max"].amax
+    assert set(larger) == set(full) and set(full) <= set(decode)
+    for name, value in larger.items():
+        assert value == max(full[name], decode[name])
+
+
+def test_agreement_needs_an_engine_folder(tiny_llama_export, tiny_llama_cache_export):
+    with pytest.raises(SystemExit) as err:
+        main(["--plain", str(tiny_llama_export.directory), "--cache",
+              str(tiny_llama_cache_export.directory), "--dataset", "sample",
+              "--agreement", "int8"])
     assert err.value.code == 2
