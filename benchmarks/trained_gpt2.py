@@ -39,7 +39,11 @@ def gpt2_tokenizer(directory: Path):
     tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges)
     ids = tokenizer("Hello world")["input_ids"]
     if ids != [15496, 995]:
-        raise SystemExit(f"the GPT-2 tokenizer from {directory} gives {ids} for 'Hello world'")
+        from quantkit.errors import QuantkitError
+
+        raise QuantkitError(f"the GPT-2 tokenizer from {directory} gives {ids} for "
+                            "'Hello world', not GPT-2's [15496, 995]",
+                            "point --tokenizer at GPT-2's vocab.json and merges.txt")
     return tokenizer
 
 
@@ -60,12 +64,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         print(f"--out {args.out} exists; give a new folder", file=sys.stderr)
         return 2
+    from quantkit.errors import QuantkitError
+
+    try:
+        return train(args)
+    except QuantkitError as error:
+        print(f"Error: {error.message}" + (f"\n  {error.hint}" if error.hint else ""),
+              file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train and save into ``args.out`` (written beside it, then renamed: no half-written
+    model folder if the run stops)."""
+    import shutil
+
     import numpy as np
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from quantkit.data import iter_texts, resolve_text_source
+    from quantkit.errors import QuantkitError
 
+    for name in ("vocab.json", "merges.txt"):
+        if not (args.tokenizer / name).is_file():
+            raise QuantkitError(f"{args.tokenizer / name} not found",
+                                "point --tokenizer at the folder with GPT-2's vocab.json and "
+                                "merges.txt (../shared/tokenizers/gpt2)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = gpt2_tokenizer(args.tokenizer)
@@ -94,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}/{args.steps}: loss {loss.item():.3f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     model.eval()
-    model.save_pretrained(str(args.out))
-    tokenizer.save_pretrained(str(args.out))
+    partial = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    partial.rename(args.out)
     params = sum(t.numel() for t in model.parameters())
     print(f"Wrote {args.out}: GPT-2 architecture {SHAPE}, {params / 1e6:.1f} M parameters, "
           f"{args.steps} steps of {args.batch} x {args.seq_len} tokens on {source.name} "
