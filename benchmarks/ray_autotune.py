@@ -119,17 +119,17 @@ def main() -> None:
             comparable(work / "serial" / "out")
         rows.append(row)
         print(json.dumps(row), flush=True)
+    from benchmarks.markdown import or_dash, print_table
+
     base = rows[0]["autotune_s"]
-    print("\n| mode | Ray start s | empty task ms | autotune s | vs serial | model runs | tasks "
-          "(unread) | plan sha256 | same as serial |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        start = f"{r['ray_start_s']:.1f}" if r["ray_start_s"] is not None else "—"
-        noop = f"{r['noop_ms']:.2f}" if r["noop_ms"] is not None else "—"
-        tasks = f"{r['tasks']} ({r['unread']})" if r["tasks"] is not None else "—"
-        print(f"| {r['mode']} | {start} | {noop} | {r['autotune_s']:.1f} | "
-              f"{base / r['autotune_s']:.2f}x | {r['model_runs']} | {tasks} | {r['plan']} | "
-              f"{'yes' if r['same_as_serial'] else 'NO'} |")
+    print()
+    print_table(["mode", "Ray start s", "empty task ms", "autotune s", "vs serial",
+                 "model runs", "tasks (unread)", "plan sha256", "same as serial"],
+                [[r["mode"], or_dash(r["ray_start_s"], ".1f"), or_dash(r["noop_ms"], ".2f"),
+                  f"{r['autotune_s']:.1f}", f"{base / r['autotune_s']:.2f}x",
+                  str(r["model_runs"]),
+                  f"{r['tasks']} ({r['unread']})" if r["tasks"] is not None else "—",
+                  str(r["plan"]), "yes" if r["same_as_serial"] else "NO"] for r in rows])
 
 
 if __name__ == "__main__":

@@ -154,18 +154,17 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    from benchmarks.markdown import or_dash, print_table
+
     base = rows[0]["pass_s"]
-    print("\n| mode | Ray start s | probe builds s | empty task ms | pass s | vs serial | "
-          "measurements | compute s/task | overhead ms/task | same numbers |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        start = f"{r['ray_start_s']:.1f}" if r["ray_start_s"] is not None else "—"
-        setup = f"{r['setup_s']:.1f}" if r["setup_s"] is not None else "—"
-        noop = f"{r['noop_ms']:.2f}" if r["noop_ms"] is not None else "—"
-        print(f"| {r['mode']} | {start} | {setup} | {noop} | {r['pass_s']:.1f} | "
-              f"{base / r['pass_s']:.2f}x | {r['measurements']} | "
-              f"{r['compute_per_task_s']:.3f} | {r['overhead_per_task_ms']:.0f} | "
-              f"{'yes' if r['same_as_serial'] else 'NO'} |")
+    print()
+    print_table(["mode", "Ray start s", "probe builds s", "empty task ms", "pass s", "vs serial",
+                 "measurements", "compute s/task", "overhead ms/task", "same numbers"],
+                [[r["mode"], or_dash(r["ray_start_s"], ".1f"), or_dash(r["setup_s"], ".1f"),
+                  or_dash(r["noop_ms"], ".2f"), f"{r['pass_s']:.1f}",
+                  f"{base / r['pass_s']:.2f}x", str(r["measurements"]),
+                  f"{r['compute_per_task_s']:.3f}", f"{r['overhead_per_task_ms']:.0f}",
+                  "yes" if r["same_as_serial"] else "NO"] for r in rows])
 
     one = next((r for r in rows if r["workers"] == 1), None)
     if one is None:
@@ -178,11 +177,11 @@ def main() -> None:
           f"o = {o * 1000:.0f} ms (one-worker overhead per task, all of it taken as the "
           f"driver's serial share); plus S = {fixed:.1f} s once per command (Ray start and "
           f"the workers' probe builds, side by side)")
-    print("| workers | projected pass s | vs serial pass (measured) | with S |")
-    print("| --- | --- | --- | --- |")
-    for w in (int(x) for x in args.project.split(",")):
-        projected = max(math.ceil(n / w) * (t + o), n * o)
-        print(f"| {w} | {projected:.1f} | {base / projected:.1f}x | {fixed + projected:.1f} |")
+    projected = {w: max(math.ceil(n / w) * (t + o), n * o)
+                 for w in (int(x) for x in args.project.split(","))}
+    print_table(["workers", "projected pass s", "vs serial pass (measured)", "with S"],
+                [[str(w), f"{p:.1f}", f"{base / p:.1f}x", f"{fixed + p:.1f}"]
+                 for w, p in projected.items()])
 
 
 if __name__ == "__main__":
