@@ -38,6 +38,21 @@ def quantized(fragile_export, fragile_cache_export, tmp_path_factory):
     return result, out, lines
 
 
+def prefill_error(verified, cache) -> float:
+    """max |dlogit| / max |logit| of the cache engine's prefill (empty past, a batch of
+    2 x 24 random tokens) against the full-sequence engine's last-position logits."""
+    from quantkit.export_cache import CacheLayout, hf_positions
+    from tests.build_helpers import run_onnx, token_feeds
+
+    feed = token_feeds(1, batch=2, seq=24, seed=9)[0]
+    layout = CacheLayout.from_dict(cache.manifest["cache"])
+    ref = run_onnx(verified.path / "engine.onnx", feed)[:, -1:]
+    got = run_onnx(cache.path / "engine.onnx",
+                   {**feed, "position_ids": hf_positions(feed["attention_mask"]),
+                    **layout.empty_past(2)})
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
 def test_cache_steps_and_the_generation_check(quantized) -> None:
     result, out, lines = quantized
     names = [s["name"] for s in result.steps]
@@ -64,8 +79,6 @@ def test_cache_engine_is_the_verified_plan_on_the_rotated_cache_graph(quantized)
     """Same precision, same INT8 nodes, and its prefill gives the verified (plain) engine's
     last-position logits: the plan, the tuned ranges and the GPTQ weights all carried."""
     from quantkit.backends.base import Engine
-    from quantkit.export_cache import CacheLayout, hf_positions
-    from tests.build_helpers import run_onnx, token_feeds
 
     result, out, _ = quantized
     verified = Engine.load(result.engine)
@@ -76,13 +89,7 @@ def test_cache_engine_is_the_verified_plan_on_the_rotated_cache_graph(quantized)
     assert cache.manifest["inputs"]["options"] == verified.manifest["inputs"]["options"]
     source = json.loads((out / "cache-rotated" / "manifest.json").read_text())
     assert source["exporter"] == "quantkit.rotation" and source["check"]["decode_steps"] == 3
-    feed = token_feeds(1, batch=2, seq=24, seed=9)[0]
-    layout = CacheLayout.from_dict(cache.manifest["cache"])
-    ref = run_onnx(verified.path / "engine.onnx", feed)[:, -1:]
-    got = run_onnx(cache.path / "engine.onnx",
-                   {**feed, "position_ids": hf_positions(feed["attention_mask"]),
-                    **layout.empty_past(2)})
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    assert prefill_error(verified, cache) < 1e-4
 
 
 def test_generate_runs_on_the_cache_engine(quantized) -> None:
@@ -161,8 +168,6 @@ def test_layernorm_model_gets_its_smoothing_carried_to_the_cache_graph(
     quantized engine gives the verified engine's last-position logits."""
     import quantkit
     from quantkit.backends.base import Engine
-    from quantkit.export_cache import CacheLayout, hf_positions
-    from tests.build_helpers import run_onnx, token_feeds
 
     out = tmp_path / "q"
     settings = {**SETTINGS, "max_evals": 10, "search_windows": 2, "holdout_windows": 2,
@@ -178,11 +183,5 @@ def test_layernorm_model_gets_its_smoothing_carried_to_the_cache_graph(
     assert smoothed["check"]["relative_error"] < 1e-4
     verified = Engine.load(result.engine)
     cache = Engine.load(result.cache_engine)
-    feed = token_feeds(1, batch=2, seq=24, seed=9)[0]
-    layout = CacheLayout.from_dict(cache.manifest["cache"])
-    ref = run_onnx(verified.path / "engine.onnx", feed)[:, -1:]
-    got = run_onnx(cache.path / "engine.onnx",
-                   {**feed, "position_ids": hf_positions(feed["attention_mask"]),
-                    **layout.empty_past(2)})
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    assert prefill_error(verified, cache) < 1e-4
     assert result.generation["positions"] == 4
