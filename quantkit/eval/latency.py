@@ -10,7 +10,8 @@ times; tokens/s is ``batch * seq / mean``.
 
 Peak memory is the process's resident set size (Linux ``VmHWM``, the high-water mark). Before an
 engine is loaded the mark is reset to the current RSS by writing ``5`` to ``/proc/self/clear_refs``,
-so the peak afterwards is this engine's run alone (loading, perplexity and latency);
+so the peak afterwards is this engine's run alone (loading, perplexity, and latency where it is
+the only engine timed: several engines are timed together after their own runs);
 ``peak_rss_delta_bytes`` subtracts the RSS just before loading. Where the mark cannot be reset the
 process-lifetime ``ru_maxrss`` is reported instead and the method says so (the peak of an earlier,
 larger engine can then hide a later one's).
