@@ -40,7 +40,9 @@ class TextSource:
     ``part`` selects a slice of the records (lines of a text file, rows of JSONL/Parquet) by
     percentage, written like a datasets split slice: ``train[:50%]`` -> (0, 50),
     ``test[50%:]`` -> (50, 100). It lets one local file give disjoint calibration and evaluation
-    parts.
+    parts. ``blocks`` > 1 (``test[50%:]/10``) takes the slice in each of that many equal blocks
+    of the records, so every part samples the whole file: text varies along a file (wikitext's
+    articles), and a plan tuned on one contiguous tenth of it mispredicted another (README).
     """
 
     kind: str
@@ -49,38 +51,48 @@ class TextSource:
     split: str | None = None
     column: str = "text"
     part: tuple[float, float] = (0.0, 100.0)
+    blocks: int = 1  # the part is taken in each of this many equal blocks of records
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "config": self.config,
-                "split": self.split, "column": self.column, "part_percent": list(self.part)}
+        described = {"kind": self.kind, "name": self.name, "config": self.config,
+                     "split": self.split, "column": self.column, "part_percent": list(self.part)}
+        if self.blocks > 1:  # only then, so plain slices keep their descriptions (and step keys)
+            described["blocks"] = self.blocks
+        return described
 
 
-_SLICE = re.compile(r"^(?P<split>[\w.-]+)\[(?P<lo>\d+(?:\.\d+)?%)?:(?P<hi>\d+(?:\.\d+)?%)?\]$")
+_SLICE = re.compile(r"^(?P<split>[\w.-]+)\[(?P<lo>\d+(?:\.\d+)?%)?:(?P<hi>\d+(?:\.\d+)?%)?\]"
+                    r"(?:/(?P<blocks>\d+))?$")
 
 
-def parse_split(split: str) -> tuple[str, tuple[float, float]]:
-    """``train[:50%]`` -> ("train", (0, 50)); a plain name selects everything."""
-    if "[" not in split:
-        return split, (0.0, 100.0)
+def parse_split(split: str) -> tuple[str, tuple[float, float], int]:
+    """``train[:50%]`` -> ("train", (0, 50), 1); ``test[50%:]/10`` -> ("test", (50, 100), 10):
+    the slice of each of 10 equal blocks of records. A plain name selects everything."""
+    if "[" not in split and "/" not in split:
+        return split, (0.0, 100.0), 1
     match = _SLICE.match(split.replace(" ", ""))
     if not match:
         raise QuantkitError(
             f"cannot read split '{split}'",
-            "write a percentage slice like train[:50%] or test[50%:]",
+            "write a percentage slice like train[:50%] or test[50%:], optionally taken in each "
+            "of N equal blocks of the records: test[50%:]/10",
         )
     lo = float(match["lo"][:-1]) if match["lo"] else 0.0
     hi = float(match["hi"][:-1]) if match["hi"] else 100.0
     if not 0 <= lo < hi <= 100:
         raise QuantkitError(f"empty or invalid slice in split '{split}'",
                             "the start must be below the end, both within 0%..100%")
-    return match["split"], (lo, hi)
+    blocks = int(match["blocks"]) if match["blocks"] else 1
+    if blocks < 1:
+        raise QuantkitError(f"the blocks of split '{split}' must be at least 1")
+    return match["split"], (lo, hi), blocks
 
 
 def resolve_text_source(
     dataset: str, config: str | None = None, split: str = "train", column: str = "text"
 ) -> TextSource:
     """Interpret ``--dataset``: ``sample``, a local file or folder, or a Hub dataset id."""
-    split, part = parse_split(split)
+    split, part, blocks = parse_split(split)
     if dataset == "sample":
         try:
             path = SAMPLE_DIR / SAMPLE_FILES[split]
@@ -89,7 +101,8 @@ def resolve_text_source(
                 f"the bundled sample has no split '{split}'",
                 f"use one of: {', '.join(sorted(SAMPLE_FILES))}",
             ) from None
-        return TextSource("local", str(path), split=split, column=column, part=part)
+        return TextSource("local", str(path), split=split, column=column, part=part,
+                          blocks=blocks)
     path = Path(dataset).expanduser()
     if path.exists():
         files = local_files(path)
@@ -97,10 +110,11 @@ def resolve_text_source(
             raise QuantkitError(
                 f"{path} holds no text files", f"supported: {', '.join(LOCAL_SUFFIXES)}"
             )
-        return TextSource("local", str(path.resolve()), split=split, column=column, part=part)
+        return TextSource("local", str(path.resolve()), split=split, column=column, part=part,
+                          blocks=blocks)
     if dataset.startswith((".", "/", "~")) or dataset.endswith(LOCAL_SUFFIXES):
         raise QuantkitError(f"dataset file {path} not found")
-    if part != (0.0, 100.0):
+    if part != (0.0, 100.0) or blocks != 1:
         raise QuantkitError(
             f"split slices such as '{split}[...]' apply to local text only",
             "streamed Hub datasets are read whole; choose another split or a local file",
@@ -121,18 +135,52 @@ def local_files(path: Path) -> list[Path]:
 @dataclass(frozen=True)
 class RecordRange:
     """Records ``first .. stop-1`` of the ``total`` records of a source's files, counted over all
-    its files in order (lines of text files, rows of JSONL/Parquet)."""
+    its files in order (lines of text files, rows of JSONL/Parquet). A part taken in blocks
+    (``test[50%:]/10``) selects several ``spans`` (``[first, stop)`` each) between those two."""
 
     first: int
     stop: int
     total: int
+    spans: tuple[tuple[int, int], ...] = ()  # empty: the one span (first, stop)
 
-    def describe(self) -> dict[str, int]:
-        return {"first": self.first, "last": self.stop - 1, "count": self.stop - self.first,
-                "total": self.total}
+    @classmethod
+    def of_spans(cls, spans: list[tuple[int, int]], total: int) -> RecordRange:
+        spans = [s for s in spans if s[0] < s[1]]
+        if not spans:
+            return cls(0, 0, total)
+        if len(spans) == 1:
+            return cls(spans[0][0], spans[0][1], total)
+        return cls(spans[0][0], spans[-1][1], total, tuple(spans))
+
+    @property
+    def parts(self) -> tuple[tuple[int, int], ...]:
+        return self.spans or ((self.first, self.stop),)
+
+    @property
+    def count(self) -> int:
+        return sum(stop - first for first, stop in self.parts)
+
+    def __contains__(self, index: int) -> bool:
+        return any(first <= index < stop for first, stop in self.parts)
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {"first": self.first, "last": self.stop - 1,
+                                     "count": self.count, "total": self.total}
+        if self.spans:
+            described["spans"] = [[first, stop - 1] for first, stop in self.spans]
+        return described
+
+    def text(self) -> str:
+        """``records 0-1155`` or ``records 0-115, 289-404, ..., 2601-2716 (10 spans, 1,160)``."""
+        if not self.spans:
+            return f"records {self.first}-{self.stop - 1}"
+        shown = [f"{a}-{b - 1}" for a, b in self.spans]
+        if len(shown) > 4:
+            shown = [*shown[:3], "...", shown[-1]]
+        return f"records {', '.join(shown)} ({len(self.spans)} spans, {self.count:,})"
 
     def intersects(self, other: RecordRange) -> bool:
-        return self.first < other.stop and other.first < self.stop
+        return any(a < d and c < b for a, b in self.parts for c, d in other.parts)
 
 
 def record_range(source: TextSource) -> RecordRange:
@@ -141,8 +189,12 @@ def record_range(source: TextSource) -> RecordRange:
         raise QuantkitError(f"record ranges exist for local text only, not '{source.name}'")
     total = sum(1 for path in local_files(Path(source.name))
                 for _ in _iter_records(path, source.column))
-    lo, hi = (int(total * p / 100) for p in source.part)
-    return RecordRange(lo, hi, total)
+    spans = []
+    for block in range(source.blocks):
+        begin, end = total * block // source.blocks, total * (block + 1) // source.blocks
+        lo, hi = (begin + int((end - begin) * p / 100) for p in source.part)
+        spans.append((lo, hi))
+    return RecordRange.of_spans(spans, total)
 
 
 class TextRead:
@@ -186,7 +238,7 @@ def iter_records(source: TextSource, read: TextRead | None = None
     index = 0
     for path in local_files(Path(source.name)):
         for record in _iter_records(path, source.column):
-            if selected.first <= index < selected.stop:
+            if index in selected:
                 if read is not None:
                     read.add(record)
                 yield path, record

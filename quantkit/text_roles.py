@@ -40,8 +40,7 @@ class RoleText:
             return f"{who}: Hub dataset {where}{config}, split {self.source.split} (whole)"
         if self.records is None:
             return f"{who}: {where}"
-        r = self.records
-        return (f"{who}: {where} records {r.first}-{r.stop - 1} of {r.total} "
+        return (f"{who}: {where} {self.records.text()} of {self.records.total} "
                 f"({_slice_text(self.source)})")
 
     def overlaps(self, other: RoleText) -> bool:
@@ -64,7 +63,8 @@ def _slice_text(source: TextSource) -> str:
     lo, hi = source.part
     if (lo, hi) == (0.0, 100.0):
         return f"split {source.split}, whole"
-    return f"{source.split}[{_pct(lo) if lo else ''}:{_pct(hi) if hi < 100 else ''}]"
+    blocks = f"/{source.blocks}" if source.blocks > 1 else ""
+    return f"{source.split}[{_pct(lo) if lo else ''}:{_pct(hi) if hi < 100 else ''}]{blocks}"
 
 
 def _pct(value: float) -> str:
@@ -85,13 +85,13 @@ def role_text(role: str, description: Mapping[str, Any] | None) -> RoleText | No
     source = TextSource(str(source_fields["kind"]), str(source_fields["name"]),
                         source_fields.get("config"), source_fields.get("split"),
                         str(source_fields.get("column") or "text"),
-                        (float(part[0]), float(part[1])))
+                        (float(part[0]), float(part[1])), int(source_fields.get("blocks") or 1))
     read = description.get("read") or {}
     recorded = read.get("records") if isinstance(read, Mapping) else None
     if recorded:
-        records: RecordRange | None = RecordRange(int(recorded["first"]),
-                                                  int(recorded["last"]) + 1,
-                                                  int(recorded["total"]))
+        spans = recorded.get("spans") or [[recorded["first"], recorded["last"]]]
+        records: RecordRange | None = RecordRange.of_spans(
+            [(int(first), int(last) + 1) for first, last in spans], int(recorded["total"]))
     else:  # recorded before ranges were: resolve the slice again
         return role_of_source(role, source)
     return RoleText(role, source, records)

@@ -150,9 +150,9 @@ def test_sizes_must_be_positive(tiny_tokenizer, field):
 def test_percentage_slices_are_disjoint_and_cover(tiny_tokenizer, tmp_path):
     from quantkit.data import iter_texts, parse_split
 
-    assert parse_split("train[:50%]") == ("train", (0.0, 50.0))
-    assert parse_split("test[50%:]") == ("test", (50.0, 100.0))
-    assert parse_split("test") == ("test", (0.0, 100.0))
+    assert parse_split("train[:50%]") == ("train", (0.0, 50.0), 1)
+    assert parse_split("test[50%:]") == ("test", (50.0, 100.0), 1)
+    assert parse_split("test") == ("test", (0.0, 100.0), 1)
     path = tmp_path / "lines.txt"
     path.write_text("".join(f"line {i}\n" for i in range(10)))
     first = "".join(iter_texts(resolve_text_source(str(path), split="train[:30%]")))

@@ -116,3 +116,46 @@ def test_recipe_with_overlapping_texts_is_refused_before_any_work(tmp_path) -> N
     check_recipe_texts(Recipe.from_dict(data))
     data["evaluation"] = {"dataset": str(path), "split": "test[60%:]"}
     check_recipe_texts(Recipe.from_dict(data))
+
+
+def test_a_slice_in_blocks_samples_the_whole_file(tmp_path) -> None:
+    """``test[50%:]/2`` is the second half of each half of the records: read, recorded, labelled
+    and checked for overlap span by span; the three quantize parts in blocks cover the file once."""
+    path = _lines(tmp_path, 20)
+    lines = path.read_text().splitlines(keepends=True)
+    source = resolve_text_source(str(path), split="test[50%:]/2")
+    assert source.blocks == 2 and source.describe()["blocks"] == 2
+    assert "blocks" not in resolve_text_source(str(path), split="test[50%:]").describe()
+    assert [r for _, r in iter_records(source)] == lines[5:10] + lines[15:20]
+    text = load_evaluation_text(source)
+    assert text.read is not None
+    assert text.read["records"] == {"first": 5, "last": 19, "count": 10, "total": 20,
+                                    "spans": [[5, 9], [15, 19]]}
+    evaluation = role_text("evaluation", text.describe())
+    assert evaluation is not None and evaluation.records is not None
+    assert evaluation.label() == ("evaluation: lines.txt records 5-9, 15-19 (2 spans, 10) of 20 "
+                                  "(test[50%:]/2)")
+    calibration = role_of_source("calibration", resolve_text_source(str(path), split="c[:40%]/2"))
+    tuning = role_of_source("tuning", resolve_text_source(str(path), split="t[40%:50%]/2"))
+    assert check_roles_disjoint([calibration, tuning, evaluation]) == []
+    seen = [i for i in range(20) for role in (calibration, tuning, evaluation)
+            if role.records is not None and i in role.records]
+    assert seen == list(range(20))
+    # a plain slice that reaches into one span of the blocked part clashes with it
+    late = role_of_source("calibration", resolve_text_source(str(path), split="train[70%:80%]"))
+    with pytest.raises(QuantkitError, match=r"records 14-15 of 20 \(train\[70%:80%\]\)"):
+        check_roles_disjoint([late, evaluation])
+    between = role_of_source("calibration", resolve_text_source(str(path), split="c[50%:70%]"))
+    assert check_roles_disjoint([between, evaluation]) == []
+
+
+@pytest.mark.parametrize("split", ["test[50%:]/0", "test[50%:]/x", "test/2"])
+def test_bad_blocks_are_one_clear_error(tmp_path, split) -> None:
+    path = _lines(tmp_path)
+    with pytest.raises(QuantkitError, match="split"):
+        resolve_text_source(str(path), split=split)
+
+
+def test_hub_splits_cannot_be_taken_in_blocks() -> None:
+    with pytest.raises(QuantkitError, match="local text only"):
+        resolve_text_source("wikitext", split="test[:50%]/4")
