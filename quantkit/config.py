@@ -119,6 +119,7 @@ class EvaluationConfig:
     max_length: int = 512
     stride: int = 512
     limit_tokens: int | None = None
+    spread: bool = False  # limit_tokens as windows spread evenly over the text, not its start
     batch_size: int = 1
     latency_grid: list[str] = field(default_factory=lambda: ["1x128", "1x512"])
     warmup: int = 3

@@ -27,7 +27,10 @@ from quantkit.cli.options import force_option, typed_command
 @click.option("--stride", type=int, default=None,
               help="Tokens between window starts [default: max-length, no overlap].")
 @click.option("--limit-tokens", type=int, default=None,
-              help="Evaluate only the first N tokens of the text.")
+              help="Evaluate only the first N tokens of the text (see --spread).")
+@click.option("--spread", is_flag=True, default=False,
+              help="With --limit-tokens: score N tokens in windows spaced evenly over the whole "
+                   "text instead of its first N tokens (text varies along a file).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
               help="Windows per engine call.")
 @click.option("--latency-grid", default="1x128,1x512", show_default=True,
@@ -66,7 +69,8 @@ from quantkit.cli.options import force_option, typed_command
 @force_option
 def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None, split: str,
             text_column: str, max_length: int | None, stride: int | None,
-            limit_tokens: int | None, batch_size: int, latency_grid: str, warmup: int,
+            limit_tokens: int | None, spread: bool, batch_size: int, latency_grid: str,
+            warmup: int,
             iterations: int, ttft_lengths: str, decode_grid: str, generation_iterations: int,
             agreement_prompts: int, agreement_prompt_tokens: int, agreement_new_tokens: int,
             threads: int | None, out: Path, progress: bool | None, allow_overlap: bool,
@@ -105,9 +109,9 @@ def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None,
         agreement_new_tokens=agreement_new_tokens)
     config = EvalConfig(
         dataset=dataset, dataset_config=dataset_config, split=split, text_column=text_column,
-        max_length=max_length, stride=stride, limit_tokens=limit_tokens, batch_size=batch_size,
-        latency_grid=tuple(parse_grid(latency_grid)), warmup=warmup, iterations=iterations,
-        threads=threads, allow_overlap=allow_overlap, generation=generation,
+        max_length=max_length, stride=stride, limit_tokens=limit_tokens, spread=spread,
+        batch_size=batch_size, latency_grid=tuple(parse_grid(latency_grid)), warmup=warmup,
+        iterations=iterations, threads=threads, allow_overlap=allow_overlap, generation=generation,
     )
     if progress is None:
         progress = sys.stderr.isatty()

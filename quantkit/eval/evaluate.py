@@ -71,6 +71,7 @@ class EvalConfig:
     max_length: int | None = None  # None: min(512, the model's max positions)
     stride: int | None = None  # None: max_length (non-overlapping windows)
     limit_tokens: int | None = None
+    spread: bool = False  # limit_tokens as windows spread evenly over the text, not its start
     batch_size: int = 1
     latency_grid: tuple[GridPoint, ...] = (GridPoint(1, 128), GridPoint(1, 512))
     warmup: int = 2
@@ -88,7 +89,8 @@ class EvalConfig:
 
         values = {f: getattr(evaluation, f) for f in (
             "dataset", "dataset_config", "split", "text_column", "max_length", "stride",
-            "limit_tokens", "batch_size", "warmup", "iterations", "threads", "allow_overlap")}
+            "limit_tokens", "spread", "batch_size", "warmup", "iterations", "threads",
+            "allow_overlap")}
         values["latency_grid"] = tuple(parse_grid(",".join(evaluation.latency_grid)))
         values.update(overrides)
         return cls(**values)
@@ -104,6 +106,9 @@ class EvalConfig:
             raise QuantkitError(f"iterations must be at least 1, got {self.iterations}")
         if self.limit_tokens is not None and self.limit_tokens < 2:
             raise QuantkitError(f"limit-tokens must be at least 2, got {self.limit_tokens}")
+        if self.spread and self.limit_tokens is None:
+            raise QuantkitError("--spread needs --limit-tokens",
+                                "name how many tokens to score, spread over the text")
         self.generation.check()
 
 
@@ -271,6 +276,9 @@ def evaluate_engines(
     limits = [i.max_positions for i in infos if i.max_positions is not None]
     max_positions = min(limits) if limits else None
     max_length, stride = resolve_windows(config, max_positions)
+    if config.spread and stride != max_length:
+        raise QuantkitError("--spread scores windows that do not overlap",
+                            f"leave --stride at --max-length ({max_length})")
     layout = infos[0].cache_layout
     if layout is None:  # cache engines are not timed on the full-pass grid
         check_grid(config.latency_grid, max_positions)
@@ -287,7 +295,7 @@ def evaluate_engines(
         roles += engine_text_roles(info.name, info.manifest)
     overlaps = check_roles_disjoint(roles, config.allow_overlap, focus="evaluation")
     tokens = tokenize_text(infos[0].tokenizer, text.text, config.limit_tokens,
-                           text.num_documents)
+                           text.num_documents, spread=max_length if config.spread else None)
     windows = plan_windows(tokens.num_tokens, max_length, stride)
     prompts, offsets = (agreement_prompts(tokens.ids, gen_config.agreement_prompts,
                                           gen_config.agreement_prompt_tokens)
@@ -326,6 +334,7 @@ def evaluate_engines(
         "add_special_tokens": False,
         "total_tokens": tokens.total_tokens,
         "limit_tokens": config.limit_tokens,
+        "spread": config.spread,
         "num_tokens": tokens.num_tokens,
         "tokens_sha256": tokens.tokens_sha256,
         "max_length": max_length,

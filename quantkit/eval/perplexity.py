@@ -131,10 +131,14 @@ def join_documents(documents: Sequence[str]) -> str:
 
 
 def tokenize_text(
-    tokenizer: Any, text: str, limit_tokens: int | None = None, num_documents: int = 1
+    tokenizer: Any, text: str, limit_tokens: int | None = None, num_documents: int = 1,
+    spread: int | None = None,
 ) -> TokenizedText:
     """Tokenize the whole text at once, without special tokens, and keep the first
-    ``limit_tokens`` ids if given."""
+    ``limit_tokens`` ids if given. With ``spread`` (a window length), keep ``limit_tokens //
+    spread`` pieces of that length spaced evenly over the whole text instead: windows of that
+    length then score text from everywhere in it, not only its beginning (text varies along a
+    file more than between windows of one place; README)."""
     if limit_tokens is not None and limit_tokens < 2:
         raise QuantkitError(f"limit-tokens must be at least 2, got {limit_tokens}")
     if not text.strip():
@@ -149,7 +153,9 @@ def tokenize_text(
             f"the tokenizer turned {len(text)} characters of text into no tokens",
             "the engine's saved tokenizer is empty or broken; re-export the model",
         )
-    if limit_tokens is not None:
+    if limit_tokens is not None and spread is not None and limit_tokens < total:
+        array = spread_pieces(array, limit_tokens, spread)
+    elif limit_tokens is not None:
         array = array[:limit_tokens]
     if array.shape[0] < 2:
         raise QuantkitError(
@@ -162,6 +168,18 @@ def tokenize_text(
         num_chars=len(text),
         num_documents=num_documents,
     )
+
+
+def spread_pieces(ids: np.ndarray, limit_tokens: int, length: int) -> np.ndarray:
+    """``limit_tokens // length`` pieces of ``length`` ids (at least one), evenly spaced over
+    ``ids`` (longer than ``limit_tokens``): piece i starts at ``i * len(ids) // count``, so the
+    pieces never overlap and the last one ends inside the text."""
+    count = max(1, limit_tokens // length)
+    total = int(ids.shape[0])
+    if count == 1 or total <= length:
+        return ids[:min(limit_tokens, total)]
+    return np.concatenate([ids[i * total // count:i * total // count + length]
+                           for i in range(count)])
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ Schema ``quantkit.results/1`` (every key below is present; ``null`` only where m
         "add_special_tokens": false,
         "total_tokens",           # tokens of the whole text
         "limit_tokens": int or null,
+        "spread": bool,           # (absent in older files) limit_tokens as windows spread
+                                  # evenly over the text instead of its first tokens
         "num_tokens",             # tokens evaluated (first limit_tokens of the text)
         "tokens_sha256",          # sha256 of the evaluated ids as little-endian int64
         "max_length", "stride", "num_windows",

@@ -69,6 +69,45 @@ def test_two_engines_of_one_export(llama_engine: Path, llama_twin_engine: Path,
     assert load_results(path) == results
 
 
+def test_spread_scores_windows_from_the_whole_text(llama_engine: Path) -> None:
+    """--spread: the same number of windows as the first 600 tokens, cut evenly from the whole
+    text, each scored exactly as the direct call scores those pieces."""
+    from quantkit.data import resolve_text_source
+    from quantkit.eval.perplexity import spread_pieces, tokenize_text
+    from quantkit.eval.text import load_evaluation_text
+    from quantkit.models import load_tokenizer
+
+    config = dataclasses.replace(CONFIG, spread=True, latency_grid=())
+    results = evaluate_engines([llama_engine], config)
+    data = results.dataset
+    assert data["spread"] is True and data["num_windows"] == 9 and data["num_tokens"] == 9 * 64
+    text = load_evaluation_text(resolve_text_source("sample", split="test"))
+    all_ids = tokenize_text(load_tokenizer(llama_engine / "tokenizer"), text.text).ids
+    ids = spread_pieces(all_ids, 600, 64)
+    step = len(all_ids) // 9
+    assert list(ids[64:128]) == list(all_ids[step:step + 64])
+    assert list(ids[-64:]) == list(all_ids[8 * len(all_ids) // 9:8 * len(all_ids) // 9 + 64])
+    with Engine.load(llama_engine).runner(threads=1) as runner:
+        direct = evaluate_perplexity(runner, ids, 64, 64, 4)
+    assert results.engines[0].perplexity == pytest.approx(direct.perplexity, rel=1e-9)
+    first = evaluate_engines([llama_engine], dataclasses.replace(config, spread=False))
+    assert first.engines[0].perplexity != pytest.approx(direct.perplexity, rel=1e-6)
+
+
+def test_spread_pieces_never_overlap_and_stay_inside() -> None:
+    import numpy as np
+
+    from quantkit.eval.perplexity import spread_pieces
+
+    ids = np.arange(100)
+    assert list(spread_pieces(ids, 30, 10)) == [*range(10), *range(33, 43), *range(66, 76)]
+    assert list(spread_pieces(ids, 15, 10)) == list(range(15))  # one piece: the start
+    for limit, length in ((99, 33), (64, 8), (50, 25)):
+        pieces = spread_pieces(ids, limit, length).reshape(-1, length)
+        assert len(pieces) == limit // length and len(set(pieces.ravel())) == pieces.size
+        assert all(list(p) == list(range(p[0], p[0] + length)) for p in pieces)
+
+
 def test_engine_names_are_unique(llama_engine: Path, tmp_path: Path) -> None:
     other = tmp_path / "a" / "llama"
     other.parent.mkdir()
@@ -123,6 +162,8 @@ def test_different_tokenizers_are_refused(llama_engine: Path, tmp_path: Path) ->
         ({"limit_tokens": 1}, "limit-tokens must be at least 2"),
         ({"iterations": 0}, "iterations must be at least 1"),
         ({"dataset": "/no/such/file.txt"}, "not found"),
+        ({"spread": True, "limit_tokens": None}, "--spread needs --limit-tokens"),
+        ({"spread": True, "stride": 32}, "--spread scores windows that do not overlap"),
     ],
 )
 def test_bad_settings(llama_engine: Path, changes: dict, message: str) -> None:
