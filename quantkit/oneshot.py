@@ -234,7 +234,7 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
             dataset=eval_part.dataset, dataset_config=eval_part.dataset_config,
             split=eval_part.split, text_column=eval_part.text_column,
             max_length=config.max_length, stride=config.max_length,
-            limit_tokens=config.eval_tokens or None,
+            limit_tokens=config.eval_tokens or None, spread=True,
             latency_grid=(GridPoint(1, config.max_length),),
             warmup=2, iterations=config.latency_iterations, threads=config.threads)
         evaluated = evaluate_engines(list(engines.values()), eval_config, command=command,
@@ -243,7 +243,8 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
 
     steps.run("evaluate", {"engines": [artifact_hash(p) for p in engines.values()],
                            "part": asdict(eval_part), "max_length": config.max_length,
-                           "tokens": config.eval_tokens, "threads": config.threads,
+                           "tokens": config.eval_tokens, "spread": True,
+                           "threads": config.threads,
                            "iterations": config.latency_iterations}, results, make_results)
 
     report_dir = out / "report"

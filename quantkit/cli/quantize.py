@@ -50,7 +50,8 @@ from quantkit.cli.options import force_option, max_retries_option, ray_option, t
               help="Finish within this time (15m, 900s, 1h): the search stops early at the "
                    "best plan so far, which is still checked on held-out text and verified.")
 @click.option("--eval-tokens", default=20480, show_default=True, type=int,
-              help="Tokens of the evaluation part scored (0: all).")
+              help="Tokens of the evaluation part scored, in windows spread evenly over it "
+                   "(0: all).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Calibration blocks, rotation and (unless --tuning-seed) the search's windows.")
 @click.option("--tuning-seed", default=None, type=int,

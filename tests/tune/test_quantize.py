@@ -95,13 +95,22 @@ def test_layernorm_models_get_smoothquant(tiny_gpt2_export) -> None:
 
 
 def test_default_parts_are_disjoint(tmp_path) -> None:
+    from quantkit.data import resolve_text_source
     from quantkit.quantize_config import default_parts
+    from quantkit.text_roles import check_roles_disjoint, role_of_source
 
     path = tmp_path / "text.txt"
-    path.write_text("line\n" * 10)
+    path.write_text("".join(f"line {i}\n" for i in range(200)))
     parts = default_parts(str(path))
     assert [parts[r].split for r in ("calibration", "tuning", "evaluation")] == [
         "calibration[:40%]", "tuning[40%:50%]", "evaluation[50%:]"]
+    roles = {r: role_of_source(r, resolve_text_source(str(path), split=p.split))
+             for r, p in parts.items()}
+    assert check_roles_disjoint(list(roles.values())) == []
+    # together they read each line once
+    owners = [[r for r, role in roles.items() if role.records and i in role.records]
+              for i in range(200)]
+    assert owners == [["calibration"]] * 80 + [["tuning"]] * 20 + [["evaluation"]] * 100
     hub = default_parts("wikitext")
     assert [hub[r].split for r in ("calibration", "tuning", "evaluation")] == [
         "train", "validation", "test"]
