@@ -48,17 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (first is warm-up)")
-    p.add_argument("--numpy-cache", action="store_true",
-                   help="also time quantkit's engines with the cache copied out to numpy and "
-                        "back every step (the loop before I/O binding)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
 
 class SessionRunner:
-    """The ``step(feeds, host)`` that ``quantkit.generate.greedy_decode`` needs, over a plain
-    ONNX file (ONNX Runtime's quantized model has no quantkit manifest); the same I/O binding as
-    quantkit's own runner, so both hand the cache on alike."""
+    """The ``run(feeds, outputs)`` that ``quantkit.generate.greedy_decode`` needs, over a plain
+    ONNX file (ONNX Runtime's quantized model has no quantkit manifest)."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -70,19 +66,8 @@ class SessionRunner:
         self.session = ort.InferenceSession(str(path), options,
                                             providers=["CPUExecutionProvider"])
 
-    def step(self, feeds: dict[str, Any], host: list[str]) -> dict[str, Any]:
-        from quantkit.backends.onnxruntime import session_step
-
-        return session_step(self.session, feeds, host)
-
-
-class NumpyCacheRunner(SessionRunner):
-    """The same session with every output copied to numpy each step and fed back from there:
-    how the decode loop handed the cache on before ``Runner.step`` (``--numpy-cache``)."""
-
-    def step(self, feeds: dict[str, Any], host: list[str]) -> dict[str, Any]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         names = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
         return dict(zip(outputs, self.session.run(outputs, {k: feeds[k] for k in names}),
                         strict=True))
 
@@ -192,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in paths.items():
         onnx = path if path.suffix == ".onnx" else path / "engine.onnx"
         runners[name] = SessionRunner(onnx, args.threads)
-        if args.numpy_cache and name.startswith("quantkit"):
-            runners[f"{name}, numpy cache"] = NumpyCacheRunner(onnx, args.threads)
     torch_runner = TorchRunner(load_model(args.model).model, args.threads)
 
     ttft: dict[str, list[float]] = {k: [] for k in [*runners, "transformers (PyTorch FP32)"]}

@@ -128,22 +128,23 @@ def forced_top1(runner: Any, layout: Any, prompt: Sequence[int],
                 continuation: Sequence[int]) -> list[int]:
     """The engine's top-1 token at each position of ``continuation`` after ``prompt``, reading
     the continuation itself (batch 1, its own KV cache): what the teacher-forced count scores.
-    ``runner`` (its ``step``) and ``layout`` (a ``CacheLayout``) as
+    ``runner.run(feeds, outputs)`` and ``layout`` (a ``CacheLayout``) as
     ``quantkit.generate.greedy_decode`` takes them."""
     if not len(continuation):
         return []
+    names = ["logits", *layout.present_names]
     ids = np.asarray([list(prompt)], dtype=np.int64)
     mask = np.ones_like(ids)
     positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
-    out = runner.step({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                       **layout.empty_past(1)}, ["logits"])
+    out = runner.run({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                      **layout.empty_past(1)}, names)
     predicted = [int(np.argmax(out["logits"][0, -1]))]
     for token in continuation[:-1]:
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
         positions = positions[:, -1:] + 1
         past = {p: out[q] for p, q in zip(layout.past_names, layout.present_names, strict=True)}
-        out = runner.step({"input_ids": np.asarray([[int(token)]], dtype=np.int64),
-                           "attention_mask": mask, "position_ids": positions, **past}, ["logits"])
+        out = runner.run({"input_ids": np.asarray([[int(token)]], dtype=np.int64),
+                          "attention_mask": mask, "position_ids": positions, **past}, names)
         predicted.append(int(np.argmax(out["logits"][0, -1])))
     return predicted
 

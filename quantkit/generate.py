@@ -213,9 +213,10 @@ def greedy_decode(
     input_ids, mask = left_pad(ids, pad_id)
     batch = input_ids.shape[0]
     positions = hf_positions(mask)
+    outputs = ["logits", *layout.present_names]
     feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
              **layout.empty_past(batch)}
-    out = runner.step(feeds, ["logits"])
+    out = runner.run(feeds, outputs)
     next_ids = np.argmax(out["logits"][:, -1, :], axis=-1).astype(np.int64)
     ttft = time.perf_counter() - start
     done = np.zeros(batch, dtype=bool)
@@ -230,7 +231,7 @@ def greedy_decode(
                      "position_ids": positions,
                      **{p: out[q] for p, q in zip(layout.past_names, layout.present_names,
                                                   strict=True)}}
-            out = runner.step(feeds, ["logits"])
+            out = runner.run(feeds, outputs)
             next_ids = np.argmax(out["logits"][:, -1, :], axis=-1).astype(np.int64)
             steps.append(time.perf_counter() - t0)
         next_ids = np.where(done, pad_id, next_ids)

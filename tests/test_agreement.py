@@ -110,7 +110,7 @@ class _NextToken:
     def __init__(self) -> None:
         self.steps = 0
 
-    def step(self, feeds: dict[str, np.ndarray], host: list[str]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         ids, past = feeds["input_ids"], feeds["past.0"]
         read = np.concatenate([past, ids], axis=1)
         assert feeds["attention_mask"].shape == read.shape

@@ -177,36 +177,3 @@ def test_smollm2_greedy_tokens_equal_hugging_face(smollm2, tmp_path_factory):
     result = generate(engine, prompts, max_new_tokens=32)
     assert result.tokens == hf_greedy(smollm2.model, smollm2.tokenizer, prompts, 32)
     assert result.timing.per_token_p50_s is not None
-
-
-def test_step_hands_the_cache_on_without_copying_it_out(llama_engine):
-    """``Runner.step`` fetches only the named outputs as numpy; the presents stay ONNX Runtime
-    values that the next step takes as its past, with the same logits as numpy round trips."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from quantkit.backends.base import Engine
-    from quantkit.eval.decode import decode_feeds, prefill_feeds
-    from quantkit.generate import engine_cache_layout
-
-    engine = Engine.load(llama_engine.path)
-    layout = engine_cache_layout(engine)
-    ids = np.array([[5, 9, 13, 2, 7]], dtype=np.int64)
-    with engine.runner(threads=1) as runner:
-        stepped = runner.step(prefill_feeds(layout, ids), ["logits"])
-        plain = runner.run(prefill_feeds(layout, ids))
-        assert isinstance(stepped["logits"], np.ndarray)
-        assert all(isinstance(stepped[q], ort.OrtValue) for q in layout.present_names)
-        np.testing.assert_array_equal(stepped["logits"], plain["logits"])
-        for n in range(3):
-            token = np.array([11 + n], dtype=np.int64)
-            past_values = {p: stepped[q] for p, q in zip(layout.past_names,
-                                                         layout.present_names, strict=True)}
-            past_arrays = {p: plain[q] for p, q in zip(layout.past_names, layout.present_names,
-                                                       strict=True)}
-            stepped = runner.step(decode_feeds(layout, token, past_values, 5 + n), ["logits"])
-            plain = runner.run(decode_feeds(layout, token, past_arrays, 5 + n))
-            np.testing.assert_array_equal(stepped["logits"], plain["logits"])
-            for q in layout.present_names:
-                np.testing.assert_array_equal(stepped[q].numpy(), plain[q])
-        assert runner.benchmark(decode_feeds(layout, token, past_arrays, 7), 1, 2, ["logits"])

@@ -118,38 +118,21 @@ class Runner(abc.ABC):
                 )
         return self._run_impl(feeds, list(outputs) if outputs is not None else None)
 
-    def step(self, feeds: Mapping[str, Any], host: Sequence[str]) -> dict[str, Any]:
-        """One step of a loop that feeds outputs back as inputs (a KV cache): every output is
-        returned, those named in ``host`` as numpy arrays, the others in whatever form this
-        runner takes back as feeds most cheaply. Here that is numpy; ONNX Runtime keeps them in
-        its own buffers, so a cache of N positions is not copied out and back every token."""
-        self._check_ready(feeds)
-        return self._step_impl(feeds, list(host))
-
     def benchmark(
-        self, feeds: Mapping[str, Any], warmup: int, iterations: int,
-        host: Sequence[str] | None = None,
+        self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int
     ) -> list[float]:
-        """Seconds per iteration over ``iterations`` timed runs after ``warmup`` untimed ones;
-        with ``host``, runs of ``step(feeds, host)`` (the outputs a decode loop reads).
+        """Seconds per iteration over ``iterations`` timed runs after ``warmup`` untimed ones.
 
         The default times host-to-host runs with a monotonic clock; GPU runners override this
         with device events.
         """
         self._check_ready(feeds)
-
-        def once() -> None:
-            if host is None:
-                self._run_impl(feeds, None)
-            else:
-                self._step_impl(feeds, list(host))
-
         for _ in range(warmup):
-            once()
+            self._run_impl(feeds, None)
         times = []
         for _ in range(iterations):
             start = time.perf_counter()
-            once()
+            self._run_impl(feeds, None)
             times.append(time.perf_counter() - start)
         return times
 
@@ -177,9 +160,6 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def _deactivate_impl(self) -> None: ...
-
-    def _step_impl(self, feeds: Mapping[str, Any], host: list[str]) -> dict[str, Any]:
-        return self._run_impl(feeds, None)
 
     @abc.abstractmethod
     def _run_impl(

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -580,9 +580,6 @@ class OnnxRuntimeRunner(Runner):
         values = self._session.run(names, {k: feeds[k] for k in self.input_names})
         return dict(zip(names, values, strict=True))
 
-    def _step_impl(self, feeds: Mapping[str, Any], host: list[str]) -> dict[str, Any]:
-        return session_step(self._session, feeds, host)
-
     def describe(self) -> dict[str, Any]:
         return {
             "backend": "onnxruntime",
@@ -594,26 +591,4 @@ class OnnxRuntimeRunner(Runner):
         }
 
 
-def session_step(session: Any, feeds: Mapping[str, Any], host: Sequence[str]) -> dict[str, Any]:
-    """Run ``session`` once through an I/O binding: numpy feeds are bound in place, ``OrtValue``
-    feeds (outputs of the step before) as they are; every output is allocated by ONNX Runtime
-    and only those named in ``host`` are copied to numpy. A decode loop so hands its KV cache
-    from one step to the next without copying it out and back in."""
-    binding = session.io_binding()
-    ort = _ort()
-    for node in session.get_inputs():
-        value = feeds[node.name]
-        if isinstance(value, ort.OrtValue):
-            binding.bind_ortvalue_input(node.name, value)
-        else:
-            binding.bind_cpu_input(node.name, np.ascontiguousarray(value))
-    names = [o.name for o in session.get_outputs()]
-    for name in names:
-        binding.bind_output(name, "cpu")
-    session.run_with_iobinding(binding)
-    values = binding.get_outputs()
-    return {name: value.numpy() if name in host else value
-            for name, value in zip(names, values, strict=True)}
-
-
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "ONNX_NAME", "session_step"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "ONNX_NAME"]

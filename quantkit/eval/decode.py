@@ -29,8 +29,8 @@ def prefill_feeds(layout: Any, input_ids: np.ndarray) -> dict[str, np.ndarray]:
             **layout.empty_past(batch)}
 
 
-def decode_feeds(layout: Any, next_ids: np.ndarray, past: dict[str, Any],
-                 past_len: int) -> dict[str, Any]:
+def decode_feeds(layout: Any, next_ids: np.ndarray, past: dict[str, np.ndarray],
+                 past_len: int) -> dict[str, np.ndarray]:
     """Feeds of one decode step: token ``next_ids`` [batch] at position ``past_len`` after a
     past of ``past_len`` real positions per row (``past``: past name -> tensor)."""
     batch = int(next_ids.shape[0])
@@ -66,7 +66,8 @@ def scored_nll_cached(runner: Any, layout: Any, ids: np.ndarray,
     rows = np.stack([ids[w.begin:w.end] for w in batch]).astype(np.int64, copy=False)
     first = np.array([w.score_begin - w.begin for w in batch])  # offset of the first scored
     start = int(first.min())  # >= 1: the prefill holds every token before it
-    out = runner.step(prefill_feeds(layout, rows[:, :start]), ["logits"])
+    outputs = ["logits", *layout.present_names]
+    out = runner.run(prefill_feeds(layout, rows[:, :start]), outputs)
     per_row: list[list[np.ndarray]] = [[] for _ in batch]
     for offset in range(start, length):  # the logits in hand predict the token at ``offset``
         nll = _step_nll(out["logits"], rows[:, offset])
@@ -75,7 +76,7 @@ def scored_nll_cached(runner: Any, layout: Any, ids: np.ndarray,
         if offset == length - 1:
             break
         past = {p: out[q] for p, q in zip(layout.past_names, layout.present_names, strict=True)}
-        out = runner.step(decode_feeds(layout, rows[:, offset], past, offset), ["logits"])
+        out = runner.run(decode_feeds(layout, rows[:, offset], past, offset), outputs)
     return np.concatenate([np.concatenate(parts) for parts in per_row])
 
 

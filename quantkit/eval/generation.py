@@ -1,8 +1,7 @@
 """Generation latency and greedy-token agreement of KV-cache engines, for ``quantkit eval``.
 
-What is timed (host to host, ``Runner.benchmark`` one iteration at a time, as a generation loop
-runs a step: ``Runner.step`` fetches the logits, while the present tensors stay in the engine's
-own buffers to be fed back, not copied out):
+What is timed (host to host, ``Runner.benchmark`` one iteration at a time, every output fetched —
+the logits and all present tensors, as a generation loop needs them):
 
 * **Time to first token (TTFT)** at each prompt length L: one prefill of L random token ids
   (seeded; every engine gets the same) at batch 1 with an empty past. Its tokens/s is the
@@ -260,7 +259,7 @@ def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
         ids = rng.integers(0, vocab_size, size=(1, length), dtype=np.int64)
         feeds = prefill_feeds(layout, ids)
         for j, seconds in enumerate(interleaved_times(runners, feeds, config.warmup,
-                                                 config.iterations, ["logits"])):
+                                                 config.iterations)):
             ttft[j].append(step_latency("prefill", 1, length, 0, config.warmup, seconds))
     for point in grid.decode:
         rng = np.random.default_rng([GENERATION_SEED, point.batch, point.past])
@@ -268,7 +267,7 @@ def measure_generation(runners: Sequence[Any], layout: Any, grid: ResolvedGrid,
         feeds = decode_feeds(layout, next_ids, synthetic_past(layout, point.batch, point.past),
                              point.past)
         for j, seconds in enumerate(interleaved_times(runners, feeds, config.warmup,
-                                                 config.iterations, ["logits"])):
+                                                 config.iterations)):
             decode[j].append(step_latency("decode", point.batch, 1, point.past, config.warmup,
                                           seconds))
         del feeds

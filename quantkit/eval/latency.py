@@ -118,21 +118,20 @@ def latency_feeds(batch: int, seq: int, vocab_size: int, seed: int = LATENCY_SEE
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def interleaved_times(runners: Sequence[Any], feeds: dict[str, Any], warmup: int,
-                      iterations: int, host: Sequence[str] | None = None) -> list[list[float]]:
+def interleaved_times(runners: Sequence[Any], feeds: dict[str, np.ndarray], warmup: int,
+                      iterations: int) -> list[list[float]]:
     """Seconds per timed run of each runner on ``feeds``: ``warmup`` untimed runs each, then
     round by round one run of every runner, the order rotated each round, so load from other
-    processes falls on every engine alike. ``host``: time ``Runner.step`` runs fetching only
-    those outputs (a decode loop's), not whole runs."""
+    processes falls on every engine alike."""
     for runner in runners:
         if warmup:
-            runner.benchmark(feeds, warmup - 1, 1, host)  # ``warmup`` runs, all dropped
+            runner.benchmark(feeds, warmup - 1, 1)  # ``warmup`` runs in all, every one dropped
     times: list[list[float]] = [[] for _ in runners]
     n = len(runners)
     for i in range(iterations):
         for k in range(n):
             j = (i + k) % n
-            times[j] += runners[j].benchmark(feeds, 0, 1, host)
+            times[j] += runners[j].benchmark(feeds, 0, 1)
     return times
 
 

@@ -88,7 +88,7 @@ class _Recorder:
     def __init__(self, name: str, log: list[str]) -> None:
         self.name, self.log = name, log
 
-    def benchmark(self, feeds, warmup: int, iterations: int, host=None) -> list[float]:
+    def benchmark(self, feeds, warmup: int, iterations: int) -> list[float]:
         self.log.append(f"{self.name}{'w' * warmup}")
         return [0.001 * (1 + len(self.log))] * iterations
 

@@ -6,7 +6,7 @@ and, for ``run``, are copied to host numpy through pinned memory. ``benchmark`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -249,12 +249,10 @@ class TensorRTRunner(Runner):
         return {name: self._out_host[name].numpy().copy() for name in names}
 
     def benchmark(
-        self, feeds: Mapping[str, Any], warmup: int, iterations: int,
-        host: Sequence[str] | None = None,
+        self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int
     ) -> list[float]:
         """Seconds per ``execute_async_v3``, measured with CUDA events on the runner's stream;
-        inputs are copied to the GPU once, before timing, and outputs stay there (so ``host``
-        changes nothing)."""
+        inputs are copied to the GPU once, before timing."""
         import torch
 
         self._check_ready(feeds)
