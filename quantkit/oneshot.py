@@ -226,24 +226,17 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     eval_part = config.parts["evaluation"]
 
     def make_results(replace_: bool) -> None:
-        from quantkit.eval.evaluate import EvalConfig, evaluate_engines
-        from quantkit.eval.latency import GridPoint
+        from quantkit.eval.evaluate import evaluate_engines
         from quantkit.eval.results import write_results
 
-        eval_config = EvalConfig(
-            dataset=eval_part.dataset, dataset_config=eval_part.dataset_config,
-            split=eval_part.split, text_column=eval_part.text_column,
-            max_length=config.max_length, stride=config.max_length,
-            limit_tokens=config.eval_tokens or None, spread=True,
-            latency_grid=(GridPoint(1, config.max_length),),
-            warmup=2, iterations=config.latency_iterations, threads=config.threads)
-        evaluated = evaluate_engines(list(engines.values()), eval_config, command=command,
+        evaluated = evaluate_engines(list(engines.values()), evaluation_config(config),
+                                     command=command,
                                      names=list(engines))
         write_results(evaluated, results, force=True)
 
     steps.run("evaluate", {"engines": [artifact_hash(p) for p in engines.values()],
                            "part": asdict(eval_part), "max_length": config.max_length,
-                           "tokens": config.eval_tokens, "spread": True,
+                           "tokens": config.eval_tokens, "spread": bool(config.eval_tokens),
                            "threads": config.threads,
                            "iterations": config.latency_iterations}, results, make_results)
 
@@ -268,6 +261,22 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
         result.cache_engine, result.generation = generation["cache_engine"], generation
     atomic_write_json(out / QUANTIZE_NAME, result.to_dict())
     return result
+
+
+def evaluation_config(config: QuantizeConfig) -> Any:
+    """The evaluation step's settings: ``eval_tokens`` tokens of the evaluation part in windows
+    of ``max_length`` spread evenly over it (all of it when ``eval_tokens`` is 0), latency at
+    1 x ``max_length``."""
+    from quantkit.eval.evaluate import EvalConfig
+    from quantkit.eval.latency import GridPoint
+
+    part = config.parts["evaluation"]
+    return EvalConfig(
+        dataset=part.dataset, dataset_config=part.dataset_config, split=part.split,
+        text_column=part.text_column, max_length=config.max_length, stride=config.max_length,
+        limit_tokens=config.eval_tokens or None, spread=bool(config.eval_tokens),
+        latency_grid=(GridPoint(1, config.max_length),), warmup=2,
+        iterations=config.latency_iterations, threads=config.threads)
 
 
 def _tune_settings(config: QuantizeConfig, onnx_dir: Path, table: Path, part: TextPart,

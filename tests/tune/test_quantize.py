@@ -116,6 +116,21 @@ def test_default_parts_are_disjoint(tmp_path) -> None:
         "train", "validation", "test"]
 
 
+def test_evaluation_spreads_its_tokens_or_reads_the_whole_part() -> None:
+    """--eval-tokens N: N tokens in windows spread over the evaluation part; 0: all of it (the
+    demo's setting, which once asked eval for --spread without a token count)."""
+    from quantkit.oneshot import evaluation_config
+    from quantkit.quantize_config import QuantizeConfig, parts_for
+
+    parts = parts_for("sample")
+    spread = evaluation_config(QuantizeConfig(model="m", parts=parts, eval_tokens=1280))
+    assert (spread.limit_tokens, spread.spread, spread.stride) == (1280, True, 512)
+    whole = evaluation_config(QuantizeConfig(model="m", parts=parts, eval_tokens=0))
+    assert (whole.limit_tokens, whole.spread) == (None, False)
+    whole.check()
+    spread.check()
+
+
 def test_bad_input_is_one_error_and_writes_nothing(fragile_export, tmp_path) -> None:
     from quantkit.cli.main import cli
 
