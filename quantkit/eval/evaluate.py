@@ -5,7 +5,7 @@ an engine, all engines come from the same model (``source_model_hash``) and toke
 (vocabulary fingerprint), the window settings fit the model, the text is not empty. Each engine
 then runs alone (one runner at a time) for its perplexity over the windows, with its peak memory
 measured around it. The latency grid follows: one engine is timed alone; several are loaded
-together and timed interleaved, one run of each in turn (``quantkit.eval.latency``), so that a
+together and timed interleaved, a few runs of each in turn (``quantkit.eval.latency``), so that a
 change of load on the machine during the run falls on every engine alike and the ratios between
 them hold (timed one after another, a 2-core machine's background load made an INT8 engine look
 2.7x slower than FP32 in one run and faster in the next).

@@ -13,8 +13,9 @@ the logits and all present tensors, as a generation loop needs them):
   second, B / mean.
 
 Engines are interleaved: every engine is loaded at once and, at each point, after ``warmup``
-untimed runs each (dropped), the timed runs go round the engines one run at a time, the order
-rotated each round, so load from other processes falls on every engine alike. p50/p90/p99 are
+untimed runs each (dropped), the timed runs go round the engines a few at a time after one
+untimed settling run (``quantkit.eval.latency.interleaved_times``), the order rotated each
+round, so load from other processes falls on every engine alike. p50/p90/p99 are
 numpy's linear percentiles over the runs.
 
 **Token agreement** (``quantkit.agreement`` defines the numbers). ``prompts`` prompts of

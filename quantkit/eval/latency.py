@@ -2,11 +2,11 @@
 
 For each grid point the runner gets a batch of random token ids (seeded, so every engine sees the
 same inputs) with an all-ones attention mask, runs ``warmup`` untimed iterations and ``iterations``
-timed ones through ``Runner.benchmark`` (several engines: interleaved, one run of each in turn,
-``measure_latency_interleaved``): host-to-host wall time (``time.perf_counter``) for CPU
-runners, device events for GPU runners that override it. One iteration is one full forward pass
-fetching every engine output. Percentiles are numpy's linear interpolation over the iteration
-times; tokens/s is ``batch * seq / mean``.
+timed ones through ``Runner.benchmark`` (several engines: interleaved, a few runs of each in
+turn after a settling run, ``interleaved_times``): host-to-host wall time
+(``time.perf_counter``) for CPU runners, device events for GPU runners that override it. One
+iteration is one full forward pass fetching every engine output. Percentiles are numpy's linear
+interpolation over the iteration times; tokens/s is ``batch * seq / mean``.
 
 Peak memory is the process's resident set size (Linux ``VmHWM``, the high-water mark). Before an
 engine is loaded the mark is reset to the current RSS by writing ``5`` to ``/proc/self/clear_refs``,
@@ -118,20 +118,30 @@ def latency_feeds(batch: int, seq: int, vocab_size: int, seed: int = LATENCY_SEE
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+INTERLEAVE_BLOCK = 3  # timed runs of one engine in a row, after one untimed settling run
+
+
 def interleaved_times(runners: Sequence[Any], feeds: dict[str, np.ndarray], warmup: int,
-                      iterations: int) -> list[list[float]]:
+                      iterations: int, block: int = INTERLEAVE_BLOCK) -> list[list[float]]:
     """Seconds per timed run of each runner on ``feeds``: ``warmup`` untimed runs each, then
-    round by round one run of every runner, the order rotated each round, so load from other
-    processes falls on every engine alike."""
+    rounds in which every runner, in an order rotated each round, makes one untimed run and
+    then up to ``block`` timed ones, so load from other processes falls on every engine alike.
+
+    The untimed run lets the engine that ran before go quiet: ONNX Runtime's idle worker threads
+    spin for a while after a run and take the cores from the next session. Timed one run each
+    in turn, a SmolLM2-135M decode step measured 52 ms against 22 ms in a block of its own (AMD
+    EPYC, 2 cores); with the settling run and blocks of 3, 23 ms."""
     for runner in runners:
         if warmup:
             runner.benchmark(feeds, warmup - 1, 1)  # ``warmup`` runs in all, every one dropped
     times: list[list[float]] = [[] for _ in runners]
     n = len(runners)
-    for i in range(iterations):
+    settle = 1 if n > 1 else 0
+    for i in range(-(-iterations // block)):
         for k in range(n):
             j = (i + k) % n
-            times[j] += runners[j].benchmark(feeds, 0, 1)
+            times[j] += runners[j].benchmark(feeds, settle,
+                                             min(block, iterations - len(times[j])))
     return times
 
 

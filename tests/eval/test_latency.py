@@ -89,7 +89,7 @@ class _Recorder:
         self.name, self.log = name, log
 
     def benchmark(self, feeds, warmup: int, iterations: int) -> list[float]:
-        self.log.append(f"{self.name}{'w' * warmup}")
+        self.log.append(f"{self.name}{'w' * warmup}{iterations}")
         return [0.001 * (1 + len(self.log))] * iterations
 
 
@@ -98,10 +98,15 @@ def test_engines_are_timed_interleaved_with_the_order_rotated() -> None:
 
     log: list[str] = []
     runners = [_Recorder("a", log), _Recorder("b", log), _Recorder("c", log)]
-    times = interleaved_times(runners, {}, warmup=2, iterations=3)
-    # warm-up (2 runs each, dropped), then rounds a b c / b c a / c a b
-    assert log == ["aw", "bw", "cw", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert [len(t) for t in times] == [3, 3, 3]
+    times = interleaved_times(runners, {}, warmup=2, iterations=5, block=2)
+    # warm-up (2 runs each, dropped), then rounds a b c / b c a / c a b, each engine one
+    # untimed settling run ("w") and up to 2 timed runs
+    assert log == ["aw1", "bw1", "cw1", "aw2", "bw2", "cw2", "bw2", "cw2", "aw2",
+                   "cw1", "aw1", "bw1"]
+    assert [len(t) for t in times] == [5, 5, 5]
+    log.clear()
+    alone = interleaved_times(runners[:1], {}, warmup=0, iterations=4)
+    assert log == ["a3", "a1"] and len(alone[0]) == 4  # one engine: nothing to settle
     points = measure_latency_interleaved(runners[:2], [GridPoint(1, 8), GridPoint(2, 4)],
                                          vocab_size=10, warmup=0, iterations=2)
     assert [[(p.batch, p.seq, p.iterations) for p in row] for row in points] == [
