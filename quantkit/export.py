@@ -92,8 +92,10 @@ def export_model(
         phase("naming nodes and saving the ONNX graph")
         rename_by_module_path(proto, prefix=f"{_WRAPPER_ATTR}.")
         from quantkit.attention_mask import drop_softmax_nan_guards
+        from quantkit.rms_norm import divide_by_root
 
         guards_removed = drop_softmax_nan_guards(proto.graph)
+        rms_divisions = divide_by_root(proto.graph)
         _save(proto, onnx_path, external=external_data)
         phase("checking the ONNX graph")
         onnx.checker.check_model(str(onnx_path), full_check=True)
@@ -134,6 +136,7 @@ def export_model(
             max_positions=_max_positions(loaded.model.config),
             check=check,
             softmax_nan_guards_removed=guards_removed,
+            rms_norm_divisions=rms_divisions,
             tokenizer=TOKENIZER_DIR if loaded.tokenizer is not None else None,
             **cache_fields,
         )

@@ -128,7 +128,7 @@ def trace_residual(graph: Any) -> ResidualStream:
         for node in consumers.get(tensor, []):
             if node.op_type in _RESIDUAL_STATS:
                 continue
-            if node.op_type == "Mul":
+            if node.op_type == "Mul" or (node.op_type == "Div" and node.input[0] == tensor):
                 stream.norms.append(_norm_weight_mul(node, tensor, consumers, inits))
             elif node.op_type == "Add":
                 other = next(i for i in node.input if i != tensor)
@@ -151,7 +151,8 @@ def trace_residual(graph: Any) -> ResidualStream:
 
 def _norm_weight_mul(mul: Any, tensor: str, consumers: dict[str, list[Any]],
                      inits: dict[str, Any]) -> Any:
-    """``x * rsqrt(mean(x^2) + eps)`` is followed by a Mul with the norm's 1-D weight."""
+    """``x * rsqrt(mean(x^2) + eps)`` (or ``x / sqrt(...)``, ``quantkit.rms_norm``) is followed
+    by a Mul with the norm's 1-D weight."""
     readers = consumers.get(mul.output[0], [])
     weight = [n for n in readers if n.op_type == "Mul"
               and any(i in inits and len(inits[i].dims) == 1 for i in n.input)]
