@@ -143,7 +143,7 @@ def test_plan_show_prints_rules_and_filters(tiny_llama_export):
     assert "/lm_head/MatMul" in result.output and "exact:/lm_head/MatMul" in result.output
     assert "/model/layers.0/self_attn/q_proj/MatMul" in result.output
     assert result.output.strip().splitlines()[-1].startswith(
-        "19 of 19 matching nodes shown (205 in the graph); fp32 1, int8 18")
+        "19 of 19 matching nodes shown (200 in the graph); fp32 1, int8 18")
     only = invoke("plan", "show", "--onnx", tiny_llama_export.directory, "--plan",
                   CONFIGS / "mixed-safe.yaml", "--op-type", "Softmax", "--rule", "op_type:")
     assert only.exit_code == 0, only.output
@@ -153,7 +153,7 @@ def test_plan_show_prints_rules_and_filters(tiny_llama_export):
                    "re:layers\\.1/mlp/.*MatMul", "--only", "int8")
     assert regex.output.strip().splitlines()[-1].startswith("3 of 3 matching nodes shown")
     plain = invoke("plan", "show", "--onnx", tiny_llama_export.directory, "--limit", "2")
-    assert plain.output.strip().splitlines()[-1].startswith("2 of 205 matching nodes shown")
+    assert plain.output.strip().splitlines()[-1].startswith("2 of 200 matching nodes shown")
 
 
 def test_plan_show_errors(tiny_llama_export, tmp_path):
