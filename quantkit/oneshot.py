@@ -223,21 +223,20 @@ def quantize(config: QuantizeConfig, out: Path, *, force: bool = False,
     engines["quantized"] = tune_dir / "engine"
 
     results = out / "results.json"
-    eval_part = config.parts["evaluation"]
+    eval_config = evaluation_config(config)
 
     def make_results(replace_: bool) -> None:
         from quantkit.eval.evaluate import evaluate_engines
         from quantkit.eval.results import write_results
 
-        evaluated = evaluate_engines(list(engines.values()), evaluation_config(config),
-                                     command=command,
+        evaluated = evaluate_engines(list(engines.values()), eval_config, command=command,
                                      names=list(engines))
         write_results(evaluated, results, force=True)
 
     steps.run("evaluate", {"engines": [artifact_hash(p) for p in engines.values()],
-                           "part": asdict(eval_part), "max_length": config.max_length,
-                           "tokens": config.eval_tokens, "spread": bool(config.eval_tokens),
-                           "threads": config.threads,
+                           "part": asdict(config.parts["evaluation"]),
+                           "max_length": config.max_length, "tokens": config.eval_tokens,
+                           "spread": eval_config.spread, "threads": config.threads,
                            "iterations": config.latency_iterations}, results, make_results)
 
     report_dir = out / "report"

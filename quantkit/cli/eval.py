@@ -70,8 +70,8 @@ from quantkit.cli.options import force_option, typed_command
 def command(engines: tuple[Path, ...], dataset: str, dataset_config: str | None, split: str,
             text_column: str, max_length: int | None, stride: int | None,
             limit_tokens: int | None, spread: bool, batch_size: int, latency_grid: str,
-            warmup: int,
-            iterations: int, ttft_lengths: str, decode_grid: str, generation_iterations: int,
+            warmup: int, iterations: int, ttft_lengths: str, decode_grid: str,
+            generation_iterations: int,
             agreement_prompts: int, agreement_prompt_tokens: int, agreement_new_tokens: int,
             threads: int | None, out: Path, progress: bool | None, allow_overlap: bool,
             force: bool) -> None:

@@ -295,7 +295,8 @@ def evaluate_engines(
         roles += engine_text_roles(info.name, info.manifest)
     overlaps = check_roles_disjoint(roles, config.allow_overlap, focus="evaluation")
     tokens = tokenize_text(infos[0].tokenizer, text.text, config.limit_tokens,
-                           text.num_documents, spread=max_length if config.spread else None)
+                           text.num_documents,
+                           spread_length=max_length if config.spread else None)
     windows = plan_windows(tokens.num_tokens, max_length, stride)
     prompts, offsets = (agreement_prompts(tokens.ids, gen_config.agreement_prompts,
                                           gen_config.agreement_prompt_tokens)

@@ -132,13 +132,13 @@ def join_documents(documents: Sequence[str]) -> str:
 
 def tokenize_text(
     tokenizer: Any, text: str, limit_tokens: int | None = None, num_documents: int = 1,
-    spread: int | None = None,
+    spread_length: int | None = None,
 ) -> TokenizedText:
     """Tokenize the whole text at once, without special tokens, and keep the first
-    ``limit_tokens`` ids if given. With ``spread`` (a window length), keep ``limit_tokens //
-    spread`` pieces of that length spaced evenly over the whole text instead: windows of that
-    length then score text from everywhere in it, not only its beginning (text varies along a
-    file more than between windows of one place; README)."""
+    ``limit_tokens`` ids if given. With ``spread_length`` (a window length), keep
+    ``limit_tokens // spread_length`` pieces of that length spaced evenly over the whole text
+    instead: windows of that length then score text from everywhere in it, not only its
+    beginning (text varies along a file more than between windows of one place; README)."""
     if limit_tokens is not None and limit_tokens < 2:
         raise QuantkitError(f"limit-tokens must be at least 2, got {limit_tokens}")
     if not text.strip():
@@ -153,8 +153,8 @@ def tokenize_text(
             f"the tokenizer turned {len(text)} characters of text into no tokens",
             "the engine's saved tokenizer is empty or broken; re-export the model",
         )
-    if limit_tokens is not None and spread is not None and limit_tokens < total:
-        array = spread_pieces(array, limit_tokens, spread)
+    if limit_tokens is not None and spread_length is not None and limit_tokens < total:
+        array = spread_pieces(array, limit_tokens, spread_length)
     elif limit_tokens is not None:
         array = array[:limit_tokens]
     if array.shape[0] < 2:
