@@ -129,8 +129,9 @@ def interleaved_times(runners: Sequence[Any], feeds: dict[str, np.ndarray], warm
 
     The untimed run lets the engine that ran before go quiet: ONNX Runtime's idle worker threads
     spin for a while after a run and take the cores from the next session. Timed one run each
-    in turn, a SmolLM2-135M decode step measured 52 ms against 22 ms in a block of its own (AMD
-    EPYC, 2 cores); with the settling run and blocks of 3, 23 ms."""
+    in turn, a SmolLM2-135M decode step measured 40.0 ms against 19.8 ms in a block of its own,
+    and 20.0 ms with the settling run and blocks of 3 (``benchmarks/decode_step.py``, AMD EPYC
+    with VNNI, 2 cores)."""
     for runner in runners:
         if warmup:
             runner.benchmark(feeds, warmup - 1, 1)  # ``warmup`` runs in all, every one dropped
