@@ -17,7 +17,9 @@ the plain export of the same model (``--with-nll``), which quantkit calibrates (
 ranges on the sample's calibration file) and whose table carries over to the cache graph. The
 quantkit INT8 engine uses ``--plan`` (default ``configs/smollm2-135m.yaml``: every MatMul INT8
 but the MLP down projections); ``--quantize-engine`` adds the cache engine that ``quantkit
-quantize --with-cache`` built (the searched plan on the rotated cache graph).
+quantize --with-cache`` built (the searched plan on the rotated cache graph). quantkit's engines
+are built as ``quantkit build`` builds them (attention fused, ``quantkit.attention_fusion``);
+``--exported-attention`` adds the same two with attention as exported, timed in the same run.
 """
 
 from __future__ import annotations
@@ -41,9 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plain-export", type=Path, required=True)
     p.add_argument("--model", default="smollm2-135m", help="for transformers (PyTorch FP32)")
     p.add_argument("--plan", type=Path, default=REPO / "configs" / "smollm2-135m.yaml")
-    p.add_argument("--quantize-engine", type=Path, default=None,
+    p.add_argument("--quantize-engine", type=Path, action="append", default=[],
                    help="also time this cache engine: `quantkit quantize --with-cache`'s "
-                        "OUT/engines/cache-quantized (the searched plan, rotated, GPTQ weights)")
+                        "OUT/engines/cache-quantized (the searched plan, rotated, GPTQ weights); "
+                        "repeatable")
+    p.add_argument("--exported-attention", action="store_true",
+                   help="also build and time quantkit's FP32 and INT8 engines with attention as "
+                        "exported (build option attention=graph), beside the fused ones")
     p.add_argument("--out", type=Path, required=True, help="work folder (engines, table)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -135,12 +141,20 @@ def build_engines(args: argparse.Namespace) -> dict[str, Path]:
                                            split="train", num_samples=32, seq_len=256,
                                            method="percentile", tensors="quantizable"), calib)
     engines = {"quantkit FP32": out / "fp32", "quantkit INT8": out / "int8"}
-    if not (engines["quantkit FP32"] / "manifest.json").is_file():
-        build_engine(engines["quantkit FP32"], precision="fp32", onnx=args.cache_export)
-    if not (engines["quantkit INT8"] / "manifest.json").is_file():
-        build_engine(engines["quantkit INT8"], precision="mixed", onnx=args.cache_export,
-                     plan=args.plan, table=calib / "table.json",
-                     table_onnx=find_onnx(args.plain_export))
+    variants = [("", "auto")]
+    if args.exported_attention:
+        variants.append((" (attention as exported)", "graph"))
+        engines.update({f"quantkit FP32{variants[1][0]}": out / "fp32-graph",
+                        f"quantkit INT8{variants[1][0]}": out / "int8-graph"})
+    for label, attention in variants:
+        fp32, int8 = engines[f"quantkit FP32{label}"], engines[f"quantkit INT8{label}"]
+        if not (fp32 / "manifest.json").is_file():
+            build_engine(fp32, precision="fp32", onnx=args.cache_export,
+                         options={"attention": attention})
+        if not (int8 / "manifest.json").is_file():
+            build_engine(int8, precision="mixed", onnx=args.cache_export, plan=args.plan,
+                         table=calib / "table.json", table_onnx=find_onnx(args.plain_export),
+                         options={"attention": attention})
     ort_model = out / "ort-quantize-static.onnx"
     if not ort_model.is_file():
         layout = engine_cache_layout(Engine.load(engines["quantkit FP32"]))
@@ -154,10 +168,13 @@ def build_engines(args: argparse.Namespace) -> dict[str, Path]:
         feeds = [{**b, "position_ids": hf_positions(b["attention_mask"]),
                   **layout.empty_past(1)} for b in blocks]
         ort_quantize_static(find_onnx(args.cache_export), ort_model, feeds)
-    if args.quantize_engine is not None:
-        coverage = Engine.load(args.quantize_engine).manifest.get("int8_coverage")
+    for path in args.quantize_engine:
+        manifest = Engine.load(path).manifest
+        coverage = manifest.get("int8_coverage")
         share = f", {100 * coverage:.1f} % INT8" if isinstance(coverage, float) else ""
-        engines[f"quantkit quantize plan{share}"] = args.quantize_engine
+        fused = (manifest.get("attention") or {}).get("fused")
+        engines[f"quantkit quantize plan{share}, attention "
+                f"{'fused' if fused else 'as exported'}"] = path
     return {**engines, "ONNX Runtime quantize_static": ort_model}
 
 

@@ -84,11 +84,12 @@ def cache_steps(config: Any, steps: Any, out: Path, *, cache_export: Path, trans
     graph = _transform_step(config, steps, out, cache_export, transform, source_dir, graph_dir)
     engines = out / "engines"
     fp32 = engines / CACHE_FP32
-    steps.run(f"build {CACHE_FP32}", {"onnx": artifact_hash(graph)}, fp32,
+    steps.run(f"build {CACHE_FP32}", {"onnx": artifact_hash(graph), "attention": "auto"}, fp32,
               _fp32_builder(fp32, graph))
     quantized = engines / CACHE_QUANTIZED
     steps.run(f"build {CACHE_QUANTIZED}", {"onnx": artifact_hash(graph),
-                                           "autotune": artifact_hash(tune_dir)}, quantized,
+                                           "autotune": artifact_hash(tune_dir),
+                                           "attention": "auto"}, quantized,
               _quantized_builder(quantized, graph, tune_dir, find_onnx(graph_dir)))
     report = out / GENERATION_NAME
 
@@ -107,8 +108,26 @@ def cache_steps(config: Any, steps: Any, out: Path, *, cache_export: Path, trans
     agreement = read_json(report)
     from quantkit.generation_check import describe
 
+    attention = attention_summary(read_json(quantized / "manifest.json"))
+    steps.say(f"{CACHE_QUANTIZED}: {attention['line']}")
     steps.say(f"generation ({CACHE_QUANTIZED} against {CACHE_FP32}): {describe(agreement)}")
-    return {**agreement, "cache_graph": str(graph), "cache_engine": str(quantized)}
+    return {**agreement, "cache_graph": str(graph), "cache_engine": str(quantized),
+            "attention": {k: v for k, v in attention.items() if k != "line"}}
+
+
+def attention_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a cache engine's build did to its attention, and one line saying so."""
+    record = manifest.get("attention") or {}
+    coverage = manifest.get("int8_coverage")
+    share = f"; {100 * coverage:.1f} % of MACs INT8" if isinstance(coverage, float) else ""
+    if not record.get("fused"):
+        reason = record.get("reason") or "not recorded"
+        return {"fused": False, "reason": reason,
+                "line": f"attention as exported ({reason}){share}"}
+    moved = len(record.get("planned_int8_now_float") or [])
+    return {"fused": True, "layers": record["layers"], "planned_int8_now_float": moved,
+            "line": f"attention fused in {record['layers']} layers ({record['op']}): {moved} "
+                    f"attention MatMuls the plan has in INT8 run in float there{share}"}
 
 
 def _transform_step(config: Any, steps: Any, out: Path, cache_export: Path, transform: str,
@@ -155,28 +174,36 @@ def _fp32_builder(path: Path, graph: Path) -> Any:
 
 
 def _quantized_builder(path: Path, graph: Path, tune_dir: Path, table_onnx: Path) -> Any:
-    """The verified engine's build on the cache graph: its precision and options, the plan and
-    the tuned table (ranges of the per-tensor methods, GPTQ weights) autotune wrote."""
-
     def make(replace_: bool) -> None:
-        from quantkit.artifacts import read_json
-        from quantkit.build import build_engine
-        from quantkit.tune.budget import ENGINE_DIR, PLAN_NAME, TABLE_NAME
-
-        verified = tune_dir / ENGINE_DIR / "manifest.json"
-        if not verified.is_file():
-            raise QuantkitError(f"{tune_dir} has no verified engine to build for the cache graph",
-                                "rerun quantize: its autotune step builds one")
-        manifest = read_json(verified)
-        precision = str(manifest["precision"])
-        options = dict((manifest.get("inputs") or {}).get("options") or {})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_engine(path, precision=precision, onnx=graph, force=replace_, options=options,
-                     plan=tune_dir / PLAN_NAME if precision == "mixed" else None,
-                     table=None if precision == "fp32" else tune_dir / TABLE_NAME,
-                     table_onnx=table_onnx)
+        build_quantized_cache_engine(path, graph, tune_dir, table_onnx, force=replace_)
 
     return make
+
+
+def build_quantized_cache_engine(path: Path, graph: Path, tune_dir: Path, table_onnx: Path, *,
+                                 force: bool = False, attention: str = "auto") -> Any:
+    """The verified engine's build on the cache graph: its precision and options, the plan and
+    the tuned table (ranges of the per-tensor methods, GPTQ weights) autotune wrote.
+    ``attention``: the ONNX Runtime build option (``quantkit.attention_fusion``); ``graph``
+    gives the verified engine's function exactly, ``auto`` fuses attention (float)."""
+    from quantkit.artifacts import read_json
+    from quantkit.build import build_engine
+    from quantkit.tune.budget import ENGINE_DIR, PLAN_NAME, TABLE_NAME
+
+    verified = tune_dir / ENGINE_DIR / "manifest.json"
+    if not verified.is_file():
+        raise QuantkitError(f"{tune_dir} has no verified engine to build for the cache graph",
+                            "rerun quantize: its autotune step builds one")
+    manifest = read_json(verified)
+    precision = str(manifest["precision"])
+    options = dict((manifest.get("inputs") or {}).get("options") or {})
+    if manifest.get("backend", "onnxruntime") == "onnxruntime":
+        options["attention"] = attention
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return build_engine(path, precision=precision, onnx=graph, force=force, options=options,
+                        plan=tune_dir / PLAN_NAME if precision == "mixed" else None,
+                        table=None if precision == "fp32" else tune_dir / TABLE_NAME,
+                        table_onnx=table_onnx)
 
 
 __all__ = ["CACHE_EXPORT_DIR", "CACHE_FP32", "CACHE_QUANTIZED", "GENERATION_NAME", "cache_steps",

@@ -123,7 +123,8 @@ def test_rotated_cache_graph_has_the_rotated_plain_exports_weights(rotated_pair)
 def test_rotated_table_carries_to_the_rotated_cache_graph(rotated_pair,
                                                           tiny_llama_cache_export, tmp_path):
     """The rotated plain export's table (GPTQ-free MinMax) builds an INT8 engine of the rotated
-    cache graph whose prefill is the rotated plain INT8 engine's last position."""
+    cache graph whose prefill is the rotated plain INT8 engine's last position (attention as
+    exported: fused attention is float, tests/test_attention_fusion.py)."""
     from quantkit.build import build_engine
 
     plain, cache = rotated_pair
@@ -131,7 +132,7 @@ def test_rotated_table_carries_to_the_rotated_cache_graph(rotated_pair,
     plain_engine = build_engine(tmp_path / "plain", precision="int8", onnx=plain.parent,
                                 table=table)
     engine = build_engine(tmp_path / "cache", precision="int8", onnx=cache.parent, table=table,
-                          table_onnx=plain)
+                          table_onnx=plain, options={"attention": "graph"})
     assert engine.manifest["cache"] == tiny_llama_cache_export.manifest["cache"]
     # the same MatMuls INT8 (the Hadamard chains FP32); coverage differs: the cache graph's LM
     # head runs on the last position only
@@ -215,7 +216,7 @@ def test_smoothed_table_carries_and_builds(smoothed_pair, tmp_path):
     plain, cache = smoothed_pair
     table = make_table(plain, token_feeds(2, seq=24))
     engine = build_engine(tmp_path / "e", precision="int8", onnx=cache.parent, table=table,
-                          table_onnx=plain)
+                          table_onnx=plain, options={"attention": "graph"})
     assert engine.manifest["int8_coverage"] > 0.9
 
 

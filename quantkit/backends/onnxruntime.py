@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from quantkit.attention_fusion import (
+    check_attention_mode,
+    fuse_cache_attention,
+    fusion_record,
+    plan_fusion,
+)
 from quantkit.backends.base import Backend, BuildRequest, Engine, Runner
 from quantkit.environment import CpuIsa, cpu_isa, weight_layout_for
 from quantkit.errors import MissingDependencyError, QuantkitError, QuantkitWarning
@@ -82,6 +88,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     # static: activation scales from the calibration table (Q/DQ, as TensorRT runs INT8);
     # dynamic: each INT8 MatMul measures its activation range at run time (quantkit.dynamic_quant)
     "activations": "static",
+    # KV-cache graphs: auto | fused | graph: one ONNX Attention node per layer, float
+    # (quantkit.attention_fusion); plain graphs are never changed
+    "attention": "auto",
 }
 ACTIVATION_MODES = ("static", "dynamic")
 ACCURACY_ONLY_FP16 = ("accuracy only: float16 rounding emulated in float32 (fp16=emulate); its "
@@ -124,17 +133,29 @@ class OnnxRuntimeBackend(Backend):
         graph = _load_graph(request.onnx_path, with_weights=False)
         plan = effective_plan(request, graph)
         provider = options["provider"] or _default_provider(ort.get_available_providers())
+        attention = plan_fusion(request.onnx_path, graph, str(options["attention"]),
+                                bool(fields.get("cache")), out_dir)
+        fusion = None
         if not plan.nodes_with(Precision.INT8) and not plan.nodes_with(Precision.FP16):
-            data = _copy_onnx(request.onnx_path, target)  # FP32: the export itself, bit for bit
-            fields["external_data"] = data is not None
             as_built = float_node_precisions(graph)
             fields["rewrite"] = None
+            if attention["fuse"]:  # FP32: the export with its attention fused
+                from quantkit.rewrite_io import open_for_rewrite
+
+                with open_for_rewrite(request.onnx_path, out_dir) as source:
+                    fusion = fuse_cache_attention(source.model)
+                    source.save(source.model, target)
+                    fields["external_data"] = source.streamed
+            else:  # FP32: the export itself, bit for bit
+                fields["external_data"] = _copy_onnx(request.onnx_path, target) is not None
         else:
             from quantkit.rewrite_io import open_for_rewrite
 
             with open_for_rewrite(request.onnx_path, out_dir) as source:
                 result, plan_used, fallback = rewrite_for_provider(
                     request, plan, options, provider, source)
+                if attention["fuse"]:
+                    fusion = fuse_cache_attention(result.model)
                 if options["activations"] == "dynamic":
                     from quantkit.dynamic_quant import to_dynamic_activations
 
@@ -159,6 +180,9 @@ class OnnxRuntimeBackend(Backend):
                 fields["accuracy_only"] = ACCURACY_ONLY_FP16
             if fallback:
                 fields["plan_as_built"] = plan_used.to_dict()
+        as_built = dict(as_built)
+        fields["attention"] = (fusion_record(fusion, attention, as_built) if fusion is not None
+                               else {"fused": False, "reason": attention["reason"]})
         fields["as_built_counts"] = dict(sorted(Counter(as_built.values()).items()))
         fields["weight_layout"] = (layout_record(options, provider)
                                    if "int8" in as_built.values() else None)
@@ -194,6 +218,7 @@ def build_options(given: Mapping[str, Any]) -> dict[str, Any]:
                             f"use one of: {', '.join(ACTIVATION_MODES)}")
     QdqOptions(per_channel=bool(options["per_channel"]),
                shared_inputs=str(options["shared_inputs"]), fp16=str(options["fp16"]))
+    check_attention_mode(str(options["attention"]))
     if int(options["coverage_seq"]) < 1:
         raise QuantkitError("coverage_seq must be at least 1")
     return options

@@ -51,6 +51,12 @@ from quantkit.cli.options import force_option, trust_remote_code_option
                    "scales, as TensorRT does; dynamic measures each INT8 MatMul input's range "
                    "when it runs (ONNX Runtime's DynamicQuantizeLinear; the table still sets "
                    "nothing else).")
+@click.option("--attention", type=click.Choice(["auto", "fused", "graph"]), default=None,
+              help="onnxruntime, KV-cache graphs: fused replaces each layer's attention by one "
+                   "ONNX Attention node (opset 23, float: a plan's INT8 attention MatMuls run "
+                   "in float there), checked against the export; graph keeps the exported "
+                   "nodes; auto (default) fuses where the pattern matches and the check "
+                   "passes.")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="Backend build option (repeatable; VALUE is read as YAML), e.g. for tensorrt "
                    "--option workspace_mib=4096 --option calibrator=minmax.")
@@ -90,7 +96,8 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
             plan_path: Path | None, backend: str, out: Path, per_tensor_weights: bool,
             shared_inputs: str | None, fp16_fallback: bool, fp16_emulate: bool,
             provider: str | None,
-            weight_layout: str | None, activations: str | None, extra: tuple[str, ...],
+            weight_layout: str | None, activations: str | None, attention: str | None,
+            extra: tuple[str, ...],
             profiles: tuple[str, ...],
             trt_mode: str | None,
             constraints: str | None, timing_cache: Path | None, dataset: str | None,
@@ -124,10 +131,12 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
         options["weight_layout"] = weight_layout.lower()
     if activations is not None:
         options["activations"] = activations
+    if attention is not None:
+        options["attention"] = attention
     if options and backend != "onnxruntime":
         raise QuantkitError(
             f"--per-tensor-weights/--shared-inputs/--fp16-fallback/--fp16-emulate/--provider/"
-            f"--weight-layout/--activations are onnxruntime "
+            f"--weight-layout/--activations/--attention are onnxruntime "
             f"options, not {backend} ones", "pass backend options with --option KEY=VALUE")
     trt_options: dict[str, Any] = {}
     if profiles:
@@ -185,6 +194,15 @@ def command(onnx_path: Path | None, model: str | None, table: Path | None, preci
     layout = m.get("weight_layout")
     if layout:
         click.echo(f"INT8 weights: {layout['layout']} ({layout['reason']})")
+    attention = m.get("attention") or {}
+    if attention.get("fused"):
+        moved = len(attention["planned_int8_now_float"])
+        click.echo(f"Attention: {attention['layers']} layers fused into one {attention['op']} "
+                   f"node each ({attention['removed_nodes']} nodes fewer)"
+                   + (f"; {moved} MatMuls the plan had in INT8 run in float inside it"
+                      if moved else ""))
+    elif m.get("cache") and attention.get("reason"):
+        click.echo(f"Attention: as exported ({attention['reason']})")
 
 
 def parse_profile(text: str) -> dict[str, list[int]]:

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.errors import QuantkitError
+from tests.build_helpers import INT8_LOGIT_TOLERANCE
 from tests.tune.conftest import step_totals
 
 SETTINGS = dict(max_length=64, num_samples=16, seq_len=64, search_windows=3, holdout_windows=3,
@@ -36,6 +37,18 @@ def quantized(fragile_export, fragile_cache_export, tmp_path_factory):
                                max_ppl_increase="5%", say=lines.append, with_cache=True,
                                cache_onnx=fragile_cache_export.directory, **SETTINGS)
     return result, out, lines
+
+
+def exported_attention_twin(out, graph_dir, tmp_path):
+    """quantize's quantized cache engine rebuilt with ``attention=graph``."""
+    from quantkit.cache_quantize import build_quantized_cache_engine
+    from quantkit.export import find_onnx
+
+    cache_graph = next(out / name for name in ("cache-rotated", "cache-smoothed", "cache-export")
+                       if (out / name).is_dir())
+    return build_quantized_cache_engine(tmp_path / "twin", find_onnx(cache_graph),
+                                        out / "autotune", find_onnx(graph_dir),
+                                        attention="graph")
 
 
 def prefill_error(verified, cache) -> float:
@@ -73,23 +86,41 @@ def test_cache_steps_and_the_generation_check(quantized) -> None:
     assert saved["cache_engine"] == result.cache_engine
     assert any(line.startswith("generation (cache-quantized against cache-fp32): greedy tokens")
                for line in lines)
+    attention = result.generation["attention"]
+    assert attention["fused"] and attention["layers"] == 2
+    assert any(line.startswith("cache-quantized: attention fused in 2 layers (Attention (ONNX "
+                               f"opset 23, float)): {attention['planned_int8_now_float']} ")
+               for line in lines)
+    assert saved["generation"]["attention"] == attention
 
 
-def test_cache_engine_is_the_verified_plan_on_the_rotated_cache_graph(quantized) -> None:
-    """Same precision, same INT8 nodes, and its prefill gives the verified (plain) engine's
-    last-position logits: the plan, the tuned ranges and the GPTQ weights all carried."""
+def test_cache_engine_is_the_verified_plan_on_the_rotated_cache_graph(quantized,
+                                                                      tmp_path) -> None:
+    """Built with its attention as exported, the cache engine has the verified engine's INT8
+    nodes and its prefill gives the verified (plain) engine's last-position logits: the plan,
+    the tuned ranges and the GPTQ weights all carried. quantize's own cache engine fuses
+    attention (float): it differs by exactly the attention MatMuls the plan had in INT8."""
     from quantkit.backends.base import Engine
 
     result, out, _ = quantized
     verified = Engine.load(result.engine)
     cache = Engine.load(out / "engines" / "cache-quantized")
-    assert cache.manifest["precision"] == verified.manifest["precision"]
-    assert cache.manifest["as_built_counts"]["int8"] == verified.manifest["as_built_counts"][
-        "int8"] > 0
-    assert cache.manifest["inputs"]["options"] == verified.manifest["inputs"]["options"]
+    twin = exported_attention_twin(out, out / "rotated", tmp_path)
+    int8 = verified.manifest["as_built_counts"]["int8"]
+    assert twin.manifest["precision"] == cache.manifest["precision"] == verified.manifest[
+        "precision"]
+    assert twin.manifest["as_built_counts"]["int8"] == int8 > 0
+    assert prefill_error(verified, twin) < 1e-4
+    fused = cache.manifest["attention"]
+    assert fused["fused"] and fused["layers"] == 2
+    assert cache.manifest["as_built_counts"]["int8"] == int8 - len(
+        fused["planned_int8_now_float"])
+    assert prefill_error(verified, cache) < INT8_LOGIT_TOLERANCE
+    options = dict(cache.manifest["inputs"]["options"])
+    assert options.pop("attention") == "auto"
+    assert options == verified.manifest["inputs"]["options"]
     source = json.loads((out / "cache-rotated" / "manifest.json").read_text())
     assert source["exporter"] == "quantkit.rotation" and source["check"]["decode_steps"] == 3
-    assert prefill_error(verified, cache) < 1e-4
 
 
 def test_generate_runs_on_the_cache_engine(quantized) -> None:
@@ -165,7 +196,8 @@ def test_recipe_section_takes_the_cache_settings(tmp_path) -> None:
 def test_layernorm_model_gets_its_smoothing_carried_to_the_cache_graph(
         tiny_gpt2_export, tiny_gpt2_cache_export, tmp_path) -> None:
     """GPT-2 family: SmoothQuant (applied in calibration) is carried to the cache graph, whose
-    quantized engine gives the verified engine's last-position logits."""
+    quantized engine (attention as exported) gives the verified engine's last-position
+    logits."""
     import quantkit
     from quantkit.backends.base import Engine
 
@@ -183,5 +215,8 @@ def test_layernorm_model_gets_its_smoothing_carried_to_the_cache_graph(
     assert smoothed["check"]["relative_error"] < 1e-4
     verified = Engine.load(result.engine)
     cache = Engine.load(result.cache_engine)
-    assert prefill_error(verified, cache) < 1e-4
+    assert prefill_error(verified, exported_attention_twin(out, out / "calibration" / "smoothed",
+                                                           tmp_path)) < 1e-4
+    assert cache.manifest["attention"]["fused"]
+    assert prefill_error(verified, cache) < INT8_LOGIT_TOLERANCE
     assert result.generation["positions"] == 4
