@@ -12,7 +12,13 @@ normalization, attention, elementwise, data movement), which is what decides wha
         --engine int8=out/q18/t0/engines/int8-naive --shapes 1x128,1x512,4x512
 
 An ``--engine`` is a quantkit engine folder or an ``.onnx`` file; the first one is the
-reference the others' ratios are taken against. ``--json`` keeps every number.
+reference the others' ratios are taken against. ``--json`` keeps every number. A shape
+``BxS+P`` profiles KV-cache engines (``export --with-cache``): ``S`` new tokens against a
+zero-filled past of ``P`` positions, every output (the presents too) fetched — ``1x1+512`` is a
+batch-1 decode step at cache 512:
+
+    python benchmarks/profile_ops.py --engine fp32=out/q3/t0/engines/cache-fp32 \
+        --engine quantized=out/q3/t0/engines/cache-quantized --shapes 1x1+512 --iterations 30
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", action="append", required=True, metavar="NAME=PATH",
                    help="engine folder or .onnx file; the first is the reference")
-    p.add_argument("--shapes", default="1x128,1x512,4x512", help="BATCHxSEQ list")
+    p.add_argument("--shapes", default="1x128,1x512,4x512",
+                   help="BATCHxSEQ list; BATCHxSEQ+PAST for KV-cache engines")
     p.add_argument("--iterations", type=int, default=5, help="timed runs per engine and shape")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
@@ -100,13 +107,17 @@ class ProfiledSession:
         self.session = ort.InferenceSession(str(path), options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
+        self.past_shapes = {i.name: i.shape for i in self.session.get_inputs()
+                            if i.name.startswith("past_key_values.")}
+        # a cache engine's step returns its presents too; a plain engine's logits only
+        self.fetch = (None if self.past_shapes else ["logits"])
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         self.walls: list[float] = []
 
     def run(self, feed: dict[str, np.ndarray], timed: bool) -> None:
         start = time.perf_counter()
-        self.session.run(["logits"], {k: v for k, v in feed.items() if k in self.inputs})
+        self.session.run(self.fetch, {k: v for k, v in feed.items() if k in self.inputs})
         if timed:
             self.walls.append(time.perf_counter() - start)
 
@@ -135,12 +146,19 @@ class ProfiledSession:
                 "p50_wall_ms": 1e3 * statistics.median(self.walls)}
 
 
-def feeds_for(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
-    """Token ids for timing: kernels' time does not depend on the values, only the shapes."""
+def feeds_for(batch: int, seq: int, vocab: int, past: int = 0,
+              past_shapes: dict[str, list[Any]] | None = None) -> dict[str, np.ndarray]:
+    """Token ids for timing: kernels' time does not depend on the values, only the shapes. With
+    ``past_shapes`` (a cache engine's past inputs, [batch, kv_heads, past, head_dim]) a
+    zero-filled past of ``past`` positions, the mask over past and new tokens, positions."""
     rng = np.random.default_rng(1)
     ids = rng.integers(0, vocab, (batch, seq), dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64),
-            "labels": ids.copy()}
+    feed = {"input_ids": ids, "attention_mask": np.ones((batch, past + seq), np.int64),
+            "labels": ids.copy(),
+            "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))}
+    for name, shape in (past_shapes or {}).items():
+        feed[name] = np.zeros((batch, int(shape[1]), past, int(shape[3])), np.float32)
+    return feed
 
 
 def grouped(ops_us: dict[str, float]) -> dict[str, float]:
@@ -151,15 +169,21 @@ def grouped(ops_us: dict[str, float]) -> dict[str, float]:
 
 
 def profile_shape(paths: dict[str, Path], batch: int, seq: int, args: argparse.Namespace,
-                  tmp: Path) -> dict[str, Any]:
+                  tmp: Path, past: int | None = None) -> dict[str, Any]:
     config = dict(entry.partition("=")[::2] for entry in args.session_config)
     sessions = {name: ProfiledSession(path, args.threads, tmp / f"{name}-{batch}x{seq}", config)
                 for name, path in paths.items()}
     vocab = min((s.vocab for s in sessions.values() if s.vocab), default=1000)
-    feed = feeds_for(batch, seq, vocab)
+    cache = [name for name, s in sessions.items() if s.past_shapes]
+    if (past is not None) != (len(cache) == len(sessions)):
+        raise SystemExit(f"shape {batch}x{seq}{'' if past is None else f'+{past}'}: a past "
+                         "length goes with KV-cache engines only, and every engine then needs one"
+                         f" (cache engines: {', '.join(cache) or 'none'})")
+    feeds = {name: feeds_for(batch, seq, vocab, past or 0, s.past_shapes)
+             for name, s in sessions.items()}
     for i in range(args.warmup + args.iterations):
-        for session in sessions.values():
-            session.run(feed, timed=i >= args.warmup)
+        for name, session in sessions.items():
+            session.run(feeds[name], timed=i >= args.warmup)
     return {name: s.finish(args.warmup) for name, s in sessions.items()}
 
 
@@ -208,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="quantkit-profile-") as tmp:
         for shape in args.shapes.split(","):
-            batch, seq = (int(v) for v in shape.lower().split("x"))
-            results[shape] = profile_shape(paths, batch, seq, args, Path(tmp))
+            size, _, past = shape.partition("+")
+            batch, seq = (int(v) for v in size.lower().split("x"))
+            results[shape] = profile_shape(paths, batch, seq, args, Path(tmp),
+                                           int(past) if past else None)
             print_shape(shape, results[shape], args.top)
             sys.stdout.flush()
     if args.json is not None:

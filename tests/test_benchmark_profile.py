@@ -40,3 +40,29 @@ def test_every_group_is_named_once():
     assert len(ops) == len(set(ops)), "an op type in two groups would be counted twice"
     assert GROUP_OF["MatMulIntegerToFloat"] == "integer MatMul"
     assert GROUP_OF["QuantizeLinear"] == "quantize / dequantize"
+
+
+def test_decode_step_profile_of_cache_engines(tiny_llama_cache_export, tmp_path, capsys):
+    """``BxS+P``: a decode step against a past of P positions; the fused engine's profile has
+    its Attention nodes, the exported one its Softmax."""
+    from quantkit.build import build_engine
+
+    fused = build_engine(tmp_path / "fused", precision="fp32",
+                         onnx=tiny_llama_cache_export.directory)
+    out = tmp_path / "profile.json"
+    assert main(["--engine", f"exported={tiny_llama_cache_export.onnx_path}",
+                 "--engine", f"fused={fused.path}", "--shapes", "1x1+20,2x1+7",
+                 "--iterations", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]
+    for shape in ("1x1+20", "2x1+7"):
+        assert "Softmax" in result[shape]["exported"]["ops_us"]
+        assert "Attention" in result[shape]["fused"]["ops_us"]
+        assert "Softmax" not in result[shape]["fused"]["ops_us"]
+    assert "## 1x1+20" in capsys.readouterr().out
+
+
+def test_a_past_length_needs_cache_engines(tiny_llama_export):
+    import pytest
+
+    with pytest.raises(SystemExit, match="a past length goes with KV-cache engines only"):
+        main(["--engine", f"a={tiny_llama_export.onnx_path}", "--shapes", "1x1+4"])
