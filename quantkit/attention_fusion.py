@@ -359,6 +359,22 @@ def plan_fusion(export: Any, graph: Any, mode: str, has_cache_layout: bool,
     return {"fuse": False, "reason": reason} if reason else {"fuse": True, "check": check}
 
 
+def fuse_rewritten(model: Any, plan: dict[str, Any], mode: str
+                   ) -> tuple[AttentionFusion | None, dict[str, Any]]:
+    """Fuse the Q/DQ (or FP16) rewrite ``model`` of an export that ``plan_fusion`` cleared:
+    the fusion, or None and the plan changed to say why nothing matched (FP16 regions put
+    Casts through the pattern); ``fused`` mode raises then."""
+    fusion = fuse_cache_attention(model)
+    if fusion.layers:
+        return fusion, plan
+    reason = ("no attention of the rewritten graph matches the pattern (the plan's FP16 "
+              "regions put Casts through it)")
+    if mode == "fused":
+        raise QuantkitError(f"cannot fuse attention: {reason}",
+                            "build with --attention auto or graph, or keep attention fp32")
+    return None, {"fuse": False, "reason": reason}
+
+
 def fusion_record(fusion: AttentionFusion, plan: dict[str, Any],
                   as_built: dict[str, str]) -> dict[str, Any]:
     """The engine manifest's ``attention``; marks the replaced MatMuls fp32 in ``as_built``

@@ -150,3 +150,20 @@ def test_cli_attention_flag(tiny_llama_export, tiny_llama_cache_export, tmp_path
     result = invoke("build", "--onnx", tiny_llama_cache_export.directory, "--precision", "fp32",
                     "--attention", "graph", "--backend", "tensorrt", "--out", tmp_path / "c")
     assert "--attention are onnxruntime options" in one_line_error(result)
+
+
+def test_fp16_regions_through_attention_leave_it_as_exported(tiny_llama_cache_export, tmp_path):
+    """FP16 (here emulated) puts Casts through the pattern: nothing is fused, the build says
+    why, and ``fused`` refuses."""
+    from quantkit.build import build_engine
+
+    kwargs = {"precision": "fp16", "onnx": tiny_llama_cache_export.directory}
+    engine = build_engine(tmp_path / "e", options={"fp16": "emulate"}, **kwargs)
+    record = engine.manifest["attention"]
+    assert record["fused"] is False and "Casts" in record["reason"]
+    assert "Attention" not in _ops(engine.path / "engine.onnx")
+    with pytest.raises(QuantkitError, match="cannot fuse attention: no attention of the "
+                                            "rewritten graph"):
+        build_engine(tmp_path / "f", options={"fp16": "emulate", "attention": "fused"},
+                     **kwargs)
+    assert not (tmp_path / "f").exists()

@@ -17,6 +17,7 @@ import numpy as np
 from quantkit.attention_fusion import (
     check_attention_mode,
     fuse_cache_attention,
+    fuse_rewritten,
     fusion_record,
     plan_fusion,
 )
@@ -155,7 +156,8 @@ class OnnxRuntimeBackend(Backend):
                 result, plan_used, fallback = rewrite_for_provider(
                     request, plan, options, provider, source)
                 if attention["fuse"]:
-                    fusion = fuse_cache_attention(result.model)
+                    fusion, attention = fuse_rewritten(result.model, attention,
+                                                       str(options["attention"]))
                 if options["activations"] == "dynamic":
                     from quantkit.dynamic_quant import to_dynamic_activations
 
