@@ -167,3 +167,20 @@ def test_fp16_regions_through_attention_leave_it_as_exported(tiny_llama_cache_ex
         build_engine(tmp_path / "f", options={"fp16": "emulate", "attention": "fused"},
                      **kwargs)
     assert not (tmp_path / "f").exists()
+
+
+def test_external_data_cache_export_is_fused_weight_by_weight(tiny_llama, tmp_path):
+    """A cache export with its weights in a data file (as past 2 GB): the fused engine keeps
+    them in its own data file, and the check ran on the streamed graph."""
+    from quantkit.build import build_engine
+    from quantkit.export import export_model
+
+    export = export_model(tiny_llama, tmp_path / "x", with_cache=True, external_data=True)
+    assert (export.directory / "model.onnx.data").is_file()
+    engine = build_engine(tmp_path / "e", precision="fp32", onnx=export.directory)
+    record = engine.manifest["attention"]
+    assert record["fused"] and record["layers"] == 2
+    assert record["check"]["relative_error"] <= 1e-4
+    assert engine.manifest["external_data"] is True
+    assert (engine.path / "engine.onnx.data").is_file()
+    assert sorted(p.name for p in engine.path.iterdir() if p.name.startswith(".")) == []
