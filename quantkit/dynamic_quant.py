@@ -1,4 +1,5 @@
-"""Dynamic activation quantization for ONNX Runtime engines: ranges measured at run time.
+"""Dynamic activation quantization for ONNX Runtime engines: ranges measured at run time, per
+tensor (``to_dynamic_activations``) or per block of each row (``to_blockwise_activations``).
 
 A static INT8 engine quantizes each MatMul input with the scale its calibration table gives
 (``QuantizeLinear``/``DequantizeLinear`` pairs, what TensorRT requires). ONNX Runtime also has
@@ -98,3 +99,73 @@ def to_dynamic_activations(model: Any) -> int:
     drop_unused(graph, ("QuantizeLinear", "DequantizeLinear"))  # the static pairs replaced
     return count
 
+
+
+BLOCK_SIZE = 32
+BLOCKWISE_SUFFIX = "/blockwise"
+BLOCKWISE_KERNEL = ("MatMulNBits (com.microsoft): the built 8-bit weights, activations "
+                    "quantized to int8 per block of each row at run time (accuracy_level 4)")
+
+
+def to_blockwise_activations(model: Any, block_size: int = BLOCK_SIZE) -> int:
+    """Rewrite ``model`` (a static Q/DQ ``onnx.ModelProto`` with its weights in memory) in place:
+    every MatMul of a dequantized activation and a dequantized constant weight becomes ONNX
+    Runtime's ``MatMulNBits`` with 8-bit weights — the weights as built (per-channel, GPTQ's
+    where the table has them) stored as ``value - zero point + 128`` in blocks of
+    ``block_size`` along K, each block with its channel's scale — at ``accuracy_level`` 4, where
+    the kernel quantizes each row of the activation to int8 per block when it runs. Finer than
+    per-tensor dynamic ranges (``to_dynamic_activations``), and still an integer kernel.
+    Activation x activation MatMuls keep their static Q/DQ. Returns how many MatMuls changed."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from quantkit.errors import QuantkitError
+    from quantkit.onnx_io import is_external
+
+    graph = model.graph
+    producers, _, inits = graph_index(graph)
+    new_inits: list[Any] = []
+    replaced: dict[int, list[Any]] = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMul":
+            continue
+        found = [_dequantized(name, producers, inits) for name in node.input]
+        if None in found or [kind for kind, _ in found] != ["activation", "weight"]:
+            continue
+        weight_dq = found[1][1]
+        tensors = [inits[name] for name in weight_dq.input[:3] if name in inits]
+        if any(is_external(t) for t in tensors):
+            raise QuantkitError("activations=blockwise needs the weights in memory, and this "
+                                "export keeps them in an external data file",
+                                "build with --activations static or dynamic")
+        values = numpy_helper.to_array(inits[weight_dq.input[0]]).astype(np.int32)
+        scale = numpy_helper.to_array(inits[weight_dq.input[1]]).astype(np.float32)
+        zero = (numpy_helper.to_array(inits[weight_dq.input[2]]).astype(np.int32)
+                if len(weight_dq.input) > 2 and weight_dq.input[2] in inits else 0)
+        k, n = values.shape
+        blocks = -(-k // block_size)
+        stored = np.full((blocks * block_size, n), 128, np.uint8)  # padding: zero weights
+        stored[:k] = (values - np.reshape(zero, (1, -1) if np.ndim(zero) else ()) + 128
+                      ).astype(np.uint8)
+        name = f"{node.name}{BLOCKWISE_SUFFIX}"
+        new_inits += [
+            numpy_helper.from_array(np.ascontiguousarray(
+                stored.T.reshape(n, blocks, block_size)), f"{name}/weight"),
+            numpy_helper.from_array(np.repeat(np.broadcast_to(scale, (n,))[:, None], blocks,
+                                              axis=1).reshape(-1), f"{name}/scale"),
+        ]
+        replaced[index] = [helper.make_node(
+            "MatMulNBits", [found[0][1], f"{name}/weight", f"{name}/scale"], [node.output[0]],
+            name=name, domain="com.microsoft", K=k, N=n, bits=8, block_size=block_size,
+            accuracy_level=4)]
+    if not replaced:
+        return 0
+    rewritten = []
+    for index, node in enumerate(graph.node):
+        rewritten.extend(replaced.get(index, [node]))
+    replace_nodes(graph, rewritten)
+    graph.initializer.extend(new_inits)
+    drop_unused(graph, ("QuantizeLinear", "DequantizeLinear"))  # the static pairs replaced
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replaced)

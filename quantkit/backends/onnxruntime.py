@@ -88,12 +88,13 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "weight_layout": "auto",
     # static: activation scales from the calibration table (Q/DQ, as TensorRT runs INT8);
     # dynamic: each INT8 MatMul measures its activation range at run time (quantkit.dynamic_quant)
+    # blockwise: per block of 32 along each row, in MatMulNBits (x86 with VNNI, ARM)
     "activations": "static",
     # KV-cache graphs: auto | fused | graph: one ONNX Attention node per layer, float
     # (quantkit.attention_fusion); plain graphs are never changed
     "attention": "auto",
 }
-ACTIVATION_MODES = ("static", "dynamic")
+ACTIVATION_MODES = ("static", "dynamic", "blockwise")
 ACCURACY_ONLY_FP16 = ("accuracy only: float16 rounding emulated in float32 (fp16=emulate); its "
                       "perplexity is an FP16 engine's, its speed is not")
 INTEGER_OPS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "MatMulInteger",
@@ -118,9 +119,15 @@ class OnnxRuntimeBackend(Backend):
         check_plan_label(request.precision, plan)
         if plan.nodes_with(Precision.INT8):
             check_table(request.table, request.onnx_path, graph)
-        elif options["activations"] == "dynamic":
-            raise QuantkitError("activations=dynamic needs INT8 nodes, and this plan has none",
+        elif options["activations"] != "static":
+            raise QuantkitError(f"activations={options['activations']} needs INT8 nodes, and "
+                                "this plan has none",
                                 "build --precision int8 or mixed, or leave --activations out")
+        if options["activations"] == "blockwise" and cpu_isa().u8s8_saturates:
+            raise QuantkitError(
+                f"activations=blockwise is measured only on CPUs with VNNI (and ARM); this one "
+                f"is {cpu_isa().name} without VNNI",
+                "build with --activations static (u8 weights here) or dynamic")
         provider = options["provider"]
         if provider is not None and provider not in _ort().get_available_providers():
             raise QuantkitError(f"execution provider {provider} is not available",
@@ -163,6 +170,17 @@ class OnnxRuntimeBackend(Backend):
 
                     fields["activations"] = {"mode": "dynamic",
                                              "matmuls": to_dynamic_activations(result.model)}
+                elif options["activations"] == "blockwise":
+                    from quantkit.dynamic_quant import (
+                        BLOCK_SIZE,
+                        BLOCKWISE_KERNEL,
+                        to_blockwise_activations,
+                    )
+
+                    fields["activations"] = {
+                        "mode": "blockwise", "block_size": BLOCK_SIZE,
+                        "kernel": BLOCKWISE_KERNEL,
+                        "matmuls": to_blockwise_activations(result.model)}
                 source.save(result.model, target)
                 fields["external_data"] = source.streamed
             result.model = None  # the graph's protobuf: gone before the sessions below

@@ -46,11 +46,13 @@ from quantkit.cli.options import force_option, trust_remote_code_option
                    "u8 (the same values as uint8 + 128, u8 x u8 kernels) on x86 without VNNI, "
                    "where u8 x s8 saturates; s7: 7-bit weights. Name one to build for another "
                    "machine ('quantkit doctor' says what this one gets).")
-@click.option("--activations", type=click.Choice(["static", "dynamic"]), default=None,
+@click.option("--activations", type=click.Choice(["static", "dynamic", "blockwise"]),
+              default=None,
               help="onnxruntime INT8: static (default) quantizes activations with the table's "
                    "scales, as TensorRT does; dynamic measures each INT8 MatMul input's range "
                    "when it runs (ONNX Runtime's DynamicQuantizeLinear; the table still sets "
-                   "nothing else).")
+                   "nothing else); blockwise quantizes each row per block of 32 when it runs "
+                   "(MatMulNBits, the built weights; CPUs with VNNI and ARM).")
 @click.option("--attention", type=click.Choice(["auto", "fused", "graph"]), default=None,
               help="onnxruntime, KV-cache graphs: fused replaces each layer's attention by one "
                    "ONNX Attention node (opset 23, float: a plan's INT8 attention MatMuls run "
