@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time this cache engine: `quantkit quantize --with-cache`'s "
                         "OUT/engines/cache-quantized (the searched plan, rotated, GPTQ weights); "
                         "repeatable")
+    p.add_argument("--cache-engine", action="append", default=[], metavar="NAME=DIR",
+                   help="also time this KV-cache engine folder under NAME (repeatable)")
     p.add_argument("--exported-attention", action="store_true",
                    help="also build and time quantkit's FP32 and INT8 engines with attention as "
                         "exported (build option attention=graph), beside the fused ones")
@@ -175,6 +177,11 @@ def build_engines(args: argparse.Namespace) -> dict[str, Path]:
         fused = (manifest.get("attention") or {}).get("fused")
         engines[f"quantkit quantize plan{share}, attention "
                 f"{'fused' if fused else 'as exported'}"] = path
+    for spec in args.cache_engine:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--cache-engine {spec!r}: expected NAME=DIR")
+        engines[name] = Path(path)
     return {**engines, "ONNX Runtime quantize_static": ort_model}
 
 
