@@ -249,3 +249,22 @@ def test_gpt2_example_recipe_on_a_12_block_graph():
     assert plan.precision_of("/transformer/h.5/attn/MatMul_1") == Precision.FP32
     assert plan.decisions["/transformer/h.11/attn/Softmax"].rule == "blocks:h.0,11"
     assert plan.precision_of("/lm_head/MatMul") == Precision.FP32
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_export", "tiny_gpt2_export"])
+def test_linear_int8_recipe_keeps_only_attention_matmuls_fp32(request, fixture):
+    """configs/linear-int8.yaml on both families: attention MatMuls (two activations) FP32,
+    every other MatMul/Gemm INT8."""
+    import onnx
+
+    export = request.getfixturevalue(fixture)
+    model = onnx.load(str(export.onnx_path))
+    text = (Path(__file__).resolve().parent.parent / "configs" / "linear-int8.yaml").read_text()
+    plan = resolve_plan(PlanRecipe.from_yaml(text), model)
+    linear = {n.name: plan.decisions[n.name].precision for n in model.graph.node
+              if n.op_type in ("MatMul", "Gemm")}
+    attention = {name for name in linear if re.search(r"attn/MatMul(_1)?$", name)}
+    assert len(attention) == 4  # 2 layers x (scores, values)
+    assert all(linear[name] == Precision.FP32 for name in attention)
+    assert all(p == Precision.INT8 for name, p in linear.items() if name not in attention)
+    assert len(linear) > len(attention)
