@@ -90,14 +90,22 @@ def to_dynamic_activations(model: Any) -> int:
         ]
         replaced[index] = list(new_nodes)
         count += 1
-    if not count:
-        return 0
+    _replace_static_matmuls(graph, replaced)
+    return count
+
+
+def _replace_static_matmuls(graph: Any, replaced: dict[int, list[Any]],
+                            new_initializers: list[Any] | None = None) -> None:
+    """Put ``replaced[i]`` where node ``i`` was, add ``new_initializers`` and drop the static
+    Q/DQ pairs nothing reads any more."""
+    if not replaced:
+        return
     rewritten = []
     for index, node in enumerate(graph.node):
         rewritten.extend(replaced.get(index, [node]))
     replace_nodes(graph, rewritten)
-    drop_unused(graph, ("QuantizeLinear", "DequantizeLinear"))  # the static pairs replaced
-    return count
+    graph.initializer.extend(new_initializers or [])
+    drop_unused(graph, ("QuantizeLinear", "DequantizeLinear"))
 
 
 
@@ -160,12 +168,7 @@ def to_blockwise_activations(model: Any, block_size: int = BLOCK_SIZE) -> int:
             accuracy_level=4)]
     if not replaced:
         return 0
-    rewritten = []
-    for index, node in enumerate(graph.node):
-        rewritten.extend(replaced.get(index, [node]))
-    replace_nodes(graph, rewritten)
-    graph.initializer.extend(new_inits)
-    drop_unused(graph, ("QuantizeLinear", "DequantizeLinear"))  # the static pairs replaced
+    _replace_static_matmuls(graph, replaced, new_inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replaced)
