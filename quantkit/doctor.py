@@ -89,6 +89,13 @@ def machine_report(*, check_hub: bool = True, hub_timeout: float = HUB_TIMEOUT_S
         "hub_reachable": hub_reachable(hub_timeout) if check_hub else None,
         "cache_dir": {"path": str(cache), "exists": cache.is_dir()},
     }
+    if ort:
+        from quantkit.attention_fusion import attention_kernel_available
+
+        # None: available; else why not (what `build` would record or refuse with)
+        report["fused_attention"] = attention_kernel_available()
+        report["blockwise_activations"] = (f"{isa.name} without VNNI: not measured there"
+                                           if isa.u8s8_saturates else None)
     report["defaults"] = defaults(report)
     return report
 
@@ -125,6 +132,14 @@ def defaults(report: Mapping[str, Any]) -> list[str]:
         lines.append("data: the Hugging Face Hub is reachable (Hub models and datasets work)")
     lines.append(f"cache: fetched models and tuning measurements go to "
                  f"{report['cache_dir']['path']} ($QUANTKIT_CACHE)")
+    if ort and "fused_attention" in report:
+        why = report["fused_attention"]
+        lines.append("KV-cache engines: attention fused into one ONNX Attention node per layer "
+                     "(--attention auto)" if why is None else
+                     f"KV-cache engines: attention as exported ({why})")
+        why = report.get("blockwise_activations")
+        lines.append("--activations blockwise: available (VNNI)" if why is None else
+                     f"--activations blockwise: refused here ({why})")
     return lines
 
 

@@ -83,6 +83,23 @@ def test_defaults_follow_what_is_installed():
         "build: onnxruntime is not installed")
 
 
+def test_defaults_say_what_cache_engines_and_blockwise_get_here():
+    lines = defaults(fake_report(fused_attention=None, blockwise_activations=None))
+    assert lines[-2] == ("KV-cache engines: attention fused into one ONNX Attention node per "
+                         "layer (--attention auto)")
+    assert lines[-1] == "--activations blockwise: available (VNNI)"
+    lines = defaults(fake_report(fused_attention="ONNX Runtime 1.20.0 cannot run ...",
+                                 blockwise_activations="avx2 without VNNI: not measured there"))
+    assert lines[-2] == ("KV-cache engines: attention as exported (ONNX Runtime 1.20.0 cannot "
+                         "run ...)")
+    assert lines[-1] == ("--activations blockwise: refused here (avx2 without VNNI: not "
+                         "measured there)")
+    report = machine_report(check_hub=False)
+    here = cpu_isa()
+    assert report["blockwise_activations"] == (
+        f"{here.name} without VNNI: not measured there" if here.u8s8_saturates else None)
+
+
 def test_check_list_per_tensorrt_version():
     assert [c.name for c in TRT_CHECKS] == [
         "fp32", "fp16", "int8-implicit", "int8-explicit", "calibration-cache"]
