@@ -14,7 +14,6 @@ and cached decode steps (``quantkit.cache_transform``'s 1e-4 rule).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import QuantkitError
+from quantkit.graph_edit import drop_unused, graph_index, replace_nodes
 
 ATTENTION_OPSET = 23
 ATTENTION_MODES = ("auto", "fused", "graph")
@@ -70,14 +70,9 @@ class _Graph:
         from onnx import numpy_helper
 
         self.graph = graph
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.producer, self.consumers, self._initializers = graph_index(graph)
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
-        self._initializers = {t.name: t for t in graph.initializer}
         self._numpy_helper = numpy_helper
 
     def constant(self, name: str) -> np.ndarray | None:
@@ -227,33 +222,16 @@ def fuse_cache_attention(model: Any) -> AttentionFusion:
     if not fusion.layers:
         return fusion
     before = len(graph.node)
-    nodes = [replacement.get(id(n), n) for n in graph.node
-             if id(n) not in dropped or id(n) in replacement]
-    nodes = _without_dead_nodes(nodes, g.outputs)
-    fusion.removed_qdq = sum(1 for n in graph.node if n.op_type in _QDQ) - sum(
-        1 for n in nodes if n.op_type in _QDQ)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    fusion.removed_nodes = before - len(nodes)
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    qdq_before = sum(1 for n in graph.node if n.op_type in _QDQ)
+    replace_nodes(graph, [replacement.get(id(n), n) for n in graph.node
+                          if id(n) not in dropped or id(n) in replacement])
+    drop_unused(graph, {n.op_type for n in graph.node})  # what only the old attention read
+    fusion.removed_qdq = qdq_before - sum(1 for n in graph.node if n.op_type in _QDQ)
+    fusion.removed_nodes = before - len(graph.node)
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version < ATTENTION_OPSET:
             opset.version = ATTENTION_OPSET
     return fusion
-
-
-def _without_dead_nodes(nodes: list[Any], outputs: Iterable[str]) -> list[Any]:
-    """``nodes`` without those whose outputs nothing reads (repeatedly)."""
-    wanted = set(outputs)
-    while True:
-        used = {name for node in nodes for name in node.input} | wanted
-        alive = [n for n in nodes if any(out in used for out in n.output)]
-        if len(alive) == len(nodes):
-            return alive
-        nodes = alive
 
 
 def is_cache_graph(model: Any) -> bool:

@@ -59,12 +59,11 @@ def drop_unused(graph: Any, op_types: Iterable[str] = ("Transpose",)) -> None:
     removable = set(op_types)
     while True:
         used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type in removable
-                and not any(o in used for o in n.output)]
-        for node in dead:
-            graph.node.remove(node)
-        if not dead:
+        alive = [n for n in graph.node if n.op_type not in removable
+                 or any(o in used for o in n.output)]
+        if len(alive) == len(graph.node):
             break
+        replace_nodes(graph, alive)  # one rebuild, not a search per removed node
     used = {name for n in graph.node for name in n.input}
     keep = [t for t in graph.initializer if t.name in used]
     if len(keep) != len(graph.initializer):
