@@ -312,19 +312,40 @@ def check_fused_export(export: Any, scratch_dir: Any) -> dict[str, Any]:
 
 
 def plan_fusion(export: Any, graph: Any, mode: str, has_cache_layout: bool,
-                scratch_dir: Any) -> dict[str, Any]:
+                scratch_dir: Any, *, check: bool = True) -> dict[str, Any]:
     """Whether a build of ``export`` (its weightless ``graph``) fuses attention under ``mode``:
     ``{"fuse": bool, "reason" | "check": ...}``. ``auto`` fuses a KV-cache graph when this ONNX
     Runtime has the kernel, the pattern matches and the fused float graph passes the 1e-4
-    check; ``fused`` raises where ``auto`` would not fuse."""
-    from quantkit.cache_transform import CHECK_TOLERANCE
-
+    check; ``fused`` raises where ``auto`` would not fuse. ``check=False`` leaves the check to
+    ``checked_fp32_fusion`` (an FP32 engine is the fused float graph: checked in place)."""
     reason = fusion_decision(graph, mode)
     if reason is None and not has_cache_layout:
         reason = "the export's manifest has no KV-cache layout"
-    check: dict[str, Any] = {}
-    if reason is None:
-        check = check_fused_export(export, scratch_dir)
+    if reason is not None or not check:
+        return _decided(reason, {}, mode)
+    return _decided(None, check_fused_export(export, scratch_dir), mode)
+
+
+def checked_fp32_fusion(export: Any, target: Any, fusion: AttentionFusion,
+                        mode: str) -> dict[str, Any]:
+    """``plan_fusion``'s answer for an FP32 engine already fused and written at ``target``:
+    the 1e-4 check run on the engine itself, so the export is written once."""
+    from pathlib import Path
+
+    from quantkit.cache_transform import check_cache_equivalent
+
+    check: dict[str, Any] = {"layers": len(fusion.layers)}
+    if fusion.layers:
+        check.update(check_cache_equivalent(Path(export), Path(target)))
+    return _decided(None, check, mode)
+
+
+def _decided(reason: str | None, check: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The fusion decision from a reason not to fuse or a check's numbers; ``fused`` raises
+    where the answer is no."""
+    from quantkit.cache_transform import CHECK_TOLERANCE
+
+    if reason is None and check:
         if not check["layers"]:
             reason = "no attention in the graph matches the pattern quantkit fuses"
         elif not check["relative_error"] <= CHECK_TOLERANCE:

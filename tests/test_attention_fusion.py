@@ -184,3 +184,33 @@ def test_external_data_cache_export_is_fused_weight_by_weight(tiny_llama, tmp_pa
     assert engine.manifest["external_data"] is True
     assert (engine.path / "engine.onnx.data").is_file()
     assert sorted(p.name for p in engine.path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_failed_check_leaves_attention_as_exported(tiny_llama_export, tiny_llama_cache_export,
+                                                     tmp_path, monkeypatch, precision):
+    """Where the fused graph would not compute the export's function (a check made to fail
+    here), ``auto`` builds the engine as exported and says why; ``fused`` refuses."""
+    import quantkit.cache_transform as cache_transform
+    from quantkit.build import build_engine
+
+    def failing(source, derived, *args, **kwargs):
+        return {"relative_error": 0.5, "against": "source_onnx"}
+
+    monkeypatch.setattr(cache_transform, "check_cache_equivalent", failing)
+    kwargs = {"precision": precision, "onnx": tiny_llama_cache_export.directory}
+    if precision == "int8":
+        kwargs.update(table=make_table(tiny_llama_export.onnx_path, token_feeds(2, seq=24)),
+                      table_onnx=tiny_llama_export.onnx_path)
+    engine = build_engine(tmp_path / "e", **kwargs)
+    record = engine.manifest["attention"]
+    assert record["fused"] is False and "does not compute the export's function" in record[
+        "reason"] and "5.00e-01" in record["reason"]
+    assert "Attention" not in _ops(engine.path / "engine.onnx")
+    if precision == "fp32":
+        assert (engine.path / "engine.onnx").read_bytes() == (
+            tiny_llama_cache_export.onnx_path.read_bytes())
+        assert sorted(p.name for p in engine.path.glob("*.onnx*")) == ["engine.onnx"]
+    with pytest.raises(QuantkitError, match="cannot fuse attention: the fused graph does not"):
+        build_engine(tmp_path / "f", options={"attention": "fused"}, **kwargs)
+    assert not (tmp_path / "f").exists()

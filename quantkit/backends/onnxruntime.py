@@ -16,6 +16,7 @@ import numpy as np
 
 from quantkit.attention_fusion import (
     check_attention_mode,
+    checked_fp32_fusion,
     fuse_cache_attention,
     fuse_rewritten,
     fusion_record,
@@ -141,20 +142,26 @@ class OnnxRuntimeBackend(Backend):
         graph = _load_graph(request.onnx_path, with_weights=False)
         plan = effective_plan(request, graph)
         provider = options["provider"] or _default_provider(ort.get_available_providers())
-        attention = plan_fusion(request.onnx_path, graph, str(options["attention"]),
-                                bool(fields.get("cache")), out_dir)
+        float_only = not plan.nodes_with(Precision.INT8) and not plan.nodes_with(Precision.FP16)
+        mode = str(options["attention"])
+        attention = plan_fusion(request.onnx_path, graph, mode, bool(fields.get("cache")),
+                                out_dir, check=not float_only)
         fusion = None
-        if not plan.nodes_with(Precision.INT8) and not plan.nodes_with(Precision.FP16):
+        if float_only:
             as_built = float_node_precisions(graph)
             fields["rewrite"] = None
-            if attention["fuse"]:  # FP32: the export with its attention fused
+            if attention["fuse"]:  # FP32: the export with its attention fused, then checked
                 from quantkit.rewrite_io import open_for_rewrite
 
                 with open_for_rewrite(request.onnx_path, out_dir) as source:
                     fusion = fuse_cache_attention(source.model)
                     source.save(source.model, target)
                     fields["external_data"] = source.streamed
-            else:  # FP32: the export itself, bit for bit
+                attention = checked_fp32_fusion(request.onnx_path, target, fusion, mode)
+                if not attention["fuse"]:
+                    fusion = None
+                    Path(f"{target}.data").unlink(missing_ok=True)
+            if not attention["fuse"]:  # FP32: the export itself, bit for bit
                 fields["external_data"] = _copy_onnx(request.onnx_path, target) is not None
         else:
             from quantkit.rewrite_io import open_for_rewrite
@@ -163,8 +170,7 @@ class OnnxRuntimeBackend(Backend):
                 result, plan_used, fallback = rewrite_for_provider(
                     request, plan, options, provider, source)
                 if attention["fuse"]:
-                    fusion, attention = fuse_rewritten(result.model, attention,
-                                                       str(options["attention"]))
+                    fusion, attention = fuse_rewritten(result.model, attention, mode)
                 if options["activations"] == "dynamic":
                     from quantkit.dynamic_quant import to_dynamic_activations
 
