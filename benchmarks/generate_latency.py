@@ -180,7 +180,8 @@ def build_engines(args: argparse.Namespace) -> dict[str, Path]:
     for spec in args.cache_engine:
         name, _, path = spec.partition("=")
         if not path:
-            raise SystemExit(f"--cache-engine {spec!r}: expected NAME=DIR")
+            print(f"--cache-engine {spec!r}: expected NAME=DIR", file=sys.stderr)
+            raise SystemExit(2)
         engines[name] = Path(path)
     return {**engines, "ONNX Runtime quantize_static": ort_model}
 

@@ -176,7 +176,7 @@ def profile_shape(paths: dict[str, Path], batch: int, seq: int, args: argparse.N
     vocab = min((s.vocab for s in sessions.values() if s.vocab), default=1000)
     cache = [name for name, s in sessions.items() if s.past_shapes]
     if (past is not None) != (len(cache) == len(sessions)):
-        raise SystemExit(f"shape {batch}x{seq}{'' if past is None else f'+{past}'}: a past "
+        raise ValueError(f"shape {batch}x{seq}{'' if past is None else f'+{past}'}: a past "
                          "length goes with KV-cache engines only, and every engine then needs one"
                          f" (cache engines: {', '.join(cache) or 'none'})")
     feeds = {name: feeds_for(batch, seq, vocab, past or 0, s.past_shapes)
@@ -234,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         for shape in args.shapes.split(","):
             size, _, past = shape.partition("+")
             batch, seq = (int(v) for v in size.lower().split("x"))
-            results[shape] = profile_shape(paths, batch, seq, args, Path(tmp),
-                                           int(past) if past else None)
+            try:
+                results[shape] = profile_shape(paths, batch, seq, args, Path(tmp),
+                                               int(past) if past else None)
+            except ValueError as exc:  # a past length for engines without a cache, or none
+                print(exc, file=sys.stderr)
+                return 2
             print_shape(shape, results[shape], args.top)
             sys.stdout.flush()
     if args.json is not None:
