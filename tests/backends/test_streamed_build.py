@@ -15,6 +15,7 @@ from quantkit.backends import get_backend
 from quantkit.backends.base import BuildRequest, Engine
 from quantkit.build import plan_for
 from quantkit.calib.gptq import QuantizedWeight
+from quantkit.environment import cpu_isa
 from quantkit.onnx_io import INLINE_BYTES, is_external, read_initializer
 from quantkit.plan import PlanRecipe, PlanRule, Precision, resolve_plan
 from quantkit.qdq import QdqOptions
@@ -228,3 +229,15 @@ def test_fp32_engine_of_external_weights_counts_its_data_file(external_export, e
     with engine.runner(threads=1) as r1, inline.runner(threads=1) as r2:
         np.testing.assert_array_equal(r1.run(eval_feed, ["logits"])["logits"],
                                       r2.run(eval_feed, ["logits"])["logits"])
+
+
+@pytest.mark.skipif(cpu_isa().u8s8_saturates,
+                    reason="activations=blockwise is refused on x86 without VNNI first")
+def test_blockwise_activations_refuse_streamed_weights(external_export, llama_table, tmp_path):
+    """Blockwise needs every weight in memory to repack it: a streamed export is refused with
+    the way out, and nothing is left behind."""
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match="activations=blockwise needs the weights in memory"):
+        _build(external_export, "int8", tmp_path / "e", llama_table, activations="blockwise")
+    assert not (tmp_path / "e").exists()
